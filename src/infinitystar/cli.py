@@ -1,0 +1,28 @@
+"""The `infinitystar` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_parity(args) -> int:
+    from infinitystar.parity import main as parity_main
+    return parity_main(args.dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infinitystar", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("parity", help="check a fixture folder made by the official code against this implementation")
+    sp.add_argument("dir")
+    sp.set_defaults(func=_cmd_parity)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Official checkpoint key maps, strict loaders and the `convert` command."""
