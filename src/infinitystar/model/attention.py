@@ -1,0 +1,108 @@
+"""The spacetime attention pattern and its two executions: a packed segment mask (training) and a per-scale
+KV cache (generation).
+
+The pattern (official "spacetime sparse attention"): tokens of a scale attend to every token of their own scale,
+to the caption of their clip, and to the scales `Schedule.refs` lists (sparse: the previous clip's last scale;
+dense: every earlier scale). Captions attend to themselves only. `visible_context` is the single definition;
+the mask builder and the generation loop both read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from infinitystar.schedules.pyramid import Schedule
+
+
+def visible_context(schedule: Schedule, scale_index: int, caption_of_clip: Sequence[int]) -> tuple[list[int], int]:
+    """(earlier scales, caption index) that the tokens of a scale may attend to, besides their own scale."""
+    return schedule.refs(scale_index), caption_of_clip[schedule.scales[scale_index].clip]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed sequences (training): segments with a boolean segment table.
+# ---------------------------------------------------------------------------------------------------------------
+
+def dense_mask(document_id: torch.Tensor, segment_table: torch.Tensor) -> torch.Tensor:
+    """(L, L) boolean mask: query i may attend to key j iff segment_table[doc[i], doc[j]]."""
+    return segment_table[document_id][:, document_id]
+
+
+def flex_block_mask(document_id: torch.Tensor, segment_table: torch.Tensor, block_size: int = 128):
+    """The same mask as a FlexAttention BlockMask (GPU training; also runs eagerly on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return segment_table[document_id[q], document_id[kv]]
+
+    L = document_id.shape[0]
+    return create_block_mask(mask_mod, None, None, L, L, device=document_id.device, BLOCK_SIZE=block_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache (generation)
+# ---------------------------------------------------------------------------------------------------------------
+
+class KVCache:
+    """Per-layer key/value entries keyed by scale index or ("text", caption index); keys are stored after RoPE
+    and before the grouped-query repeat. An entry may carry a key mask (B, L) for padded captions."""
+
+    def __init__(self, depth: int):
+        self.layers: list[dict[Hashable, tuple[torch.Tensor, torch.Tensor]]] = [dict() for _ in range(depth)]
+        self.key_masks: dict[Hashable, Optional[torch.Tensor]] = {}
+
+    def keys(self) -> list[Hashable]:
+        return list(self.layers[0])
+
+    def evict(self, key: Hashable) -> None:
+        for layer in self.layers:
+            layer.pop(key, None)
+        self.key_masks.pop(key, None)
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for layer in self.layers for k, v in layer.values())
+
+
+@dataclass
+class AttentionContext:
+    """What a forward pass attends to.
+
+    Packed mode: `mask` (L, L) bool for SDPA, or `block_mask` for FlexAttention.
+    Cached mode: `cache` with the entries to `read` (prepended in order) and the key to `write` this pass's own
+    keys/values under (None: not stored). `self_mask` (B, L) masks padded own tokens (captions of unequal length).
+    """
+    mask: Optional[torch.Tensor] = None
+    block_mask: object = None
+    cache: Optional[KVCache] = None
+    read: Sequence[Hashable] = ()
+    write: Optional[Hashable] = None
+    self_mask: Optional[torch.Tensor] = None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
+    """q (B, H, Lq, hd); k, v (B, KV, L, hd) of the pass's own tokens -> (B, H, Lq, hd)."""
+    gqa = q.shape[1] != k.shape[1]
+    if ctx.block_mask is not None:
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=ctx.block_mask, enable_gqa=gqa)
+    if ctx.cache is None:
+        mask = None if ctx.mask is None else ctx.mask[None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    entries = ctx.cache.layers[layer]
+    if ctx.write is not None:
+        entries[ctx.write] = (k, v)
+        ctx.cache.key_masks[ctx.write] = ctx.self_mask
+    ks = [entries[key][0] for key in ctx.read] + [k]
+    vs = [entries[key][1] for key in ctx.read] + [v]
+    masks = [ctx.cache.key_masks.get(key) for key in ctx.read] + [ctx.self_mask]
+    mask = None
+    if any(m is not None for m in masks):
+        B = q.shape[0]
+        mask = torch.cat([torch.ones(B, kk.shape[2], dtype=torch.bool, device=q.device) if m is None else m
+                          for m, kk in zip(masks, ks)], dim=1)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), attn_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,121 @@
+"""The InfinityStar transformer: a decoder-only Qwen3-style stack over [caption tokens, visual tokens].
+
+Visual input is the accumulated continuous code of the current step (64 channels) through `word_embed`; text
+features (T5 or the built-in encoder) go through `text_proj` and act as prefix tokens. Per token, one of two
+bitwise heads predicts 2 logits per bit: 16 bits on semantic scales, 64 bits on detail scales.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from infinitystar.config import TransformerConfig
+from infinitystar.model.attention import AttentionContext, dense_mask, flex_block_mask
+from infinitystar.model.layers import Block, RMSNorm
+from infinitystar.model.packing import PackedSequence
+from infinitystar.model.rope import Rope4D
+
+
+class InfinityStarTransformer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = cfg = config
+        C = cfg.width
+        self.null_text = nn.Parameter(torch.empty(cfg.null_text_len, cfg.text_channels))
+        self.text_proj = nn.Linear(cfg.text_channels, C)
+        self.word_embed = nn.Linear(cfg.latent_channels, C)
+        self.blocks = nn.ModuleList(
+            Block(C, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_hidden, cfg.qkvo_bias, cfg.norm_eps)
+            for _ in range(cfg.depth))
+        self.final_norm = RMSNorm(C, cfg.norm_eps)
+        self.head_detail = nn.Linear(C, 2 * cfg.detail_bits)
+        self.head_semantic = nn.Linear(C, 2 * cfg.semantic_bits)
+        self.rope = Rope4D(cfg.head_dim, cfg.rope_base)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official from-scratch init: every Linear N(0, 0.02) with zero bias, norms 1, and the null text
+        trunc-normal(std 1.2) / sqrt(text channels) from a CPU generator seeded 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        null = _trunc_normal(self.null_text.shape, std=1.2, bound=2.0, seed=0)
+        with torch.no_grad():
+            self.null_text.copy_(null / math.sqrt(self.config.text_channels))
+
+    # --- pieces -------------------------------------------------------------------------------------------
+    def null_text_features(self, length: int) -> torch.Tensor:
+        """The learned unconditional caption of a given length (its first `length` rows)."""
+        if length > self.null_text.shape[0]:
+            raise ValueError(f"caption of {length} tokens is longer than the null text ({self.null_text.shape[0]})")
+        return self.null_text[:length]
+
+    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        cos, sin = self.rope.cos_sin(positions)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, ctx, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, ctx, i)
+        return x
+
+    def logits(self, h: torch.Tensor, bits: int) -> torch.Tensor:
+        """(..., C) hidden states -> (..., bits, 2) logits, in float32 with autocast off."""
+        head = self.head_semantic if bits == self.config.semantic_bits else self.head_detail
+        if bits not in (self.config.semantic_bits, self.config.detail_bits):
+            raise ValueError(f"no head for {bits} bits per token")
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            out = F.linear(self.final_norm(h).float(), head.weight.float(), head.bias.float())
+        return out.unflatten(-1, (bits, 2))
+
+    # --- training: one packed sequence ----------------------------------------------------------------------
+    def forward_packed(self, x_visual: torch.Tensor, captions: Sequence[torch.Tensor], packed: PackedSequence,
+                       backend: str = "sdpa") -> list[torch.Tensor]:
+        """Teacher-forced forward of a packed sequence.
+
+        x_visual: (L_visual, latent_channels) step inputs in packed order; captions: text features (L_i, Ct)
+        in the order of `packed.text_segments`. Returns the logits (tokens, bits, 2) of every visual segment.
+        """
+        if x_visual.shape[0] != packed.num_visual:
+            raise ValueError(f"x_visual has {x_visual.shape[0]} tokens, the pack has {packed.num_visual}")
+        if len(captions) != len(packed.text_segments):
+            raise ValueError(f"{len(captions)} captions given, the pack has {len(packed.text_segments)}")
+        tokens = [self.word_embed(x_visual)] + [self.text_proj(c) for c in captions]
+        pad = packed.length - packed.num_visual - packed.num_text
+        tokens.append(x_visual.new_zeros(pad, self.config.width))
+        x = torch.cat(tokens)[None]
+        table = packed.attention_table()
+        if backend == "sdpa":
+            ctx = AttentionContext(mask=dense_mask(packed.document_id, table))
+        elif backend == "flex":
+            ctx = AttentionContext(block_mask=flex_block_mask(packed.document_id, table))
+        else:
+            raise ValueError(f"unknown attention backend {backend!r} (use 'sdpa' or 'flex')")
+        h = self.run_blocks(x, packed.positions, ctx)[0]
+        out, start = [], 0
+        for _, step in packed.visual_segments:
+            n = step.scale.tokens
+            out.append(self.logits(h[start:start + n], step.scale.bits))
+            start += n
+        return out
+
+
+def _trunc_normal(shape, std: float, bound: float, seed: int) -> torch.Tensor:
+    """Truncated normal by inverse CDF of a uniform draw, written out so the values do not depend on the torch
+    version (they equal torch 2.5's `trunc_normal_` with a CPU generator, which made the released null text)."""
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    lo, hi = cdf(-bound / std), cdf(bound / std)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.empty(shape).uniform_(2 * lo - 1, 2 * hi - 1, generator=g)
+    return (u.erfinv_() * (std * math.sqrt(2))).clamp_(-bound, bound)
+

@@ -1,0 +1,60 @@
+"""4-D rotary position embedding: [scale step, latent frame, height, width], and its position rules.
+
+The head dim is split into hd/2 interleaved pairs (x[2i], x[2i+1]); blocks of hd/8 pairs belong to the four
+axes in the order above, with inv_freq_j = base^(-j / (hd/8)) per axis.
+
+Positions (the rules both training and generation use):
+  * text token j of a caption: (j, 0, 0, 0);
+  * a visual token of global step s, latent frame f, row i, column j of an (h, w) scale:
+    (text_maxlen + s, f, round(i * H / h), round(j * W / w)), (H, W) the largest scale of the schedule, rounding
+    half to even as torch.round does.
+"""
+from __future__ import annotations
+
+import torch
+
+from infinitystar.schedules.pyramid import Step
+
+
+def text_positions(length: int, device=None) -> torch.Tensor:
+    pos = torch.zeros(length, 4, dtype=torch.long, device=device)
+    pos[:, 0] = torch.arange(length, device=device)
+    return pos
+
+
+def visual_positions(step: Step, full_hw: tuple[int, int], text_maxlen: int, device=None) -> torch.Tensor:
+    """(t*h*w, 4) positions of one step's tokens in (t, h, w) row-major order."""
+    t, h, w = step.scale.shape
+    H, W = full_hw
+    rows = (torch.arange(h, dtype=torch.float32, device=device) * (H / h)).round().long()
+    cols = (torch.arange(w, dtype=torch.float32, device=device) * (W / w)).round().long()
+    frames = torch.arange(step.scale.frame_start, step.scale.frame_start + t, device=device)
+    f, r, c = torch.meshgrid(frames, rows, cols, indexing="ij")
+    s = torch.full_like(f, text_maxlen + step.index)
+    return torch.stack([s, f, r, c], dim=-1).reshape(-1, 4)
+
+
+class Rope4D(torch.nn.Module):
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 8:
+            raise ValueError(f"4-D RoPE needs a head dim divisible by 8, got {head_dim}")
+        quarter = head_dim // 4
+        inv_freq = 1.0 / (base ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (..., 4) -> cos, sin (..., hd/2), float32."""
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq   # (..., 4, hd/8)
+        angles = angles.flatten(-2)
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, heads, L, hd) by angles given as cos/sin (L, hd/2) or (B, 1, L, hd/2).
+
+    The rotation is computed in x's dtype (bf16 under autocast), as in the reference."""
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)

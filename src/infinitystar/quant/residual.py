@@ -1,0 +1,157 @@
+"""The residual multi-scale bit loop, written once and shared by training targets, generation and decoding.
+
+Per clip, a running code map F (the clip's full size, all latent channels) starts at zero. For every scale,
+repeated as the schedule says:
+    input  X = resize(F, scale, input_mode)                        -> the transformer input of the step
+    label  b = sign bits of resize(Z - F, (bits, scale), "area")    -> training target (teacher bits)
+    update F = F + resize(codes(b'), full size, up_mode)           (b' = b, or flipped bits under BSC,
+                                                                    or sampled bits at generation)
+The clips' final F maps, concatenated in time, are the latent handed to the tokenizer's decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from infinitystar.quant.bsq import bits_to_codes, residual_to_bits
+from infinitystar.quant.resample import resize
+from infinitystar.schedules.pyramid import Schedule, Step
+
+
+class CodeAccumulator:
+    """The running code map F of one clip, shape (B, C, t, H, W)."""
+
+    def __init__(self, batch: int, channels: int, full_size: tuple[int, int, int], *,
+                 device=None, dtype=torch.float32, input_mode: str = "area", up_mode: str = "trilinear"):
+        self.channels = channels
+        self.full_size = tuple(full_size)
+        self.input_mode = input_mode
+        self.up_mode = up_mode
+        self.F = torch.zeros(batch, channels, *full_size, device=device, dtype=dtype)
+
+    def inputs(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Transformer input tokens for a scale: (B, t*h*w, C), tokens in (t, h, w) row-major order."""
+        x = resize(self.F, (self.channels, *shape), self.input_mode)
+        return x.flatten(2).transpose(1, 2)
+
+    def target_bits(self, z: torch.Tensor, shape: tuple[int, int, int], bits: int) -> torch.Tensor:
+        """Bit labels (B, t, h, w, bits) of the residual z - F at a scale."""
+        r = resize(z - self.F, (bits, *shape), "area")
+        return residual_to_bits(r).permute(0, 2, 3, 4, 1)
+
+    def add(self, bits: torch.Tensor) -> None:
+        """Add the codes of bits (B, t, h, w, c) upsampled to the full size (channel axis too, c -> C)."""
+        codes = bits_to_codes(bits, self.F.dtype).permute(0, 4, 1, 2, 3)
+        self.F = self.F + resize(codes, (self.channels, *self.full_size), self.up_mode)
+
+
+FlipSource = Callable[[Step, torch.Tensor], Optional[torch.Tensor]]
+
+
+class BitwiseSelfCorrection:
+    """Training-time bit flips (BSC): per step draw p ~ U{0, .01, ..., strength}, flip each bit with prob. p.
+
+    The label stays the clean bits; only the accumulated map sees the flips, so later labels learn to correct
+    earlier mistakes. The last scale of the whole schedule is never flipped (as in the reference).
+    """
+
+    def __init__(self, schedule: Schedule, strength: Union[float, Sequence[float]] = 0.3,
+                 generator: Optional[torch.Generator] = None):
+        self.last_scale = len(schedule.scales) - 1
+        self.strength = strength
+        self.generator = generator
+
+    def _strength(self, scale_index: int) -> float:
+        s = self.strength
+        return float(s if isinstance(s, (int, float)) else s[min(scale_index, len(s) - 1)])
+
+    def __call__(self, step: Step, bits: torch.Tensor) -> Optional[torch.Tensor]:
+        if step.scale.index >= self.last_scale:
+            return None
+        top = round(100 * self._strength(step.scale.index))
+        p = torch.randint(0, top + 1, (), generator=self.generator).item() / 100
+        if p == 0:
+            return None
+        u = torch.rand(bits.shape, generator=self.generator).to(bits.device)
+        return (u < p).to(torch.uint8)
+
+
+class RecordedFlips:
+    """Replays flip masks (one per step index, or None) — for tests and parity with recorded runs."""
+
+    def __init__(self, masks: dict[int, torch.Tensor]):
+        self.masks = masks
+
+    def __call__(self, step: Step, bits: torch.Tensor) -> Optional[torch.Tensor]:
+        m = self.masks.get(step.index)
+        return None if m is None else m.to(bits.device, torch.uint8).reshape(bits.shape)
+
+
+@dataclass
+class Targets:
+    """Per-step transformer inputs and labels for the steps of the encoded clips, and the final code map."""
+    steps: list[Step]
+    inputs: list[torch.Tensor]         # (B, tokens, C) per step
+    bits: list[torch.Tensor]           # (B, t, h, w, c) uint8 per step: clean labels
+    flips: list[Optional[torch.Tensor]]
+    codes: torch.Tensor                # (B, C, T, H, W): the accumulated maps (with flips) of the encoded clips
+
+
+def _clip_slice(z: torch.Tensor, schedule: Schedule, clip: int) -> torch.Tensor:
+    fs, t = schedule.clips[clip]
+    return z[:, :, fs:fs + t]
+
+
+def encode_targets(z: torch.Tensor, schedule: Schedule, flip: Optional[FlipSource] = None,
+                   num_clips: Optional[int] = None, input_mode: str = "area",
+                   up_mode: str = "trilinear") -> Targets:
+    """Run the residual loop on a continuous latent z (B, C, T_lat, H, W).
+
+    `num_clips` limits the work to the first clips (teacher-forced prefixes); by default every clip is encoded.
+    """
+    n_clips = schedule.num_clips if num_clips is None else num_clips
+    need_frames = sum(t for _, t in schedule.clips[:n_clips])
+    if z.dim() != 5 or z.shape[2] < need_frames or tuple(z.shape[3:]) != schedule.full_hw:
+        raise ValueError(f"latent of shape {tuple(z.shape)} does not fit the schedule "
+                         f"(needs (B, C, >= {need_frames}, {schedule.full_hw[0]}, {schedule.full_hw[1]}))")
+    B, C = z.shape[:2]
+    out = Targets([], [], [], [], z.new_zeros(0))
+    maps = []
+    for clip in range(n_clips):
+        zc = _clip_slice(z, schedule, clip)
+        acc = CodeAccumulator(B, C, schedule.clip_size(clip), device=z.device, dtype=z.dtype,
+                              input_mode=input_mode, up_mode=up_mode)
+        for scale in schedule.clip_scales(clip):
+            for step in schedule.scale_steps(scale.index):
+                x = acc.inputs(scale.shape)
+                bits = acc.target_bits(zc, scale.shape, scale.bits)
+                mask = flip(step, bits) if flip is not None else None
+                acc.add(bits if mask is None else bits ^ mask)
+                out.steps.append(step)
+                out.inputs.append(x)
+                out.bits.append(bits)
+                out.flips.append(mask)
+        maps.append(acc.F)
+    out.codes = torch.cat(maps, dim=2)
+    return out
+
+
+def decode_bits(bits: Sequence[torch.Tensor], schedule: Schedule, channels: int, *, device=None,
+                dtype=torch.float32, up_mode: str = "trilinear") -> torch.Tensor:
+    """Rebuild the code map (B, C, T, H, W) from the bits of the first len(bits) steps (whole clips)."""
+    if not bits:
+        raise ValueError("no bits to decode")
+    B = bits[0].shape[0]
+    maps, acc, clip = [], None, -1
+    for step, b in zip(schedule.steps, bits):
+        if step.scale.clip != clip:
+            if acc is not None:
+                maps.append(acc.F)
+            clip = step.scale.clip
+            acc = CodeAccumulator(B, channels, schedule.clip_size(clip), device=device or b.device,
+                                  dtype=dtype, up_mode=up_mode)
+        acc.add(b.reshape(B, *step.scale.shape, step.scale.bits))
+    maps.append(acc.F)
+    return torch.cat(maps, dim=2)

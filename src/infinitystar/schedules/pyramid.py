@@ -1,0 +1,178 @@
+"""The spacetime pyramid: an image pyramid (latent frame 0) followed by clip pyramids, every scale repeated.
+
+One `Schedule` answers every ordering question the generator, the quantizer, the trainer and the attention
+pattern ask: which scales exist (global index over all clips), their (t, h, w), clip and latent-frame range,
+bits per token (one rule: a scale with fewer than `detail_min_tokens` spatial tokens is "semantic"), the step
+order (scale after scale, each repeated), and which earlier scales a scale may attend to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal, Sequence
+
+AttentionPattern = Literal["sparse", "dense"]
+
+
+def latent_frames(num_frames: int, temporal_compression: int = 4) -> int:
+    """Video frames 1 + k*tc -> latent frames 1 + k (the first frame is encoded on its own)."""
+    if num_frames < 1 or (num_frames - 1) % temporal_compression:
+        lo = 1 + (max(num_frames - 1, 0) // temporal_compression) * temporal_compression
+        raise ValueError(
+            f"a video must have 1 + {temporal_compression}k frames (1, {1 + temporal_compression}, "
+            f"{1 + 2 * temporal_compression}, ...), got {num_frames}; use {lo} or {lo + temporal_compression}")
+    return 1 + (num_frames - 1) // temporal_compression
+
+
+@dataclass(frozen=True)
+class Scale:
+    index: int          # global index over the whole schedule
+    clip: int           # 0 = image pyramid, k >= 1 = video clip k
+    in_clip: int        # index inside the clip's pyramid
+    t: int
+    h: int
+    w: int
+    frame_start: int    # first absolute latent frame of the clip
+    bits: int           # bits per token (semantic or detail)
+    repetitions: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.t, self.h, self.w)
+
+    @property
+    def tokens(self) -> int:
+        return self.t * self.h * self.w
+
+    @property
+    def frame_end(self) -> int:
+        return self.frame_start + self.t
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int          # global step counter (the RoPE scale axis counts these)
+    scale: Scale
+    repetition: int
+
+    @property
+    def is_last_repetition(self) -> bool:
+        return self.repetition == self.scale.repetitions - 1
+
+
+class Schedule:
+    """The full generation order for one video (or image) size.
+
+    Args:
+        spatial: the (h, w) latent sizes of one pyramid, coarse to fine.
+        num_latent_frames: T_lat (1 for an image).
+        frames_per_clip: latent frames of a full video clip (20 in the official models). A partial last clip
+            keeps its own length at every scale and its own full-size target (the official inference resized
+            earlier clips to the partial clip's size; we do not).
+        image_repetition / video_repetition: repetitions per in-clip scale index.
+        detail_min_tokens: a scale with h*w >= this many tokens is a detail scale (`detail_bits` per token),
+            otherwise semantic (`semantic_bits`). The same rule picks the codebook and the head.
+        attention: "sparse" (official: each clip scale sees the previous clip's last scale) or "dense"
+            (block-causal: every earlier scale).
+    """
+
+    def __init__(
+        self,
+        spatial: Sequence[tuple[int, int]],
+        num_latent_frames: int,
+        frames_per_clip: int,
+        image_repetition: Sequence[int],
+        video_repetition: Sequence[int],
+        detail_min_tokens: int,
+        semantic_bits: int = 16,
+        detail_bits: int = 64,
+        attention: AttentionPattern = "sparse",
+    ):
+        spatial = [tuple(int(v) for v in hw) for hw in spatial]
+        if not spatial or any(len(hw) != 2 or min(hw) < 1 for hw in spatial):
+            raise ValueError(f"spatial scales must be a non-empty list of positive (h, w) pairs, got {spatial}")
+        n = len(spatial)
+        for name, reps in (("image_repetition", image_repetition), ("video_repetition", video_repetition)):
+            if len(reps) != n or any(int(r) < 1 for r in reps):
+                raise ValueError(f"{name} must list {n} positive counts (one per scale), got {list(reps)}")
+        if num_latent_frames < 1 or frames_per_clip < 1:
+            raise ValueError("num_latent_frames and frames_per_clip must be positive")
+        if attention not in ("sparse", "dense"):
+            raise ValueError(f"attention must be 'sparse' or 'dense', got {attention!r}")
+        self.spatial = spatial
+        self.num_latent_frames = num_latent_frames
+        self.frames_per_clip = frames_per_clip
+        self.image_repetition = [int(r) for r in image_repetition]
+        self.video_repetition = [int(r) for r in video_repetition]
+        self.detail_min_tokens = detail_min_tokens
+        self.semantic_bits = semantic_bits
+        self.detail_bits = detail_bits
+        self.attention = attention
+
+        # clips: (frame_start, t)
+        clips = [(0, 1)]
+        start = 1
+        while start < num_latent_frames:
+            t = min(frames_per_clip, num_latent_frames - start)
+            clips.append((start, t))
+            start += t
+        self.clips = clips
+        scales = []
+        for c, (fs, t) in enumerate(clips):
+            reps = self.image_repetition if c == 0 else self.video_repetition
+            for k, (h, w) in enumerate(spatial):
+                scales.append(Scale(len(scales), c, k, t, h, w, fs, self.bits_for(h, w), reps[k]))
+        self.scales: list[Scale] = scales
+        steps = []
+        for s in scales:
+            for r in range(s.repetitions):
+                steps.append(Step(len(steps), s, r))
+        self.steps: list[Step] = steps
+
+    # --- derived facts -------------------------------------------------------------------------------
+    def bits_for(self, h: int, w: int) -> int:
+        return self.semantic_bits if h * w < self.detail_min_tokens else self.detail_bits
+
+    @property
+    def scales_per_clip(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.clips)
+
+    @property
+    def full_hw(self) -> tuple[int, int]:
+        """The largest spatial size: the RoPE height/width anchor and the decoded latent size."""
+        return self.spatial[-1]
+
+    def clip_size(self, clip: int) -> tuple[int, int, int]:
+        """(t, H, W) of a clip's full-size code map."""
+        return (self.clips[clip][1], *self.spatial[-1])
+
+    def clip_scales(self, clip: int) -> list[Scale]:
+        n = self.scales_per_clip
+        return self.scales[clip * n:(clip + 1) * n]
+
+    def scale_steps(self, scale_index: int) -> list[Step]:
+        return [st for st in self.steps if st.scale.index == scale_index]
+
+    def refs(self, scale_index: int) -> list[int]:
+        """Earlier scales whose (last-repetition) tokens a scale attends to, besides itself and its caption."""
+        if self.attention == "dense":
+            return list(range(scale_index))
+        clip = self.scales[scale_index].clip
+        return [] if clip == 0 else [clip * self.scales_per_clip - 1]
+
+    @cached_property
+    def last_reference(self) -> dict[int, int]:
+        """For every scale referenced by a later one: the index of the last scale that references it."""
+        last: dict[int, int] = {}
+        for s in self.scales:
+            for r in self.refs(s.index):
+                last[r] = s.index
+        return last
+
+    def __repr__(self) -> str:
+        return (f"Schedule({self.num_clips} clips, {len(self.scales)} scales, {len(self.steps)} steps, "
+                f"full {self.full_hw}, T_lat {self.num_latent_frames}, attention={self.attention})")
