@@ -1,0 +1,193 @@
+import pytest
+import torch
+
+from infinitystar.config import PyramidConfig, TransformerConfig
+from infinitystar.convert.official import load_official_transformer, official_to_ours, ours_to_official
+from infinitystar.convert.strict import CheckpointError
+from infinitystar.model.attention import dense_mask
+from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.packing import PackSample, pack_sequence, select_steps
+from infinitystar.quant.residual import encode_targets
+from infinitystar.sampling.generate import Caption, generate
+
+TINY = TransformerConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, text_channels=16, text_maxlen=16,
+                         null_text_len=32)
+
+
+def _model(seed=0, config=TINY):
+    torch.manual_seed(seed)
+    m = InfinityStarTransformer(config).eval()
+    with torch.no_grad():   # make every parameter matter (the from-scratch init has zero biases, unit norms)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _pyramid(**kw):
+    base = dict(pn=None, custom_scales=[[1, 1], [2, 2], [3, 4]], frames_per_clip=2,
+                image_repetition=[2, 1, 2], video_repetition=[1, 2, 2], detail_min_tokens=12)
+    return PyramidConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_kv_cached_generation_equals_packed_teacher_forced_forward(attention):
+    model = _model()
+    schedule = _pyramid(attention=attention).build(17)           # image + 2 clips of 2 latent frames
+    z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
+    targets = encode_targets(z, schedule)
+    text = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    out = generate(model, schedule, Caption(text[None]), prefix_bits=targets.bits, record_logits=True)
+    assert torch.equal(out.codes, targets.codes)
+    steps = select_steps(schedule, repetition="last")            # inference caches the last repetition
+    packed = pack_sequence([PackSample(schedule, steps, [5])], TINY.text_maxlen, pad_multiple=32)
+    x = torch.cat([targets.inputs[st.index][0] for st in steps])
+    logits = model.forward_packed(x, [text], packed)
+    for st, lg in zip(steps, logits):
+        assert torch.allclose(lg, out.logits[st.index]["cond"][0], atol=2e-5), st
+
+
+def test_random_repetition_of_a_reference_scale_changes_the_context():
+    # the official training path packs a random repetition of the referenced scale; inference uses the last one
+    model = _model()
+    schedule = _pyramid(image_repetition=[1, 1, 2]).build(9)
+    z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
+    t = encode_targets(z, schedule)
+    text = torch.randn(3, 16)
+    def clip_logits(rep_of_ref):
+        steps = select_steps(schedule, repetition="last")
+        steps[2] = schedule.scale_steps(2)[rep_of_ref]
+        packed = pack_sequence([PackSample(schedule, steps, [3])], 16)
+        x = torch.cat([t.inputs[st.index][0] for st in steps])
+        return model.forward_packed(x, [text], packed)
+    last, first = clip_logits(1), clip_logits(0)
+    assert torch.allclose(last[0], first[0]) and not torch.allclose(last[3], first[3])
+
+
+def test_segment_mask_hand_checked():
+    schedule = _pyramid(frames_per_clip=1, image_repetition=[1, 1, 1], video_repetition=[1, 1, 1]).build(9)
+    assert schedule.num_clips == 3
+    steps = select_steps(schedule, [0, 1, 2, 3, 5, 6], repetition="last")
+    sample = PackSample(schedule, steps, [2, 3], caption_of_clip=[0, 0, 1])
+    packed = pack_sequence([sample], 16, pad_multiple=16)
+    # segments: 0..5 visual (scales 0,1,2,3,5,6), 6 caption 0, 7 caption 1, 8 padding
+    expected = torch.zeros(9, 9, dtype=torch.bool)
+    for q, cols in {0: [0, 6], 1: [1, 6], 2: [2, 6], 3: [3, 2, 6], 4: [4, 2, 6], 5: [5, 4, 7],
+                    6: [6], 7: [7]}.items():
+        expected[q, cols] = True
+    assert torch.equal(packed.segment_table, expected)
+    assert packed.segment_lengths == [1, 4, 12, 1, 12, 1, 2, 3, 12]
+    m = dense_mask(packed.document_id, packed.segment_table)
+    assert not m[-12:].any()                                    # official semantics: padding sees nothing
+    assert packed.attention_table()[8, 8]                       # ...but attends to itself here (no NaN)
+    # a selected scale whose reference scale is not packed is an error
+    with pytest.raises(ValueError, match="attends to scale 2, which is not packed"):
+        pack_sequence([PackSample(schedule, select_steps(schedule, [0, 3], repetition="last"), [2])], 16)
+
+
+def test_padding_rows_never_produce_nan_and_flex_equals_sdpa():
+    model = _model()
+    schedule = _pyramid().build(9)
+    steps = select_steps(schedule, repetition="last")
+    packed = pack_sequence([PackSample(schedule, steps, [4])], 16, pad_multiple=128)
+    assert packed.length - packed.num_visual - packed.num_text > 0
+    x = torch.randn(packed.num_visual, 64)
+    text = torch.randn(4, 16)
+    model.train()
+    out = model.forward_packed(x, [text], packed)
+    assert all(torch.isfinite(o).all() for o in out)
+    sum(o.sum() for o in out).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        a = model.forward_packed(x, [text], packed, backend="sdpa")
+        b = model.forward_packed(x, [text], packed, backend="flex")
+    assert max((u - v).abs().max().item() for u, v in zip(a, b)) < 1e-5
+
+
+def test_caption_per_clip_only_affects_its_clips():
+    model = _model()
+    schedule = _pyramid().build(17)         # image + 2 clips
+    cap_a, cap_b, cap_c = (Caption(torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(s)))
+                           for s in (1, 2, 3))
+    def logits(second):
+        out = generate(model, schedule, [cap_a, second], caption_of_clip=[0, 0, 1], greedy=True,
+                       record_logits=True, prefix_bits=[])
+        return out
+    o1, o2 = logits(cap_b), logits(cap_c)
+    clip2_first = schedule.clip_scales(2)[0].index
+    first_step_clip2 = next(st.index for st in schedule.steps if st.scale.index == clip2_first)
+    for i in range(first_step_clip2):
+        assert torch.equal(o1.logits[i]["cond"], o2.logits[i]["cond"])
+    assert not torch.allclose(o1.logits[first_step_clip2]["cond"], o2.logits[first_step_clip2]["cond"])
+
+
+def test_sampling_is_seeded_and_prefix_skips_work_without_changing_results():
+    model = _model()
+    schedule = _pyramid().build(9)
+    cap = Caption(torch.randn(2, 4, 16))
+    kw = dict(guidance_scale=3.0, tau=[1.0] * 3 + [0.5] * 3)
+    a = generate(model, schedule, cap, generator=torch.Generator().manual_seed(7), **kw)
+    b = generate(model, schedule, cap, generator=torch.Generator().manual_seed(7), **kw)
+    c = generate(model, schedule, cap, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a.codes, b.codes) and not torch.equal(a.codes, c.codes)
+    n_image_steps = sum(s.repetitions for s in schedule.clip_scales(0))
+    prefix = a.bits[:n_image_steps]
+    fast = generate(model, schedule, cap, prefix_bits=prefix, greedy=True, **kw)
+    full = generate(model, schedule, cap, prefix_bits=prefix, greedy=True, record_logits=True, **kw)
+    assert torch.equal(fast.codes, full.codes)
+    assert all(torch.equal(x, y) for x, y in zip(fast.bits[:n_image_steps], prefix))
+
+
+def test_kv_cache_stays_bounded_with_sparse_attention():
+    model = _model()
+    cap = Caption(torch.randn(1, 4, 16))
+    peaks = {}
+    for attention in ("sparse", "dense"):
+        for frames in (17, 49):      # 2 and 6 video clips
+            out = generate(model, _pyramid(attention=attention).build(frames), cap, greedy=True)
+            peaks[attention, frames] = out.peak_cache_bytes
+    assert peaks["sparse", 17] == peaks["sparse", 49]
+    assert peaks["dense", 49] > 2 * peaks["dense", 17]
+
+
+def test_padded_captions_in_a_batch_match_unpadded_runs():
+    model = _model()
+    schedule = _pyramid().build(5)
+    short, long = torch.randn(1, 3, 16), torch.randn(1, 6, 16)
+    feats = torch.zeros(2, 6, 16)
+    feats[0, :3], feats[1] = short[0], long[0]
+    mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 6])
+    batch = generate(model, schedule, Caption(feats, mask), greedy=True, guidance_scale=2.0, record_logits=True)
+    alone = generate(model, schedule, Caption(short), greedy=True, guidance_scale=2.0, record_logits=True)
+    assert torch.allclose(batch.logits[-1]["guided"][0], alone.logits[-1]["guided"][0], atol=1e-5)
+
+
+def test_official_key_map_round_trip_and_strict_errors():
+    model = _model()
+    ours = model.state_dict()
+    official = ours_to_official(ours, block_chunks=2)
+    assert "block_chunks.1.module.0.input_layernorm.weight" in official and "cfg_uncond" in official
+    official["sos_token"] = torch.zeros(1, 1, 64)            # present in every official file, unused
+    loaded = load_official_transformer(official, TINY)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.items())
+    flat = ours_to_official(ours, block_chunks=1)
+    assert "blocks.1.mlp.down_proj.weight" in flat
+    assert set(official_to_ours(flat)) == set(ours)
+
+    missing = dict(official)
+    del missing["block_chunks.1.module.0.attn.k_norm.weight"]
+    with pytest.raises(CheckpointError, match=r"missing keys: blocks\.1\.attn\.k_norm\.weight"):
+        load_official_transformer(missing, TINY)
+    extra = dict(official, **{"head.extra": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"unexpected keys: head\.extra"):
+        load_official_transformer(extra, TINY)
+    bad = dict(official, **{"word_embed.weight": torch.zeros(64, 32)})
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: word_embed\.weight \(checkpoint \(64, 32\)"):
+        load_official_transformer(bad, TINY)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        TransformerConfig(width=60, num_heads=2)
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        TransformerConfig(width=64, num_heads=4, num_kv_heads=3)
