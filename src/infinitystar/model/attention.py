@@ -8,7 +8,8 @@ the mask builder and the generation loop both read it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 import torch
@@ -83,12 +84,27 @@ class AttentionContext:
     self_mask: Optional[torch.Tensor] = None
 
 
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, gqa: bool):
+    """FlexAttention: compiled on GPUs (fused kernel); eager elsewhere (materialises scores; tests only)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
     """q (B, H, Lq, hd); k, v (B, KV, L, hd) of the pass's own tokens -> (B, H, Lq, hd)."""
     gqa = q.shape[1] != k.shape[1]
     if ctx.block_mask is not None:
-        from torch.nn.attention.flex_attention import flex_attention
-        return flex_attention(q, k, v, block_mask=ctx.block_mask, enable_gqa=gqa)
+        return _flex(q, k, v, ctx.block_mask, gqa)
     if ctx.cache is None:
         mask = None if ctx.mask is None else ctx.mask[None, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
