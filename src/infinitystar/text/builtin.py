@@ -1,0 +1,99 @@
+"""The built-in text encoder of the default model: a word-level vocabulary and a small transformer encoder.
+
+It plays the role T5 plays for the released models (features plus a mask of real tokens, an end-of-text token
+counted in the length) but is small enough to train with the generator on a CPU. Words outside the vocabulary
+map to <unk> with a warning that names them and lists what the model understands.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+SPECIAL = ("<pad>", "<eos>", "<unk>")
+PAD, EOS, UNK = 0, 1, 2
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def split_words(prompt: str) -> list[str]:
+    return _WORD.findall(prompt.lower())
+
+
+class WordTextEncoder(nn.Module):
+    def __init__(self, vocab: Sequence[str], width: int = 128, depth: int = 2, num_heads: int = 4,
+                 max_len: int = 32):
+        super().__init__()
+        words = sorted(set(vocab) - set(SPECIAL))
+        if not words:
+            raise ValueError("the vocabulary is empty")
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        self.words = words
+        self.index = {w: i + len(SPECIAL) for i, w in enumerate(words)}
+        self.config = dict(vocab=words, width=width, depth=depth, num_heads=num_heads, max_len=max_len)
+        self.max_len = max_len
+        self.embed = nn.Embedding(len(SPECIAL) + len(words), width)
+        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, num_heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    @property
+    def channels(self) -> int:
+        return self.config["width"]
+
+    def tokenize(self, prompts: Sequence[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) padded to the longest prompt, and the mask of real tokens (EOS included)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows, unknown = [], []
+        for p in prompts:
+            words = split_words(p) if isinstance(p, str) else []
+            if not words:
+                raise ValueError(f"empty prompt {p!r}: describe what to generate, e.g. "
+                                 f"'a large red circle moving right quickly on a black background'")
+            unknown += [w for w in words if w not in self.index]
+            ids = [self.index.get(w, UNK) for w in words][: self.max_len - 1] + [EOS]
+            rows.append(ids)
+        if unknown and warn:
+            warnings.warn(f"unknown word(s) {', '.join(sorted(set(unknown)))} ignored by the built-in text encoder; "
+                          f"it understands: {' '.join(self.words)}", stacklevel=3)
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), PAD, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        return ids, ids != PAD
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        x = self.encoder(x, src_key_padding_mask=~mask)
+        return self.norm(x) * mask[..., None]
+
+    def encode(self, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(prompts)
+        device = device or self.embed.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        return self(ids, mask), mask
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps({"type": "builtin", **self.config}, indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device=None) -> "WordTextEncoder":
+        from infinitystar.convert.strict import load_strict, read_tensors
+        d = Path(directory)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.pop("type", None)
+        model = cls(**cfg)
+        load_strict(model, read_tensors(d / "model.safetensors"), str(d / "model.safetensors"))
+        return model.to(device).eval()
