@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from infinitystar.media import export_to_video, load_video
+
 from infinitystar.shapes import data as sdata
 from infinitystar.shapes.decoder import (
     decode_frame, decode_segments, decode_video, label_components, segment_range,
@@ -329,8 +331,8 @@ def test_write_dataset_manifests_and_exact_round_trip(tmp_path, video_format):
 def test_mp4_is_lossless_on_arbitrary_pixels(tmp_path):
     pytest.importorskip("av")
     noise = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
-    p = sdata.save_video(tmp_path / "noise.mp4", noise)
-    assert np.array_equal(sdata.load_video(p), noise)
+    p = export_to_video(noise, tmp_path / "noise.mp4", lossless=True)
+    assert np.array_equal(load_video(p), noise)
 
 
 def test_iter_samples():

@@ -16,12 +16,89 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from pathlib import Path
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"error: prompts file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise SystemExit("error: give a non-empty --prompt (several --prompt flags, or --prompts-file, make a long "
+                         "video whose prompt changes clip by clip)")
+    return prompts
+
+
+def _cmd_generate(args) -> int:
+    import json
+    import resource
+    import time
+    from pathlib import Path
+
+    import torch
+
+    out = Path(args.out)
+    if not out.parent.exists():
+        raise SystemExit(f"error: output folder {out.parent} does not exist")
+    image_out = out.suffix.lower() in (".png", ".jpg", ".jpeg")
+    frames = args.frames if args.frames is not None else (1 if image_out else 17)
+    if image_out and frames != 1:
+        raise SystemExit(f"error: {out} is an image; use an .mp4 output for {frames} frames")
+    if not image_out and out.suffix.lower() != ".mp4":
+        raise SystemExit(f"error: --out must end in .mp4 (video) or .png/.jpg (image), got {out.name}")
+    prompts = _read_prompts(args)
+    from infinitystar.pipelines.infinitystar import InfinityStarPipeline
+    from infinitystar.media import export_to_video, save_image
+    t0 = time.perf_counter()
+    try:
+        pipe = InfinityStarPipeline.from_pretrained(args.model, device=args.device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    load_s = time.perf_counter() - t0
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    try:
+        result = pipe([prompts], num_frames=frames, image=args.image, video=args.video, guidance_scale=args.cfg,
+                      temperature=args.tau, generator=generator, progress=not args.json)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    video = result.frames[0]
+    if image_out:
+        save_image(video[0], out)
+    else:
+        export_to_video(video, out, fps=pipe.defaults.fps)
+    if torch.cuda.is_available() and pipe.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {"output": str(out), "prompts": prompts, "frames": int(video.shape[0]), "seed": args.seed,
+               "load_s": round(load_s, 3), **{k: round(v, 3) for k, v in result.timings.items()},
+               "peak_memory_mb": round(peak, 1), "device": str(pipe.device)}
+    print(json.dumps(summary) if args.json else f"wrote {out} ({video.shape[0]} frames, "
+          f"{result.timings['total_s']:.2f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infinitystar", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("parity", help="check a fixture folder made by the official code against this implementation")
     sp.add_argument("dir")
     sp.set_defaults(func=_cmd_parity)
+    sp = sub.add_parser("generate", help="generate a video (.mp4) or an image (.png) from text")
+    sp.add_argument("--prompt", action="append", help="text prompt; repeat for a prompt per clip")
+    sp.add_argument("--prompts-file", help="a file with one prompt per line (one per clip)")
+    sp.add_argument("--out", required=True, help="output .mp4 (video) or .png (text-to-image)")
+    sp.add_argument("--frames", type=int, default=None, help="number of frames, 1 + 4k (default 17; 1 for .png)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--image", help="first frame for image-to-video")
+    sp.add_argument("--video", help="video to continue")
+    sp.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    sp.add_argument("--tau", type=float, default=None, help="sampling temperature (default: the model's)")
+    sp.add_argument("--model", default="default", help="model folder (default: the shipped model)")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--json", action="store_true", help="print a JSON summary line")
+    sp.set_defaults(func=_cmd_generate)
     sp = sub.add_parser("bench", help="generation speed and memory: sparse vs dense attention as videos grow")
     sp.add_argument("--clips", type=int, nargs="+", default=[1, 2, 4, 8])
     sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")

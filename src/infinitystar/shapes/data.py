@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from infinitystar.media import export_to_video, load_image, load_video, save_image
+
 from .world import (
     FPS, LONG_VIDEO_FRAMES, SPLITS, ShapeSpec, caption_image, caption_video, captions_per_segment,
     render, sample_image, sample_long_video, sample_video,
@@ -35,81 +37,6 @@ from .world import (
 VIDEO_FORMATS: tuple[str, ...] = ("mp4", "npy")
 KINDS: tuple[str, ...] = ("image", "video", "long")
 MANIFEST_NAMES: dict[str, str] = {"image": "images.jsonl", "video": "videos.jsonl", "long": "long_videos.jsonl"}
-
-
-# --------------------------------------------------------------------------------------------------
-# Media IO
-# --------------------------------------------------------------------------------------------------
-
-
-def _require_av():
-    try:
-        import av  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("writing/reading .mp4 needs PyAV: pip install av (or use video_format='npy')") from e
-    return av
-
-
-def _check_video(frames: np.ndarray) -> np.ndarray:
-    a = np.asarray(frames)
-    if a.ndim != 4 or a.shape[3] != 3 or a.dtype != np.uint8:
-        raise ValueError(f"a video must be a (T, H, W, 3) uint8 array, got {a.shape} {a.dtype}")
-    return a
-
-
-def save_video(path: str | os.PathLike, frames: np.ndarray, fps: int = FPS) -> Path:
-    """Write frames losslessly: ``.mp4`` (libx264rgb, qp 0, rgb24) or ``.npy`` by the suffix."""
-    path = Path(path)
-    frames = _check_video(frames)
-    if path.suffix == ".npy":
-        np.save(path, frames)
-        return path
-    if path.suffix != ".mp4":
-        raise ValueError(f"unsupported video suffix {path.suffix!r}; use .mp4 or .npy")
-    av = _require_av()
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264rgb", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "rgb24"
-        stream.options = {"qp": "0", "preset": "veryfast"}
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
-def load_video(path: str | os.PathLike) -> np.ndarray:
-    """Read a video written by save_video back as (T, H, W, 3) uint8."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        return _check_video(np.load(path))
-    av = _require_av()
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{path} has no video frames")
-    return np.stack(frames)
-
-
-def save_image(path: str | os.PathLike, frame: np.ndarray) -> Path:
-    """Write one (H, W, 3) uint8 frame as an RGB PNG."""
-    from PIL import Image
-
-    a = np.asarray(frame)
-    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
-        raise ValueError(f"an image must be a (H, W, 3) uint8 array, got {a.shape} {a.dtype}")
-    Image.fromarray(np.ascontiguousarray(a)).save(path, format="PNG")
-    return Path(path)
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG as (H, W, 3) uint8 RGB."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,8 +124,6 @@ def write_dataset(out_dir: str | os.PathLike, n_images: int = 0, n_videos: int =
     for name, n in (("n_images", n_images), ("n_videos", n_videos), ("n_long", n_long)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
-    if video_format == "mp4" and (n_videos or n_long):
-        _require_av()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rngs = dict(zip(KINDS, (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))))
@@ -219,11 +144,11 @@ def write_dataset(out_dir: str | os.PathLike, n_images: int = 0, n_videos: int =
                 s = _sample(kind, rng, split, num_frames)
                 spec: ShapeSpec = s["spec"]
                 if kind == "image":
-                    p = save_image(media_dir / f"{i:06d}.png", s["frames"][0])
+                    p = save_image(s["frames"][0], media_dir / f"{i:06d}.png")
                     line = {"image_path": _media_path(p, out, relative_paths), "text": s["caption"],
                             "long_caption": s["caption"], "h_div_w": 1.0}
                 else:
-                    p = save_video(media_dir / f"{i:06d}.{video_format}", s["frames"], FPS)
+                    p = export_to_video(s["frames"], media_dir / f"{i:06d}.{video_format}", FPS, lossless=True)
                     line = {"video_path": _media_path(p, out, relative_paths), "begin_frame_id": 0,
                             "end_frame_id": num_frames, "fps": FPS, "caption": s["caption"],
                             "tarsier2_caption": s["caption"], "h_div_w": 1.0}

@@ -45,11 +45,19 @@ def _as_frames(frames: np.ndarray) -> np.ndarray:
 
 
 def export_to_video(frames: np.ndarray, path: PathLike, fps: int = 16, lossless: bool = False) -> Path:
-    """Write (T, H, W, 3) uint8 frames as an H.264 mp4 (`lossless=True`: RGB H.264 at qp 0, exact colours)."""
-    import av
-
+    """Write (T, H, W, 3) uint8 frames as an H.264 mp4 (`lossless=True`: RGB H.264 at qp 0, exact colours),
+    or as a `.npy` array."""
     frames = _as_frames(frames)
     path = Path(path)
+    if path.suffix == ".npy":
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, frames)
+        return path
+    if path.suffix != ".mp4":
+        raise MediaError(f"unsupported video file {path.name}: use .mp4 or .npy")
+    import av
+
     T, H, W, _ = frames.shape
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
@@ -61,7 +69,7 @@ def export_to_video(frames: np.ndarray, path: PathLike, fps: int = 16, lossless:
                 stream.pix_fmt = "yuv444p"
             stream.width, stream.height = W, H
             for f in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)

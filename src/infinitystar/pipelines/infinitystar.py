@@ -1,0 +1,225 @@
+"""`InfinityStarPipeline`: prompt(s) in, frames out (text-to-image, text-to-video, image-to-video, continuation,
+and long videos whose prompt changes clip by clip).
+
+A model folder holds `model_index.json` (pyramid, defaults, frame size) and three sub-folders, each loadable on
+its own: `transformer/`, `tokenizer/` (the video VAE) and `text_encoder/` (the built-in word encoder or a T5).
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+
+from infinitystar.config import PyramidConfig, TransformerConfig
+from infinitystar.convert.strict import load_strict, read_tensors
+from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.quant.residual import encode_targets
+from infinitystar.sampling.generate import Caption, generate
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
+PromptInput = Union[str, Sequence[str], Sequence[Sequence[str]]]
+
+
+class VideoTokenizer(Protocol):
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...      # (B,3,T,H,W) in [-1,1] -> (B,C,T',h,w)
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...          # inverse
+
+
+@dataclass
+class GenerationDefaults:
+    guidance_scale: float = 3.0
+    guidance: str = "cfg"                 # "cfg" or "apg"
+    apg_norm_threshold: float = 0.05
+    tau_image: float = 1.0                # temperature of the image pyramid's scales
+    tau_video: float = 0.4                # temperature of video clips' scales
+    fps: int = 16
+
+
+@dataclass
+class PipelineOutput:
+    frames: list[np.ndarray]              # one (T, H, W, 3) uint8 array per sample
+    codes: torch.Tensor                   # (B, C, T_lat, h, w) latent code maps
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        """First frame of each sample (text-to-image)."""
+        return [f[0] for f in self.frames]
+
+
+def _transformer_from_dir(d: Path, device) -> InfinityStarTransformer:
+    cfg = TransformerConfig.from_dict(json.loads((d / "config.json").read_text()))
+    model = InfinityStarTransformer(cfg)
+    load_strict(model, read_tensors(d / "model.safetensors"), str(d / "model.safetensors"))
+    return model.to(device).eval()
+
+
+def save_transformer(model: InfinityStarTransformer, d: Path) -> None:
+    from safetensors.torch import save_file
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+
+
+def _load_text_encoder(d: Path, device):
+    kind = json.loads((d / "config.json").read_text()).get("type", "t5")
+    if kind == "builtin":
+        from infinitystar.text.builtin import WordTextEncoder
+        return WordTextEncoder.from_pretrained(d, device)
+    from infinitystar.text.t5 import T5TextEncoder
+    return T5TextEncoder.from_pretrained(d, device=device)
+
+
+def _load_tokenizer(d: Path, device):
+    from infinitystar.tokenizer.video_vae import VideoVAE
+    return VideoVAE.from_pretrained(d).to(device).eval()
+
+
+class InfinityStarPipeline:
+    def __init__(self, transformer: InfinityStarTransformer, tokenizer, text_encoder, pyramid: PyramidConfig,
+                 height: int, width: int, defaults: Optional[GenerationDefaults] = None):
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.pyramid = pyramid
+        self.height, self.width = height, width
+        self.defaults = defaults or GenerationDefaults()
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embed.weight.device
+
+    # --- persistence ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path, None] = "default", device=None) -> "InfinityStarPipeline":
+        """Load a model folder; no argument (or "default") loads the model shipped inside the package."""
+        d = DEFAULT_MODEL_DIR if path in (None, "default") else Path(path)
+        index = d / "model_index.json"
+        if not index.is_file():
+            hint = (" (the shipped default model is missing from this install)" if d == DEFAULT_MODEL_DIR
+                    else "")
+            raise FileNotFoundError(f"{d}: not an infinitystar model folder, no model_index.json{hint}")
+        meta = json.loads(index.read_text())
+        if meta.get("family", "infinitystar") != "infinitystar":
+            raise ValueError(f"{d} holds a {meta.get('family')!r} model; use the matching pipeline")
+        device = torch.device(device or "cpu")
+        return cls(_transformer_from_dir(d / "transformer", device), _load_tokenizer(d / "tokenizer", device),
+                   _load_text_encoder(d / "text_encoder", device), PyramidConfig.from_dict(meta["pyramid"]),
+                   int(meta["height"]), int(meta["width"]), GenerationDefaults(**meta.get("defaults", {})))
+
+    def save_pretrained(self, path: Union[str, Path]) -> None:
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        save_transformer(self.transformer, d / "transformer")
+        self.tokenizer.save_pretrained(d / "tokenizer")
+        self.text_encoder.save_pretrained(d / "text_encoder")
+        meta = {"family": "infinitystar", "pyramid": self.pyramid.to_dict(), "height": self.height,
+                "width": self.width, "defaults": self.defaults.__dict__}
+        (d / "model_index.json").write_text(json.dumps(meta, indent=1))
+
+    # --- inputs -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _prompt_grid(prompt: PromptInput) -> list[list[str]]:
+        if isinstance(prompt, str):
+            grid = [[prompt]]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            grid = [[p] for p in prompt]
+        else:
+            grid = [list(p) for p in prompt] if prompt else []
+        if not grid or any(not seg or any(not isinstance(s, str) or not s.strip() for s in seg) for seg in grid):
+            raise ValueError("empty prompt: give a non-empty text (or a list of them) describing what to generate")
+        n = max(len(seg) for seg in grid)
+        return [seg + [seg[-1]] * (n - len(seg)) for seg in grid]
+
+    def _to_tensor(self, frames: np.ndarray, what: str) -> torch.Tensor:
+        """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1] at the model's size (resized with a note)."""
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"{what} must be (H, W, 3) or (T, H, W, 3) RGB, got shape {frames.shape}")
+        x = torch.from_numpy(frames.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]
+        if frames.shape[1:3] != (self.height, self.width):
+            warnings.warn(f"{what} of size {frames.shape[2]}x{frames.shape[1]} resized to the model's "
+                          f"{self.width}x{self.height}", stacklevel=3)
+            x = torch.nn.functional.interpolate(x, size=(x.shape[2], self.height, self.width), mode="trilinear",
+                                                align_corners=False).clamp(-1, 1)
+        return x.to(self.device)
+
+    def _prefix(self, schedule, image, video, batch: int) -> list[torch.Tensor]:
+        if image is not None and video is not None:
+            raise ValueError("give either image (image-to-video) or video (continuation), not both")
+        if image is None and video is None:
+            return []
+        if image is not None:
+            if isinstance(image, (str, Path)):
+                from infinitystar.media import load_image
+                image = load_image(image)
+            x, clips = self._to_tensor(image, "image")[:, :, :1], 1
+        else:
+            if isinstance(video, (str, Path)):
+                from infinitystar.media import load_video
+                video = load_video(video)
+            video = np.asarray(video)
+            per_clip = self.pyramid.temporal_compression * self.pyramid.frames_per_clip
+            clips = 1 + (len(video) - 1) // per_clip if len(video) >= 1 else 0
+            if clips < 2:
+                raise ValueError(f"continuation needs at least {1 + per_clip} frames (one whole clip after the "
+                                 f"first frame), got {len(video)}; use image= for a single frame")
+            usable = 1 + (clips - 1) * per_clip
+            if usable != len(video):
+                warnings.warn(f"continuation uses the first {usable} of {len(video)} given frames (whole clips)",
+                              stacklevel=3)
+            x = self._to_tensor(video[:usable], "video")
+        if clips >= schedule.num_clips:
+            raise ValueError(f"nothing left to generate: the given media covers {clips} of {schedule.num_clips} "
+                             "clips; ask for more frames")
+        with torch.no_grad():
+            z = self.tokenizer.encode(x)
+            bits = encode_targets(z, schedule, num_clips=clips).bits
+        return [b.expand(batch, *b.shape[1:]) for b in bits]
+
+    # --- generation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: PromptInput, num_frames: int = 17, image=None, video=None,
+                 guidance_scale: Optional[float] = None, temperature: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, progress: bool = False) -> PipelineOutput:
+        """Generate frames.
+
+        prompt: a text, a list of texts (a batch), or a list of per-clip text lists (a long video whose prompt
+        changes: clip k uses the k-th text, the first frame the first). num_frames: 1 (an image) or 1 + 4k.
+        image: the first frame (image-to-video); video: frames to continue. temperature overrides both
+        the image and the video temperatures.
+        """
+        t0 = time.perf_counter()
+        grid = self._prompt_grid(prompt)
+        schedule = self.pyramid.build(num_frames)
+        d = self.defaults
+        cfg_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        tau = [d.tau_image if s.clip == 0 else d.tau_video for s in schedule.scales]
+        if temperature is not None:
+            if temperature <= 0:
+                raise ValueError(f"temperature must be positive, got {temperature}")
+            tau = [float(temperature)] * len(tau)
+        captions = []
+        for k in range(len(grid[0])):
+            feats, mask = self.text_encoder.encode([seg[k] for seg in grid], self.device)
+            captions.append(Caption(feats, mask))
+        caption_of_clip = [0] + [min(c - 1, len(captions) - 1) for c in range(1, schedule.num_clips)]
+        prefix = self._prefix(schedule, image, video, len(grid))
+        t1 = time.perf_counter()
+        out = generate(self.transformer, schedule, captions, caption_of_clip=caption_of_clip,
+                       guidance_scale=cfg_scale, guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold,
+                       tau=tau, generator=generator, prefix_bits=prefix, progress=progress)
+        t2 = time.perf_counter()
+        video_out = self.tokenizer.decode(out.codes)
+        frames = ((video_out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+        t3 = time.perf_counter()
+        return PipelineOutput([f for f in frames], out.codes,
+                              {"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0})
