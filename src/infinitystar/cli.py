@@ -79,6 +79,23 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from infinitystar.pipelines.infinitystar import InfinityStarPipeline
+    from infinitystar.shapes.benchmark import evaluate, pipeline_generator
+    try:
+        pipe = InfinityStarPipeline.from_pretrained(args.model, device=args.device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    res = evaluate(pipeline_generator(pipe, args.cfg), n_per_task=args.n, seed=args.seed, tasks=args.tasks,
+                   batch_size=args.batch_size, out_dir=Path(args.out_dir))
+    print(json.dumps({t: {k: v.get("all_correct") for k, v in r.items()} for t, r in res["by_task"].items()}))
+    print(f"wrote {Path(args.out_dir) / 'results.json'} and {Path(args.out_dir) / 'grid.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infinitystar", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="print a JSON summary line")
     sp.set_defaults(func=_cmd_generate)
+    sp = sub.add_parser("eval", help="evaluate a model on a synthetic world")
+    esub = sp.add_subparsers(dest="world", required=True)
+    ep = esub.add_parser("shapes", help="Shapes World: five tasks, judged by the reference decoder")
+    ep.add_argument("--model", default="default")
+    ep.add_argument("--n", type=int, default=200, help="samples per task")
+    ep.add_argument("--tasks", nargs="+", default=["t2i", "t2v", "i2v", "continuation", "long"])
+    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--batch-size", type=int, default=25)
+    ep.add_argument("--cfg", type=float, default=None)
+    ep.add_argument("--device", default="cpu")
+    ep.add_argument("--out-dir", default="eval_shapes")
+    ep.set_defaults(func=_cmd_eval)
     sp = sub.add_parser("bench", help="generation speed and memory: sparse vs dense attention as videos grow")
     sp.add_argument("--clips", type=int, nargs="+", default=[1, 2, 4, 8])
     sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")

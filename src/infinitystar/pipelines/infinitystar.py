@@ -138,52 +138,58 @@ class InfinityStarPipeline:
         return [seg + [seg[-1]] * (n - len(seg)) for seg in grid]
 
     def _to_tensor(self, frames: np.ndarray, what: str) -> torch.Tensor:
-        """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1] at the model's size (resized with a note)."""
-        frames = np.asarray(frames)
-        if frames.ndim == 3:
-            frames = frames[None]
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"{what} must be (H, W, 3) or (T, H, W, 3) RGB, got shape {frames.shape}")
-        x = torch.from_numpy(frames.astype(np.float32) / 127.5 - 1).permute(3, 0, 1, 2)[None]
-        if frames.shape[1:3] != (self.height, self.width):
-            warnings.warn(f"{what} of size {frames.shape[2]}x{frames.shape[1]} resized to the model's "
-                          f"{self.width}x{self.height}", stacklevel=3)
+        """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) in [-1, 1] at the model's size (resized with a note)."""
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"{what} must be RGB frames (H, W, 3), got shape {frames.shape[1:]}")
+        x = torch.from_numpy(frames.astype(np.float32) / 127.5 - 1).permute(0, 4, 1, 2, 3)
+        if frames.shape[2:4] != (self.height, self.width):
+            warnings.warn(f"{what} of size {frames.shape[3]}x{frames.shape[2]} resized to the model's "
+                          f"{self.width}x{self.height}", stacklevel=4)
             x = torch.nn.functional.interpolate(x, size=(x.shape[2], self.height, self.width), mode="trilinear",
                                                 align_corners=False).clamp(-1, 1)
         return x.to(self.device)
 
+    @staticmethod
+    def _batch_media(media, batch: int, ndim: int, load, what: str) -> np.ndarray:
+        """One item (path or array) for every sample, or a list / stacked array of `batch` items."""
+        items = media if isinstance(media, (list, tuple)) else [media]
+        items = [load(m) if isinstance(m, (str, Path)) else np.asarray(m) for m in items]
+        if len(items) == 1 and items[0].ndim == ndim + 1:
+            items = list(items[0])
+        if len(items) == 1:
+            items = items * batch
+        if len(items) != batch:
+            raise ValueError(f"{len(items)} {what}s given for {batch} prompts")
+        if any(m.shape != items[0].shape for m in items):
+            raise ValueError(f"every {what} must have the same shape")
+        return np.stack(items)
+
     def _prefix(self, schedule, image, video, batch: int) -> list[torch.Tensor]:
+        """Teacher bits of the given first frame (image-to-video) or frames (continuation)."""
+        from infinitystar.media import load_image, load_video
         if image is not None and video is not None:
             raise ValueError("give either image (image-to-video) or video (continuation), not both")
         if image is None and video is None:
             return []
         if image is not None:
-            if isinstance(image, (str, Path)):
-                from infinitystar.media import load_image
-                image = load_image(image)
-            x, clips = self._to_tensor(image, "image")[:, :, :1], 1
+            x, clips = self._to_tensor(self._batch_media(image, batch, 3, load_image, "image")[:, None], "image"), 1
         else:
-            if isinstance(video, (str, Path)):
-                from infinitystar.media import load_video
-                video = load_video(video)
-            video = np.asarray(video)
+            frames = self._batch_media(video, batch, 4, load_video, "video")
             per_clip = self.pyramid.temporal_compression * self.pyramid.frames_per_clip
-            clips = 1 + (len(video) - 1) // per_clip if len(video) >= 1 else 0
+            clips = 1 + (frames.shape[1] - 1) // per_clip
             if clips < 2:
                 raise ValueError(f"continuation needs at least {1 + per_clip} frames (one whole clip after the "
-                                 f"first frame), got {len(video)}; use image= for a single frame")
+                                 f"first frame), got {frames.shape[1]}; use image= for a single frame")
             usable = 1 + (clips - 1) * per_clip
-            if usable != len(video):
-                warnings.warn(f"continuation uses the first {usable} of {len(video)} given frames (whole clips)",
-                              stacklevel=3)
-            x = self._to_tensor(video[:usable], "video")
+            if usable != frames.shape[1]:
+                warnings.warn(f"continuation uses the first {usable} of {frames.shape[1]} given frames "
+                              "(whole clips)", stacklevel=3)
+            x = self._to_tensor(frames[:, :usable], "video")
         if clips >= schedule.num_clips:
             raise ValueError(f"nothing left to generate: the given media covers {clips} of {schedule.num_clips} "
                              "clips; ask for more frames")
         with torch.no_grad():
-            z = self.tokenizer.encode(x)
-            bits = encode_targets(z, schedule, num_clips=clips).bits
-        return [b.expand(batch, *b.shape[1:]) for b in bits]
+            return encode_targets(self.tokenizer.encode(x), schedule, num_clips=clips).bits
 
     # --- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,7 +200,8 @@ class InfinityStarPipeline:
 
         prompt: a text, a list of texts (a batch), or a list of per-clip text lists (a long video whose prompt
         changes: clip k uses the k-th text, the first frame the first). num_frames: 1 (an image) or 1 + 4k.
-        image: the first frame (image-to-video); video: frames to continue. temperature overrides both
+        image: the first frame (image-to-video); video: frames to continue (a path or an array, one for every
+        sample or a list with one per prompt). temperature overrides both
         the image and the video temperatures.
         """
         t0 = time.perf_counter()

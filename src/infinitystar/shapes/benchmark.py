@@ -1,0 +1,114 @@
+"""`infinitystar eval shapes`: seeded prompts for the five tasks, generated in batches, judged by the reference
+decoder of Shapes World.
+
+Tasks and their inputs (evaluation prompts are drawn uniformly over all attributes, held-out (color, shape)
+pairs included; results are reported for seen and held-out pairs separately):
+  t2i           an image caption -> 1 frame
+  t2v           a video caption -> 17 frames
+  i2v           the rendered first frame + a caption describing it and a motion -> 17 frames
+  continuation  the first 17 rendered frames of a 33-frame video (slowly or still) + its caption -> 33 frames
+  long          two segment captions (same object, different motions) -> 33 frames; the second half must follow
+                the second caption (prompt switching)
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from infinitystar.shapes.evaluate import TASKS, aggregate, save_grid, score_image, score_video
+from infinitystar.shapes.world import (
+    ShapeSpec, caption_image, caption_video, captions_per_segment, render, sample_image, sample_long_video,
+    sample_video,
+)
+
+TASK_FRAMES = {"t2i": 1, "t2v": 17, "i2v": 17, "continuation": 33, "long": 33}
+
+
+@dataclass
+class EvalItem:
+    task: str
+    spec: ShapeSpec
+    prompts: list[str]
+    num_frames: int
+    condition: Optional[np.ndarray] = None      # given frames (i2v: 1, continuation: 17)
+
+
+def build_items(task: str, n: int, seed: int) -> list[EvalItem]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    rng = np.random.default_rng([seed, TASKS.index(task)])
+    items = []
+    for _ in range(n):
+        if task == "t2i":
+            spec = sample_image(rng, "all")
+            items.append(EvalItem(task, spec, [caption_image(spec)], 1))
+        elif task == "t2v":
+            spec = sample_video(rng, 17, "all")
+            items.append(EvalItem(task, spec, [caption_video(spec)], 17))
+        elif task == "i2v":
+            spec = sample_video(rng, 17, "all")
+            items.append(EvalItem(task, spec, [caption_video(spec)], 17, render(spec, 1)))
+        elif task == "continuation":
+            spec = sample_video(rng, 33, "all")
+            items.append(EvalItem(task, spec, [caption_video(spec)], 33, render(spec, 33)[:17]))
+        else:
+            spec = sample_long_video(rng, 33, "all", distinct_consecutive=True)
+            items.append(EvalItem(task, spec, captions_per_segment(spec), 33))
+    return items
+
+
+Generator = Callable[[list[EvalItem], int], list[np.ndarray]]
+
+
+def pipeline_generator(pipe, guidance_scale: Optional[float] = None) -> Generator:
+    """Adapt an InfinityStarPipeline: a batch of items of one task (same frame count) -> frames per item."""
+    import torch
+
+    def run(items: list[EvalItem], seed: int) -> list[np.ndarray]:
+        kw = {}
+        if items[0].task == "i2v":
+            kw["image"] = [it.condition[0] for it in items]
+        elif items[0].task == "continuation":
+            kw["video"] = [it.condition for it in items]
+        prompts = [it.prompts for it in items]
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return pipe(prompts, num_frames=items[0].num_frames, guidance_scale=guidance_scale, generator=g, **kw).frames
+    return run
+
+
+def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, tasks: Sequence[str] = TASKS,
+             batch_size: int = 25, out_dir: Optional[Path] = None, progress: bool = True) -> dict:
+    """Generate and score every task; write `results.json` and `grid.png` to out_dir when given."""
+    all_scores, grid, grid_caps, timings = [], [], [], {}
+    for task in tasks:
+        items = build_items(task, n_per_task, seed)
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(items), desc=f"eval {task}", disable=not progress, leave=False)
+        for b in range(0, len(items), batch_size):
+            batch = items[b:b + batch_size]
+            frames = generate_batch(batch, seed * 100003 + TASKS.index(task) * 1009 + b)
+            for it, fr in zip(batch, frames):
+                if task == "t2i":
+                    s = score_image(fr[0], it.prompts)
+                else:
+                    s = score_video(fr, it.prompts, condition_frames=it.condition, task=task)
+                all_scores.append(s)
+                if b == 0 and len([c for c in grid_caps if c[0] == task]) < 6:
+                    grid.append(fr)
+                    grid_caps.append((task, f"{task}: " + " | ".join(it.prompts)))
+            bar.update(len(batch))
+        bar.close()
+        timings[task] = {"seconds": time.perf_counter() - t0, "samples": len(items)}
+    result = {"n_per_task": n_per_task, "seed": seed, "timings": timings, **aggregate(all_scores)}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        save_grid(out_dir / "grid.png", grid, [c for _, c in grid_caps], columns=2)
+    return result
