@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from infinitystar.text.base import TextEncoder, TextFeatures, check_prompts
+
 SPECIAL = ("<pad>", "<eos>", "<unk>")
 PAD, EOS, UNK = 0, 1, 2
 _WORD = re.compile(r"[a-z0-9]+")
@@ -24,7 +26,7 @@ def split_words(prompt: str) -> list[str]:
     return _WORD.findall(prompt.lower())
 
 
-class WordTextEncoder(nn.Module):
+class WordTextEncoder(nn.Module, TextEncoder):
     def __init__(self, vocab: Sequence[str], width: int = 128, depth: int = 2, num_heads: int = 4,
                  max_len: int = 32):
         super().__init__()
@@ -50,11 +52,9 @@ class WordTextEncoder(nn.Module):
 
     def tokenize(self, prompts: Sequence[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, L) padded to the longest prompt, and the mask of real tokens (EOS included)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
         rows, unknown = [], []
-        for p in prompts:
-            words = split_words(p) if isinstance(p, str) else []
+        for p in check_prompts(prompts):
+            words = split_words(p)
             if not words:
                 raise ValueError(f"empty prompt {p!r}: describe what to generate, e.g. "
                                  f"'a large red circle moving right quickly on a black background'")
@@ -75,11 +75,11 @@ class WordTextEncoder(nn.Module):
         x = self.encoder(x, src_key_padding_mask=~mask)
         return self.norm(x) * mask[..., None]
 
-    def encode(self, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: Sequence[str], device=None) -> TextFeatures:
         ids, mask = self.tokenize(prompts)
-        device = device or self.embed.weight.device
-        ids, mask = ids.to(device), mask.to(device)
-        return self(ids, mask), mask
+        ids, mask = ids.to(self.embed.weight.device), mask.to(self.embed.weight.device)
+        out = TextFeatures(self(ids, mask), mask, mask.sum(1))
+        return out if device is None else out.to(device)
 
     def save_pretrained(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
