@@ -1,0 +1,852 @@
+"""The InfinityStar video tokenizer: a causal 3-D convolutional VAE with pixel-shuffle ("DC") resamplers.
+
+Weight-compatible with the released `infinitystar_videovae.pth` (its `['vae']` dict); every `state_dict()` key of
+`VideoVAE` is the official name. Structure (widths `c = block_out_channels`, `n = len(c) - 1` blocks):
+
+    encoder: conv_in (3 -> c0) -> down block i = 0..n-1: `layers_per_block` resnets at c[i], then a DC downsampler
+             c[i] -> c[i+1] for the first len(spatial_compression_list) blocks (2x2 in space; 2x in time for the
+             first len(temporal_compression_list) of them) -> mid (2 resnets at c[n]) -> RMS norm, SiLU,
+             conv_out (c[n] -> 2 * latent_channels)
+    decoder: conv_in (latent_channels -> c[n]) -> mid (2 resnets) -> up block i = 0..n-1 over the reversed widths:
+             `layers_per_block + 1` resnets, then a DC upsampler on the last len(spatial) blocks (2x in time on the
+             last len(temporal) ones) -> spatial norm, SiLU, conv_out (c0 -> 3)
+    resnet:  x + conv2(silu(norm2(conv1(silu(norm1(x)))))); every conv is causal in time (3x3x3 unless noted)
+    norms:   RMS over channels (`gamma` (C,1,1,1)); decoder norms are RMS(f) * conv_y(zq) + conv_b(zq) with zq the
+             decoder's input latent, nearest-resized to f (first frame on its own when f has an odd frame count)
+
+Around the encoder/decoder ("absorbed patchify"): the encoder output (2 * latent_channels) is pixel-unshuffled
+2x2 per frame, then split into a Gaussian posterior (mean = first 4 * latent_channels channels = codebook_dim,
+log-variance = the rest, clamped to [-30, 20]); `proj_down` (Linear over channels) and the learned scale
+`scale_learnable_parameters[0]` give the latent the generator sees. `decode` inverts that: divide, `proj_up`,
+pixel-shuffle, decoder. `proj_down_two` / `proj_up_two` belong to an unused training branch and are kept only so
+the official files load strictly.
+
+Long clips are processed in causal chunks carrying the last frames of every temporal conv (see `encode_chunks`,
+`decode_chunks`); at the tested sizes this is exactly equal to one pass, so it only bounds memory.
+
+Released config: `VideoVAEConfig.official()` (184.66 M parameters, 16x space, 4x time, 64 latent channels).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infinitystar.convert.strict import CheckpointError, load_strict, read_tensors
+
+PathLike = Union[str, Path]
+
+CONFIG_TYPE = "video_vae"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# Input frames per encoder chunk and latent frames per decoder chunk (the official values; the first chunk of
+# either also takes the remainder).
+ENCODE_CHUNK_FRAMES = 8
+DECODE_CHUNK_LATENTS = 2
+
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+# The official module registers its (unused here) BSQ quantizer twice, so its state dict carries these int64
+# bit-mask buffers under two prefixes. They hold no learned values: the loader checks their shape and drops them.
+_QUANT_PREFIXES = ("quantizer", "quantize")
+
+
+def quantizer_buffer_shapes(config: "VideoVAEConfig") -> dict[str, tuple[int, ...]]:
+    return {f"{p}.lfq_{kind}.mask": (dim,)
+            for p in _QUANT_PREFIXES
+            for kind, dim in (("semantic", config.semantic_scale_dim), ("detail", config.codebook_dim))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class VideoVAEConfig:
+    """Shape of a video tokenizer.
+
+    block_out_channels: widths c0..cn; n = len - 1 encoder/decoder blocks.
+    layers_per_block: resnets per encoder block (decoder blocks have one more).
+    latent_channels: encoder output channels per posterior half before the 2x2 patchify.
+    spatial_compression_list: one entry (2) per DC resampling stage; the encoder's first blocks down-sample, the
+        decoder's last blocks up-sample. Fewer entries = fewer stages (each halves the latent stride).
+    temporal_compression_list: one entry (2) per stage that also resamples time; at most as many as spatial ones.
+    codebook_dim: channels of the latent after patchify = 4 * latent_channels (the generator's bits per token).
+    semantic_scale_dim: bits of the quantizer's semantic scales (only used to check the dropped mask buffers).
+    """
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (96, 192, 384, 384, 384)
+    layers_per_block: int = 2
+    latent_channels: int = 16
+    spatial_compression_list: tuple[int, ...] = (2, 2, 2)
+    temporal_compression_list: tuple[int, ...] = (2, 2)
+    codebook_dim: int = 64
+    semantic_scale_dim: int = 16
+
+    def __post_init__(self):
+        self.block_out_channels = _int_tuple("block_out_channels", self.block_out_channels)
+        self.spatial_compression_list = _int_tuple("spatial_compression_list", self.spatial_compression_list)
+        self.temporal_compression_list = _int_tuple("temporal_compression_list", self.temporal_compression_list)
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "codebook_dim",
+                     "semantic_scale_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"VideoVAEConfig.{name} must be a positive integer, got {v!r}")
+        c = self.block_out_channels
+        if len(c) < 2 or min(c) < 1:
+            raise ValueError(f"VideoVAEConfig.block_out_channels needs at least two positive widths, got {list(c)}")
+        n, ns, nt = len(c) - 1, len(self.spatial_compression_list), len(self.temporal_compression_list)
+        if any(f != 2 for f in self.spatial_compression_list):
+            raise ValueError(f"VideoVAEConfig.spatial_compression_list: DC resamplers are 2x2 pixel shuffles, every "
+                             f"entry must be 2, got {list(self.spatial_compression_list)}")
+        if any(f != 2 for f in self.temporal_compression_list):
+            raise ValueError(f"VideoVAEConfig.temporal_compression_list: every entry must be 2, got "
+                             f"{list(self.temporal_compression_list)}")
+        if ns > n:
+            raise ValueError(f"VideoVAEConfig: {ns} spatial stages need at least {ns} blocks, i.e. "
+                             f"{ns + 1} block_out_channels (got {len(c)})")
+        if nt > ns:
+            raise ValueError(f"VideoVAEConfig: {nt} temporal stages but only {ns} spatial ones (a temporal stage "
+                             f"is a spatial stage that also resamples time)")
+        if 2 ** nt > ENCODE_CHUNK_FRAMES:
+            raise ValueError(f"VideoVAEConfig: temporal stride {2 ** nt} exceeds the {ENCODE_CHUNK_FRAMES}-frame "
+                             f"encoder chunk")
+        for i in range(n):
+            cin, cout = c[i], c[i + 1]
+            if i >= ns:
+                if cin != cout:
+                    raise ValueError(f"VideoVAEConfig.block_out_channels {list(c)}: block {i} has no resampler, so "
+                                     f"widths {i} and {i + 1} must be equal ({cin} != {cout})")
+                continue
+            # down: conv to cout/4 then 2x2 space-to-depth; shortcut averages 4*cin channels in groups to cout
+            if cout % 4 or (4 * cin) % cout:
+                raise ValueError(f"VideoVAEConfig.block_out_channels {list(c)}: the DC downsampler {cin} -> {cout} "
+                                 f"needs {cout} divisible by 4 and 4*{cin} divisible by {cout}")
+            # up (mirrored): conv to cin*4*tf then depth-to-space; shortcut tiles cout channels up to cin*4*tf
+            tf = 2 if i < nt else 1
+            if (cin * 4 * tf) % cout:
+                raise ValueError(f"VideoVAEConfig.block_out_channels {list(c)}: the DC upsampler {cout} -> {cin} "
+                                 f"needs {cin}*4*{tf} divisible by {cout}")
+        if self.codebook_dim != 4 * self.latent_channels:
+            raise ValueError(f"VideoVAEConfig.codebook_dim must be 4 * latent_channels = {4 * self.latent_channels} "
+                             f"(the 2x2 patchify of the posterior), got {self.codebook_dim}")
+
+    # --- derived sizes ------------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_out_channels) - 1
+
+    @property
+    def encoder_spatial_stride(self) -> int:
+        return math.prod(self.spatial_compression_list)
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent cell along H and W (the encoder's stride times the absorbed 2x2 patchify)."""
+        return 2 * self.encoder_spatial_stride
+
+    @property
+    def temporal_stride(self) -> int:
+        return math.prod(self.temporal_compression_list)
+
+    def latent_frames(self, frames: int) -> int:
+        if frames < 1 or (frames - 1) % self.temporal_stride:
+            raise ValueError(frame_count_message(frames, self.temporal_stride))
+        return 1 + (frames - 1) // self.temporal_stride
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        if latent_frames < 1:
+            raise ValueError(f"need at least one latent frame, got {latent_frames}")
+        return 1 + (latent_frames - 1) * self.temporal_stride
+
+    # --- presets / serialisation --------------------------------------------------------------------------------
+    @classmethod
+    def official(cls) -> "VideoVAEConfig":
+        """The released tokenizer (`infinitystar_videovae.pth`): 16x space, 4x time, 64 latent channels."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "VideoVAEConfig":
+        """The released stage layout at widths 4..8 (the parity fixture's shape): for tests only."""
+        return cls(block_out_channels=(4, 8, 8, 8, 8))
+
+    @classmethod
+    def small(cls) -> "VideoVAEConfig":
+        """Two resampling stages (8x space incl. patchify, 4x time), narrow: sized for 64x64 clips on a CPU."""
+        return cls(block_out_channels=(16, 32, 64, 64), spatial_compression_list=(2, 2),
+                   temporal_compression_list=(2, 2))
+
+    @classmethod
+    def preset(cls, name: str) -> "VideoVAEConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown video VAE preset {name!r} (known: {', '.join(PRESETS)})")
+        return getattr(cls, name)()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VideoVAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"type"})
+        if unknown:
+            raise ValueError(f"unknown VideoVAEConfig fields: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_official_args(cls, args: Mapping[str, Any]) -> "VideoVAEConfig":
+        """Map the official constructor arguments (`AutoencoderKLCogVideoX(**args)`) to a config; arguments that
+        select a structure this module does not implement are an error naming them."""
+        fixed = {"down_block_mode": "dc", "up_block_mode": "dc", "down_layer": "3d-dc", "up_layer": "3d-dc",
+                 "down_norm": True, "up_norm": True, "norm_type": "rms", "pad_mode": "constant",
+                 "use_quant_conv": False, "use_post_quant_conv": False, "use_feat_proj": 2, "act_fn": "silu"}
+        bad = [f"{k}={args[k]!r} (supported: {v!r})" for k, v in fixed.items() if k in args and args[k] != v]
+        for k in ("down_block_types", "up_block_types"):
+            kinds = set(args.get(k, ()))
+            if kinds - {"CogVideoXDownBlock3D", "CogVideoXUpBlock3D"}:
+                bad.append(f"{k}={sorted(kinds)}")
+        if float(args.get("dropout_z", 0.0)) != 0.0:
+            bad.append(f"dropout_z={args['dropout_z']!r} (supported: 0.0)")
+        if bad:
+            raise ValueError("unsupported official video VAE arguments: " + "; ".join(bad))
+        latent = int(args.get("latent_channels", 16))
+        if "detail_scale_dim" in args:
+            codebook = int(args["detail_scale_dim"])
+        elif "codebook_dim_low" in args:
+            codebook = 4 * int(args["codebook_dim_low"])
+        else:
+            codebook = 4 * latent
+        cfg = cls(in_channels=int(args.get("in_channels", 3)), out_channels=int(args.get("out_channels", 3)),
+                  block_out_channels=args.get("block_out_channels", cls.block_out_channels),
+                  layers_per_block=int(args.get("layers_per_block", 2)), latent_channels=latent,
+                  spatial_compression_list=args.get("spatial_compression_list", (2, 2, 2)),
+                  temporal_compression_list=args.get("temporal_compression_list", (2, 2)),
+                  codebook_dim=codebook, semantic_scale_dim=int(args.get("semantic_scale_dim", 16)))
+        for k in ("down_block_types", "up_block_types"):
+            if k in args and len(args[k]) != cfg.num_blocks:
+                raise ValueError(f"{k} lists {len(args[k])} blocks, block_out_channels implies {cfg.num_blocks}")
+        return cfg
+
+
+PRESETS = ("official", "tiny", "small")
+
+
+def _int_tuple(name: str, v) -> tuple[int, ...]:
+    try:
+        out = tuple(v)
+    except TypeError:
+        raise ValueError(f"VideoVAEConfig.{name} must be a list of integers, got {v!r}") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in out):
+        raise ValueError(f"VideoVAEConfig.{name} must be a list of integers, got {list(out)}")
+    return out
+
+
+def frame_count_message(frames: int, temporal_stride: int) -> str:
+    s = temporal_stride
+    if frames < 1:
+        return f"the video has {frames} frames; the tokenizer needs 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, ...)"
+    keep = 1 + (frames - 1) // s * s
+    return (f"the video has {frames} frames; the tokenizer needs 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, ...): "
+            f"trim it to the nearest such count, {keep} frames (video[:, :, :{keep}])")
+
+
+# --- chunk plans ---------------------------------------------------------------------------------------------------
+def encode_chunks(frames: int) -> list[int]:
+    """Input frames per encoder chunk: 8 each, the first taking the remainder too (9 for 17 frames: [9, 8])."""
+    if frames < 1:
+        raise ValueError(f"need at least one frame, got {frames}")
+    rest = frames % ENCODE_CHUNK_FRAMES
+    if frames < ENCODE_CHUNK_FRAMES + rest:
+        return [frames]
+    return [ENCODE_CHUNK_FRAMES + rest] + [ENCODE_CHUNK_FRAMES] * (frames // ENCODE_CHUNK_FRAMES - 1)
+
+
+def decode_chunks(latent_frames: int) -> list[tuple[int, bool]]:
+    """(latent frames, split_first) per decoder chunk: 2 each; an odd count starts with 3; an even count starts
+    with 4 flagged split_first (its first frame is the clip's lone first frame, so the upsamplers must average
+    it down to one output frame although the chunk length is even). 1 and 2 latent frames are one chunk (the
+    official code crashes on 2)."""
+    n = latent_frames
+    if n < 1:
+        raise ValueError(f"need at least one latent frame, got {n}")
+    if n <= 2:
+        return [(n, n == 2)]
+    first = 3 if n % 2 else 4
+    return [(first, n % 2 == 0)] + [(DECODE_CHUNK_LATENTS, False)] * ((n - first) // DECODE_CHUNK_LATENTS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks. `cache` is a dict shared by all convs of one chunked pass (None = one pass, no state): each
+# temporal conv stores there the last k-1 frames of its padded input for the next chunk.
+Cache = Optional[dict]
+
+
+class CausalConv3d(nn.Module):
+    """3-D conv, causal in time: k-1 leading frames copied from the first frame (or the previous chunk's tail);
+    zero padding k//2 in space; stride 1. Parameters sit under `.conv` (official names)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.time_pad = kernel_size - 1
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=(0, kernel_size // 2, kernel_size // 2))
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        if self.time_pad:
+            head = cache.get(id(self)) if cache is not None else None
+            if head is None:
+                head = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+            x = torch.cat([head, x], dim=2)
+            if cache is not None:
+                # clone: a slice would keep the whole padded chunk alive until the next chunk
+                cache[id(self)] = x[:, :, -self.time_pad:].clone()
+        return self.conv(x)
+
+
+class RMSNorm(nn.Module):
+    """Per-position L2 normalisation over channels, times sqrt(C) and a learned per-channel gain."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = channels ** 0.5
+        self.gamma = nn.Parameter(torch.ones(channels, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+def _resize_latent(zq: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Nearest resize of the decoder's input latent to a feature map's (t, h, w). With an odd frame count > 1 the
+    first frame maps to the first frame alone (it is the clip's lone first frame)."""
+    t, h, w = size
+    if t > 1 and t % 2 == 1 and zq.shape[2] > 1:
+        first = F.interpolate(zq[:, :, :1], size=(1, h, w), mode="nearest")
+        rest = F.interpolate(zq[:, :, 1:], size=(t - 1, h, w), mode="nearest")
+        return torch.cat([first, rest], dim=2)
+    return F.interpolate(zq, size=size, mode="nearest")
+
+
+class _LatentCond:
+    """The decoder's conditioning latent, resized once per feature-map size within one chunk."""
+
+    def __init__(self, zq: torch.Tensor):
+        self.zq = zq
+        self._sized: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def at(self, size: tuple[int, int, int]) -> torch.Tensor:
+        if size not in self._sized:
+            self._sized[size] = _resize_latent(self.zq, size)
+        return self._sized[size]
+
+
+class SpatialNorm3D(nn.Module):
+    """Decoder norm: RMS(f) * conv_y(zq) + conv_b(zq) with zq resized to f (1x1x1 causal convs)."""
+
+    def __init__(self, channels: int, zq_channels: int):
+        super().__init__()
+        self.norm_layer = RMSNorm(channels)
+        self.conv_y = CausalConv3d(zq_channels, channels, kernel_size=1)
+        self.conv_b = CausalConv3d(zq_channels, channels, kernel_size=1)
+
+    def forward(self, f: torch.Tensor, cond: _LatentCond) -> torch.Tensor:
+        zq = cond.at(tuple(f.shape[2:]))
+        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+
+
+class EncoderResnet(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm1 = RMSNorm(channels)
+        self.norm2 = RMSNorm(channels)
+        self.conv1 = CausalConv3d(channels, channels)
+        self.conv2 = CausalConv3d(channels, channels)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(F.silu(self.norm2(h)), cache)
+        return x + h
+
+
+class DecoderResnet(nn.Module):
+    def __init__(self, channels: int, zq_channels: int):
+        super().__init__()
+        self.norm1 = SpatialNorm3D(channels, zq_channels)
+        self.norm2 = SpatialNorm3D(channels, zq_channels)
+        self.conv1 = CausalConv3d(channels, channels)
+        self.conv2 = CausalConv3d(channels, channels)
+
+    def forward(self, x: torch.Tensor, cond: _LatentCond, cache: Cache = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x, cond)), cache)
+        h = self.conv2(F.silu(self.norm2(h, cond)), cache)
+        return x + h
+
+
+def space_to_depth(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, 2H, 2W) -> (B, 4C, T, H, W), channel = (ph*2 + pw)*C + c (the official (ph pw c) order)."""
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t, h // 2, 2, w // 2, 2)
+    return x.permute(0, 4, 6, 1, 2, 3, 5).reshape(b, 4 * c, t, h // 2, w // 2)
+
+
+def depth_to_space(x: torch.Tensor, tf: int) -> torch.Tensor:
+    """(B, tf*4*C, T, H, W) -> (B, C, T*tf, 2H, 2W), input channel = ((pt*2 + ph)*2 + pw)*C + c."""
+    b, ch, t, h, w = x.shape
+    c = ch // (4 * tf)
+    x = x.reshape(b, tf, 2, 2, c, t, h, w)
+    return x.permute(0, 4, 5, 1, 6, 2, 7, 3).reshape(b, c, t * tf, 2 * h, 2 * w)
+
+
+def temporal_mean(x: torch.Tensor, tf: int) -> torch.Tensor:
+    """Average frames in groups of tf; with an odd count the first frame stays alone (the causal first frame)."""
+    if tf == 1:
+        return x
+    b, c, t, h, w = x.shape
+    if t % 2:
+        rest = x[:, :, 1:].reshape(b, c, (t - 1) // tf, tf, h, w).mean(3)
+        return torch.cat([x[:, :, :1], rest], dim=2)
+    return x.reshape(b, c, t // tf, tf, h, w).mean(3)
+
+
+class DCDown3d(nn.Module):
+    """norm -> SiLU -> conv to out/4 -> 2x2 space-to-depth (+ time mean), plus a parameter-free shortcut: the
+    input space-to-depth'd (+ time mean) with its 4*in channels averaged in groups down to out."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_factor: int):
+        super().__init__()
+        self.out_channels = out_channels
+        self.time_factor = time_factor
+        self.norm = RMSNorm(in_channels)
+        self.conv = CausalConv3d(in_channels, out_channels // 4)
+
+    def forward(self, h: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        x = temporal_mean(space_to_depth(self.conv(F.silu(self.norm(h)), cache)), self.time_factor)
+        y = temporal_mean(space_to_depth(h), self.time_factor)
+        b, c4, t, hh, ww = y.shape
+        y = y.reshape(b, c4 // self.out_channels, self.out_channels, t, hh, ww).mean(1)
+        return x + y
+
+
+class DCUp3d(nn.Module):
+    """norm -> SiLU -> conv to out*4*tf -> depth-to-space (pt ph pw c), plus the input tiled along channels and
+    depth-to-space'd. With tf > 1 and an odd frame count (or `split_first`) the first tf output frames are
+    averaged into one, so 1 + n latent frames give 1 + tf*n frames."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_factor: int):
+        super().__init__()
+        self.time_factor = time_factor
+        self.repeats = out_channels * 4 * time_factor // in_channels
+        self.norm = RMSNorm(in_channels)
+        self.conv = CausalConv3d(in_channels, out_channels * 4 * time_factor)
+
+    def forward(self, h: torch.Tensor, cache: Cache = None, split_first: bool = False) -> torch.Tensor:
+        tf = self.time_factor
+        x = depth_to_space(self.conv(F.silu(self.norm(h)), cache), tf)
+        y = depth_to_space(h.repeat(1, self.repeats, 1, 1, 1), tf)
+        if tf > 1 and (h.shape[2] % 2 == 1 or split_first):
+            x = torch.cat([x[:, :, :tf].mean(2, keepdim=True), x[:, :, tf:]], dim=2)
+            y = torch.cat([y[:, :, :tf].mean(2, keepdim=True), y[:, :, tf:]], dim=2)
+        return x + y
+
+
+class _Resampler(nn.Module):
+    """Holder that reproduces the official `...samplers.0.conv.` name level."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+
+class DownBlock(nn.Module):
+    def __init__(self, channels: int, layers: int, out_channels: Optional[int], time_factor: int):
+        super().__init__()
+        self.resnets = nn.ModuleList(EncoderResnet(channels) for _ in range(layers))
+        self.downsamplers = (nn.ModuleList([_Resampler(DCDown3d(channels, out_channels, time_factor))])
+                             if out_channels is not None else None)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x, cache)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0].conv(x, cache)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, channels: int, layers: int, zq_channels: int, out_channels: Optional[int],
+                 time_factor: int):
+        super().__init__()
+        self.resnets = nn.ModuleList(DecoderResnet(channels, zq_channels) for _ in range(layers))
+        self.upsamplers = (nn.ModuleList([_Resampler(DCUp3d(channels, out_channels, time_factor))])
+                           if out_channels is not None else None)
+
+    def forward(self, x: torch.Tensor, cond: _LatentCond, cache: Cache = None, split_first: bool = False):
+        for r in self.resnets:
+            x = r(x, cond, cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0].conv(x, cache, split_first)
+        return x
+
+
+class EncoderMid(nn.Module):
+    def __init__(self, channels: int, layers: int = 2):
+        super().__init__()
+        self.resnets = nn.ModuleList(EncoderResnet(channels) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x, cache)
+        return x
+
+
+class DecoderMid(nn.Module):
+    def __init__(self, channels: int, zq_channels: int, layers: int = 2):
+        super().__init__()
+        self.resnets = nn.ModuleList(DecoderResnet(channels, zq_channels) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, cond: _LatentCond, cache: Cache = None) -> torch.Tensor:
+        for r in self.resnets:
+            x = r(x, cond, cache)
+        return x
+
+
+class Encoder(nn.Module):
+    """Video (B, 3, T, H, W) -> (B, 2*latent, 1 + (T-1)/st, H/ss, W/ss)."""
+
+    def __init__(self, config: VideoVAEConfig):
+        super().__init__()
+        c = config.block_out_channels
+        ns, nt = len(config.spatial_compression_list), len(config.temporal_compression_list)
+        self.conv_in = CausalConv3d(config.in_channels, c[0])
+        self.down_blocks = nn.ModuleList(
+            DownBlock(c[i], config.layers_per_block, c[i + 1] if i < ns else None, 2 if i < nt else 1)
+            for i in range(config.num_blocks))
+        self.mid_block = EncoderMid(c[-1])
+        self.norm_out = RMSNorm(c[-1])
+        self.conv_out = CausalConv3d(c[-1], 2 * config.latent_channels)
+
+    def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
+        x = self.conv_in(x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class Decoder(nn.Module):
+    """Latent (B, latent, T_lat, h, w) -> video (B, 3, 1 + st*(T_lat-1), h*ss, w*ss) (see DCUp3d)."""
+
+    def __init__(self, config: VideoVAEConfig):
+        super().__init__()
+        c = config.block_out_channels[::-1]
+        n, ns, nt = config.num_blocks, len(config.spatial_compression_list), len(config.temporal_compression_list)
+        z = config.latent_channels
+        self.conv_in = CausalConv3d(z, c[0])
+        self.mid_block = DecoderMid(c[0], z)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(c[i], config.layers_per_block + 1, z, c[i + 1] if i >= n - ns else None,
+                    2 if i >= n - nt else 1)
+            for i in range(n))
+        self.norm_out = SpatialNorm3D(c[-1], z)
+        self.conv_out = CausalConv3d(c[-1], config.out_channels)
+
+    def forward(self, z: torch.Tensor, cache: Cache = None, split_first: bool = False) -> torch.Tensor:
+        cond = _LatentCond(z)
+        x = self.conv_in(z, cache)
+        x = self.mid_block(x, cond, cache)
+        for block in self.up_blocks:
+            x = block(x, cond, cache, split_first)
+        return self.conv_out(F.silu(self.norm_out(x, cond)), cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def patchify(h: torch.Tensor) -> torch.Tensor:
+    """Per-frame pixel_unshuffle(2): (B, C, T, H, W) -> (B, 4C, T, H/2, W/2), channel = c*4 + i*2 + j."""
+    b, c, t, hh, ww = h.shape
+    x = F.pixel_unshuffle(h.transpose(1, 2).reshape(b * t, c, hh, ww), 2)
+    return x.reshape(b, t, 4 * c, hh // 2, ww // 2).transpose(1, 2)
+
+
+def unpatchify(z: torch.Tensor) -> torch.Tensor:
+    """Inverse of `patchify`: per-frame pixel_shuffle(2)."""
+    b, c, t, hh, ww = z.shape
+    x = F.pixel_shuffle(z.transpose(1, 2).reshape(b * t, c, hh, ww), 2)
+    return x.reshape(b, t, c // 4, 2 * hh, 2 * ww).transpose(1, 2)
+
+
+def _channel_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return layer(x.movedim(1, -1)).movedim(-1, 1)
+
+
+@dataclass
+class VideoVAEPosterior:
+    """Diagonal Gaussian over the patchified latent (before proj_down). `enc_h` is the encoder output before
+    patchify (2 * latent_channels channels)."""
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    enc_h: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, noise: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """mean + std * noise; noise defaults to a standard normal draw (from `generator` if given)."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                                dtype=self.mean.dtype)
+        elif tuple(noise.shape) != tuple(self.mean.shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, the posterior {tuple(self.mean.shape)}")
+        return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
+
+
+class VideoVAE(nn.Module):
+    """The video tokenizer. Use `encode` / `decode` (continuous latents; quantization is the generator's job)."""
+
+    def __init__(self, config: VideoVAEConfig):
+        super().__init__()
+        if not isinstance(config, VideoVAEConfig):
+            raise TypeError(f"VideoVAE needs a VideoVAEConfig, got {type(config).__name__}")
+        self.config = config
+        d = config.codebook_dim
+        # registration order = the official state-dict order
+        self.scale_learnable_parameters = nn.Parameter(torch.ones(4))
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.proj_down = nn.Linear(d, d)
+        self.proj_down_two = nn.Linear(d, d)  # unused (official 256-px training branch); kept for strict loading
+        self.proj_up = nn.Linear(d, d)
+        self.proj_up_two = nn.Linear(d, d)  # unused, as above
+
+    # --- input checks -----------------------------------------------------------------------------------------
+    def _param(self) -> torch.Tensor:
+        return self.scale_learnable_parameters
+
+    def _prepare(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        p = self._param()
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"{what} must be a floating-point tensor")
+        if x.device != p.device:
+            raise ValueError(f"{what} is on {x.device} but the tokenizer is on {p.device}; move one of them "
+                             f"(tokenizer.to(device))")
+        return x.to(p.dtype)
+
+    def _check_video(self, video: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"video must be (B, {cfg.in_channels}, T, H, W), got {shape}")
+        if video.shape[1] != cfg.in_channels:
+            raise ValueError(f"video has {video.shape[1]} channels, the tokenizer takes {cfg.in_channels} "
+                             f"(layout (B, C, T, H, W), values in [-1, 1])")
+        frames, h, w = video.shape[2:]
+        if frames < 1 or (frames - 1) % cfg.temporal_stride:
+            raise ValueError(frame_count_message(frames, cfg.temporal_stride))
+        s = cfg.spatial_stride
+        if h % s or w % s or h == 0 or w == 0:
+            raise ValueError(f"video is {h}x{w} pixels; height and width must be positive multiples of the "
+                             f"tokenizer's spatial stride {s} (crop or resize to "
+                             f"{max(s, h // s * s)}x{max(s, w // s * s)})")
+        return self._prepare(video, "video")
+
+    # --- encode ---------------------------------------------------------------------------------------------
+    def encode_posterior(self, video: torch.Tensor, chunked: bool = True) -> VideoVAEPosterior:
+        """Posterior of a (B, 3, T, H, W) video in [-1, 1], T = 1 + 4k: mean / clamped log-variance
+        (B, codebook_dim, T_lat, H/16, W/16) and the raw encoder output. `chunked=False` runs one pass (more
+        memory, same result)."""
+        x = self._check_video(video)
+        if chunked:
+            cache: dict = {}
+            parts, start = [], 0
+            for n in encode_chunks(x.shape[2]):
+                parts.append(self.encoder(x[:, :, start:start + n], cache))
+                start += n
+            h = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        else:
+            h = self.encoder(x)
+        mean, logvar = patchify(h).chunk(2, dim=1)
+        return VideoVAEPosterior(mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), h)
+
+    def project_down(self, z_raw: torch.Tensor) -> torch.Tensor:
+        """Patchified posterior latent -> generator latent: proj_down over channels, times the learned scale."""
+        return _channel_linear(self.proj_down, z_raw) * self.scale_learnable_parameters[0]
+
+    def project_up(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse direction of `project_down` (learned, not an exact inverse): divide by the scale, proj_up."""
+        return _channel_linear(self.proj_up, z / self.scale_learnable_parameters[0])
+
+    def encode(self, video: torch.Tensor, sample: bool = False, noise: Optional[torch.Tensor] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Video (B, 3, T, H, W) in [-1, 1], T = 1 + 4k -> latent (B, 64, 1 + (T-1)/4, H/16, W/16) (released
+        strides), in the input's dtype.
+
+        Deterministic by default: the posterior mean. The official code always samples
+        (`posterior.sample()`, also at inference and feature extraction); pass `sample=True` to do the same, with
+        `noise` (the standard-normal draw, the posterior's shape) or `generator` for reproducibility.
+        """
+        if noise is not None and not sample:
+            raise ValueError("noise was given but sample=False; pass sample=True to sample the posterior")
+        post = self.encode_posterior(video)
+        z_raw = post.sample(noise, generator) if sample else post.mean
+        return self.project_down(z_raw).to(video.dtype)
+
+    # --- decode ---------------------------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+        """Latent (B, 64, T_lat, h, w) -> video (B, 3, 1 + 4(T_lat-1), 16h, 16w) (released strides), roughly in
+        [-1, 1] (not clamped), in the input's dtype. Any T_lat >= 1 works. `chunked=False` runs one pass."""
+        cfg = self.config
+        if not isinstance(z, torch.Tensor) or z.dim() != 5:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"latent must be (B, {cfg.codebook_dim}, T_lat, h, w), got {shape}")
+        if z.shape[1] != cfg.codebook_dim:
+            raise ValueError(f"latent has {z.shape[1]} channels, the tokenizer's latent has {cfg.codebook_dim}")
+        if min(z.shape[2:]) < 1:
+            raise ValueError(f"latent has an empty dimension: {tuple(z.shape)}")
+        zq = unpatchify(self.project_up(self._prepare(z, "latent")))
+        if chunked:
+            cache: dict = {}
+            parts, start = [], 0
+            for n, split_first in decode_chunks(zq.shape[2]):
+                parts.append(self.decoder(zq[:, :, start:start + n], cache, split_first))
+                start += n
+            out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        else:
+            # one pass: an even count's first frame still is the clip's lone first frame
+            out = self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
+        return out.to(z.dtype)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """Reconstruction through the posterior mean."""
+        return self.decode(self.encode(video))
+
+    # --- loading / saving -----------------------------------------------------------------------------------
+    @classmethod
+    def from_official(cls, path_or_state_dict: Union[PathLike, Mapping[str, torch.Tensor]],
+                      config: Optional[VideoVAEConfig] = None) -> "VideoVAE":
+        """Load the released tokenizer (`infinitystar_videovae.pth`, whose `['vae']` entry is used, or a flat
+        `.pth` / `.safetensors` / in-memory dict with the official names). Strict: a missing, unexpected or
+        mis-shaped key is a `CheckpointError` naming it. The quantizer's mask buffers are optional; when present
+        their shapes are checked and they are dropped. Without `config` the shape is read from the tensors."""
+        if isinstance(path_or_state_dict, Mapping):
+            sd, source = dict(path_or_state_dict), "state dict"
+        else:
+            sd, source = read_official_video_vae(path_or_state_dict), str(path_or_state_dict)
+        if config is None:
+            config = infer_config(sd, source)
+        sd = drop_quantizer_buffers(sd, config, source)
+        model = cls(config)
+        load_strict(model, sd, source)
+        return model.eval()
+
+    def save_pretrained(self, directory: PathLike) -> None:
+        """Write `config.json` + `model.safetensors` (our format; official key names, no quantizer buffers)."""
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / CONFIG_NAME).write_text(json.dumps({"type": CONFIG_TYPE, **self.config.to_dict()}, indent=1) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: PathLike, device: Union[str, torch.device, None] = None,
+                        dtype: Optional[torch.dtype] = None) -> "VideoVAE":
+        d = Path(directory)
+        cfg_path, weights = d / CONFIG_NAME, d / WEIGHTS_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{d}: not a video tokenizer folder (no {CONFIG_NAME})")
+        raw = json.loads(cfg_path.read_text())
+        if raw.get("type", CONFIG_TYPE) != CONFIG_TYPE:
+            raise ValueError(f"{cfg_path}: type {raw.get('type')!r} is not {CONFIG_TYPE!r}")
+        model = cls(VideoVAEConfig.from_dict(raw))
+        load_strict(model, read_tensors(weights), str(weights))
+        return model.to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def read_official_video_vae(path: PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a released tokenizer file: the `'vae'` entry of a `.pth` (weights_only=True) if it has one,
+    else the flat dict itself; `.safetensors` files are flat."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_tensors(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or pickled-object files raise many different types
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("vae"), dict):
+        raw = raw["vae"]
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        have = list(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{path}: expected a 'vae' entry or a flat dict of tensors (found {have})")
+    return dict(raw)
+
+
+def drop_quantizer_buffers(state_dict: Mapping[str, torch.Tensor], config: VideoVAEConfig,
+                           source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Remove the quantizer's mask buffers (any subset may be present) after checking their shapes."""
+    expected = quantizer_buffer_shapes(config)
+    out = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{source}: entry {k!r} is not a tensor ({type(v).__name__})")
+        if k in expected:
+            if tuple(v.shape) != expected[k]:
+                raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, expected {expected[k]}")
+            continue
+        out[k] = v
+    return out
+
+
+def _count(sd: Mapping[str, torch.Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return 1 + max((int(m[1]) for k in sd if (m := rx.match(k))), default=-1)
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> VideoVAEConfig:
+    """Read the tokenizer's shape from official-named tensors; the strict load afterwards checks every key.
+    The encoder's temporal stages cannot be seen in shapes: they are taken to mirror the decoder's (as released)."""
+    sd = state_dict
+
+    def need(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise CheckpointError(f"{source}: cannot infer the video VAE shape, missing key {key}")
+        return sd[key]
+
+    n = _count(sd, r"encoder\.down_blocks\.(\d+)\.")
+    layers = _count(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    if n < 1 or layers < 1:
+        raise CheckpointError(f"{source}: cannot infer the video VAE shape (no encoder.down_blocks.* keys)")
+    widths = [int(need(f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight").shape[0]) for i in range(n)]
+    widths.append(int(need("encoder.mid_block.resnets.0.conv1.conv.weight").shape[0]))
+    ns = sum(f"encoder.down_blocks.{i}.downsamplers.0.conv.norm.gamma" in sd for i in range(n))
+    rev = widths[::-1]
+    nt = 0
+    for i in range(n):
+        key = f"decoder.up_blocks.{i}.upsamplers.0.conv.conv.conv.weight"
+        if key in sd and int(sd[key].shape[0]) == 8 * rev[i + 1]:
+            nt += 1
+    sem = sd.get("quantizer.lfq_semantic.mask", sd.get("quantize.lfq_semantic.mask"))
+    try:
+        return VideoVAEConfig(in_channels=int(need("encoder.conv_in.conv.weight").shape[1]),
+                              out_channels=int(need("decoder.conv_out.conv.weight").shape[0]),
+                              block_out_channels=tuple(widths), layers_per_block=layers,
+                              latent_channels=int(need("decoder.conv_in.conv.weight").shape[1]),
+                              spatial_compression_list=(2,) * ns, temporal_compression_list=(2,) * nt,
+                              codebook_dim=int(need("proj_down.weight").shape[0]),
+                              semantic_scale_dim=int(sem.shape[0]) if sem is not None and sem.dim() == 1 else 16)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the tensors describe no valid video VAE ({e})") from None
+
+
+__all__ = ["VideoVAEConfig", "VideoVAE", "VideoVAEPosterior", "PRESETS", "Encoder", "Decoder", "CausalConv3d",
+           "RMSNorm", "SpatialNorm3D", "DCDown3d", "DCUp3d", "encode_chunks", "decode_chunks", "patchify",
+           "unpatchify", "read_official_video_vae", "drop_quantizer_buffers", "infer_config",
+           "quantizer_buffer_shapes", "frame_count_message"]
