@@ -1,0 +1,404 @@
+"""One validated config file per training run (YAML or TOML) -> typed dataclasses.
+
+Every key is checked: an unknown key or a value of the wrong type is a `ConfigError` that names the dotted key
+(e.g. `optim.lr: expected a number, got 'fast'`). The `model` and `pyramid` sections take a preset name plus any
+field of `TransformerConfig` / `PyramidConfig` as an override, validated against those dataclasses' types.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from infinitystar.config import (PYRAMID_PRESETS, TRANSFORMER_PRESETS, PyramidConfig, TransformerConfig,
+                                  pyramid_preset, transformer_preset)
+
+
+class ConfigError(ValueError):
+    """A training config key is unknown, ill-typed or out of range."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSection:
+    """The transformer: a preset plus overrides of `TransformerConfig` fields, or a folder to fine-tune from."""
+    preset: Optional[str] = "tiny"
+    init_from: Optional[str] = None        # folder with config.json + model.safetensors (fine-tuning)
+    overrides: dict = field(default_factory=dict)
+
+    def build(self) -> TransformerConfig:
+        if self.init_from is not None:
+            cfg_path = Path(self.init_from) / "config.json"
+            if not cfg_path.is_file():
+                raise ConfigError(f"model.init_from: {cfg_path} does not exist")
+            return TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
+        try:
+            if self.preset is None:
+                return TransformerConfig(**self.overrides)
+            return transformer_preset(self.preset, **self.overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+@dataclass
+class PyramidSection:
+    """The spacetime pyramid: a preset plus overrides of `PyramidConfig` fields."""
+    preset: Optional[str] = "tiny"
+    overrides: dict = field(default_factory=dict)
+
+    def build(self) -> PyramidConfig:
+        try:
+            if self.preset is None:
+                return PyramidConfig(**self.overrides)
+            return pyramid_preset(self.preset, **self.overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"pyramid: {e}") from None
+
+
+@dataclass
+class ComponentSection:
+    """A frozen component loaded from a folder (text encoder or video tokenizer)."""
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    manifests: list[str] = field(default_factory=list)   # JSONL files or folders of them (searched recursively)
+    latent_cache: Optional[str] = None   # folder written by `extract_features`; read first when set
+    require_cache: bool = False          # True: a sample without a cached latent is skipped, never encoded
+    pixels_per_latent: int = 16          # tokenizer spatial stride (16 official VAE; 8 for 64x64 -> 8x8 tests)
+    fps: Optional[float] = 16.0          # resample videos to this rate (None: take the source frames one by one)
+    max_frames: int = 81                 # longest video fed to training, 1 + k * temporal_compression
+    duration_unit_frames: Optional[int] = None   # durations are cut to 1 + k * unit frames; None: a whole clip
+    video_caption_fields: list[str] = field(
+        default_factory=lambda: ["tarsier2_caption", "MiniCPM_V_2_6_caption", "caption"])
+    image_caption_fields: list[str] = field(default_factory=lambda: ["text", "long_caption"])
+    short_caption_prob: float = 0.0      # keep only the first k ~ U{1..n} sentences with this probability
+    duration_prefix: bool = False        # prepend "<<<t={seconds}s>>> " to video captions (official option)
+    shuffle: bool = True
+    num_workers: int = 2                 # decoding threads (0: decode inline)
+
+
+@dataclass
+class ScaleSubsetConfig:
+    """Which scales of a sample are packed (the rest are only computed to build the residual inputs).
+
+    mode "all": every scale. mode "random": draw a number of clips k (weights `clip_weights[k-1]`, truncated to
+    the sample's clips and renormalised; None = uniform), then a prefix of the last kept clip's scales of
+    length m ~ U{min_last_scales..N}. Earlier clips contribute all their scales with probability
+    `earlier_full_prob`, otherwise only what attention needs. Whatever is drawn, the reference scales that a
+    selected scale attends to are always added, and only scales that exist in the sample are ever indexed.
+    """
+    mode: Literal["all", "random"] = "all"
+    clip_weights: Optional[list[float]] = None
+    min_last_scales: int = 1
+    earlier_full_prob: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.97])
+    eps: float = 1e-8
+    weight_decay: float = 0.0            # applied to matrices only (not biases, norms or the null text)
+    warmup_steps: int = 0                # linear warm-up from 0
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0            # lr at max_steps / lr for cosine and linear decay
+    grad_clip: float = 5.0               # global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    micro_batch: int = 1                 # samples per rank per micro-step, packed into one sequence
+    grad_accum: int = 1                  # micro-steps per optimizer step
+    precision: Literal["bf16", "fp32"] = "bf16"   # bf16 autocast on CUDA only; CPU always runs fp32
+    activation_checkpointing: bool = False
+    ema_decay: Optional[float] = None    # None: no EMA; else an EMA of the weights updated every optimizer step
+    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"   # auto: flex on CUDA, sdpa elsewhere
+    parallel: Literal["fsdp", "ddp"] = "fsdp"   # with world_size > 1
+    repetition: Literal["random", "last"] = "random"
+    bsc_strength: float = 0.3            # bitwise self-correction: flip prob ~ U{0, .01, ..., strength}; 0 = off
+    text_dropout: float = 0.1            # probability that a sample's captions become the null text
+    pad_multiple: int = 128
+    reweight_by_scale: float = 4.0       # per-scale loss weight min(max_reweight, (Vmax/V)^(1/(1+k))) * V
+    max_reweight: float = 40.0
+    scale_subset: ScaleSubsetConfig = field(default_factory=ScaleSubsetConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200                     # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 3                   # older complete checkpoints are deleted (0: keep all)
+    save_optimizer: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    progress: bool = True                # tqdm bar on rank 0
+    tensorboard: bool = False            # also write TensorBoard events when tensorboard is installed
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"                 # auto: cuda:LOCAL_RANK when available, else cpu
+    model: ModelSection = field(default_factory=ModelSection)
+    pyramid: PyramidSection = field(default_factory=PyramidSection)
+    text_encoder: ComponentSection = field(default_factory=ComponentSection)
+    tokenizer: ComponentSection = field(default_factory=ComponentSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks that types cannot express; also builds the model and pyramid configs once."""
+        t, o, d = self.train, self.optim, self.data
+        positive = {"train.max_steps": t.max_steps, "train.micro_batch": t.micro_batch,
+                    "train.grad_accum": t.grad_accum, "train.pad_multiple": t.pad_multiple,
+                    "data.pixels_per_latent": d.pixels_per_latent, "data.max_frames": d.max_frames,
+                    "log.every": self.log.every, "optim.lr": o.lr}
+        for k, v in positive.items():
+            if v <= 0:
+                raise ConfigError(f"{k} must be positive, got {v}")
+        for k, v in {"train.bsc_strength": t.bsc_strength, "train.text_dropout": t.text_dropout,
+                     "data.short_caption_prob": d.short_caption_prob, "optim.min_lr_ratio": o.min_lr_ratio,
+                     "train.scale_subset.earlier_full_prob": t.scale_subset.earlier_full_prob}.items():
+            if not 0 <= v <= 1:
+                raise ConfigError(f"{k} must be in [0, 1], got {v}")
+        if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        for k, v in {"optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
+                     "optim.weight_decay": o.weight_decay, "checkpoint.every": self.checkpoint.every,
+                     "checkpoint.keep_last": self.checkpoint.keep_last, "data.num_workers": d.num_workers,
+                     "train.reweight_by_scale": t.reweight_by_scale}.items():
+            if v < 0:
+                raise ConfigError(f"{k} must be >= 0, got {v}")
+        if d.fps is not None and d.fps <= 0:
+            raise ConfigError(f"data.fps must be positive or null, got {d.fps}")
+        ss = t.scale_subset
+        if ss.min_last_scales < 1:
+            raise ConfigError(f"train.scale_subset.min_last_scales must be >= 1, got {ss.min_last_scales}")
+        if ss.clip_weights is not None and (not ss.clip_weights or min(ss.clip_weights) < 0
+                                            or sum(ss.clip_weights) <= 0):
+            raise ConfigError(f"train.scale_subset.clip_weights must be non-negative with a positive sum, "
+                              f"got {ss.clip_weights}")
+        model, pyramid = self.model.build(), self.pyramid.build()
+        tc = pyramid.temporal_compression
+        if (d.max_frames - 1) % tc:
+            raise ConfigError(f"data.max_frames must be 1 + k * {tc} (the tokenizer's temporal compression), "
+                              f"got {d.max_frames}")
+        unit = d.duration_unit_frames
+        if unit is not None and (unit <= 0 or unit % tc):
+            raise ConfigError(f"data.duration_unit_frames must be a positive multiple of {tc}, got {unit}")
+        if model.latent_channels != pyramid.detail_bits or model.semantic_bits != pyramid.semantic_bits:
+            raise ConfigError(f"model bits ({model.semantic_bits}/{model.detail_bits}) do not match the pyramid's "
+                              f"({pyramid.semantic_bits}/{pyramid.detail_bits})")
+
+    # --- convenience ------------------------------------------------------------------------------------------
+    def duration_unit(self) -> int:
+        p = self.pyramid.build()
+        return self.data.duration_unit_frames or p.temporal_compression * p.frames_per_clip
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("model", "pyramid"):   # flatten overrides back to the file's shape
+            sec = out[name]
+            out[name] = {k: v for k, v in sec.items() if k != "overrides"} | sec["overrides"]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "a list"
+    if tp is type(None):
+        return "null"
+    if tp is float:
+        return "a number"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", str: "a string", bool: "true/false", dict: "a mapping"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp` and return it (ints widened to float where a float is due)."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):   # YAML 1.1 reads 4e-5 (no dot) as a string; accept numeric strings only
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _unknown(names, given, where: str) -> None:
+    unknown = [k for k in given if k not in names]
+    if unknown:
+        k = unknown[0]
+        near = difflib.get_close_matches(str(k), list(names), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else f"; known keys: {', '.join(sorted(names))}"
+        raise ConfigError(f"{where + '.' if where else ''}{k}: unknown key{hint}")
+
+
+def _validated_overrides(cls, d: dict, where: str, reserved: set[str]) -> dict:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    _unknown(set(names) | reserved, d, where)
+    return {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in d.items() if k not in reserved}
+
+
+def _build(cls, d: dict, where: str = ""):
+    if cls is ModelSection:
+        reserved = {"preset", "init_from"}
+        preset = _coerce(d.get("preset", "tiny"), Optional[str], f"{where}.preset")
+        if preset is not None and preset not in TRANSFORMER_PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; choose one of "
+                              f"{', '.join(TRANSFORMER_PRESETS)} or null")
+        init_from = _coerce(d.get("init_from"), Optional[str], f"{where}.init_from")
+        over = _validated_overrides(TransformerConfig, d, where, reserved)
+        if init_from is not None and over:
+            raise ConfigError(f"{where}: init_from takes the architecture from its config.json; remove "
+                              f"{', '.join(sorted(over))}")
+        return ModelSection(preset, init_from, over)
+    if cls is PyramidSection:
+        preset = _coerce(d.get("preset", "tiny"), Optional[str], f"{where}.preset")
+        if preset is not None and preset not in PYRAMID_PRESETS:
+            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; choose one of "
+                              f"{', '.join(PYRAMID_PRESETS)} or null")
+        return PyramidSection(preset, _validated_overrides(PyramidConfig, d, where, {"preset"}))
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    _unknown(names, d, where)
+    kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in d.items()}
+    if cls is RunConfig:
+        return kwargs   # RunConfig validates ranges in __post_init__; the caller builds it
+    return cls(**kwargs)
+
+
+def set_dotted(d: dict, dotted: str, value) -> None:
+    """Apply one `a.b.c=value` override to a raw config mapping."""
+    keys = dotted.split(".")
+    node = d
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def config_from_dict(d: dict, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Validate a raw mapping (plus `key=value` overrides, values parsed as YAML) into a RunConfig."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a training config must be a mapping at the top level, got {type(d).__name__}")
+    d = json.loads(json.dumps(d))   # deep copy; also rejects non-JSON values early
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        k, v = item.split("=", 1)
+        set_dotted(d, k.strip(), yaml.safe_load(v))
+    return RunConfig(**_build(RunConfig, d))
+
+
+def load_config(path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a `.yaml`/`.yml` or `.toml` training config and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:
+                raise ConfigError(f"{path}: TOML configs need Python 3.11+ (tomllib); use YAML") from None
+            raw = tomllib.loads(text)
+        else:
+            raw = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
