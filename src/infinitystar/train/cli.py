@@ -1,0 +1,94 @@
+"""Command-line entry points of the trainer: `infinitystar train`, `infinitystar extract-features` (registered by
+`add_cli` on the main parser) and `python -m infinitystar.train CONFIG` (what torchrun runs)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training config (.yaml or .toml)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint of output_dir (or from a given checkpoint folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value, e.g. --set train.max_steps=10 (repeatable)")
+
+
+def _cmd_train(args) -> int:
+    from infinitystar.train.config import ConfigError
+    from infinitystar.train.trainer import train
+    try:
+        result = train(args.config, resume=args.resume, overrides=args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {result.step}, loss {result.loss}, checkpoint {result.checkpoint}")
+    return 0
+
+
+def _cmd_extract(args) -> int:
+    import torch
+
+    from infinitystar.train.config import ConfigError, RunConfig, load_config
+    from infinitystar.train.distributed import resolve_device
+    from infinitystar.train.features import extract_features
+    from infinitystar.train.trainer import load_tokenizer, spec_from_config
+    try:
+        cfg = load_config(args.config, args.overrides) if args.config else RunConfig()
+        rank = int(os.environ.get("RANK", "0")) if args.rank is None else args.rank
+        world = int(os.environ.get("WORLD_SIZE", "1")) if args.world_size is None else args.world_size
+        device = resolve_device(args.device or cfg.device, int(os.environ.get("LOCAL_RANK", rank)))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tok_path = args.tokenizer or cfg.tokenizer.path
+        if tok_path is None:
+            raise ConfigError("give --tokenizer (or tokenizer.path in --config)")
+        manifests = args.manifest or cfg.data.manifests
+        if not manifests:
+            raise ConfigError("give a manifest (or data.manifests in --config)")
+        out = args.out or cfg.data.latent_cache
+        if out is None:
+            raise ConfigError("give --out (or data.latent_cache in --config)")
+        stats = extract_features(manifests, load_tokenizer(tok_path, device), out, rank, world,
+                                 spec=spec_from_config(cfg), device=device,
+                                 video_caption_fields=cfg.data.video_caption_fields,
+                                 image_caption_fields=cfg.data.image_caption_fields, progress=not args.json)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    summary = {"rank": rank, "world_size": world, "out": str(out), **stats.to_dict()}
+    print(json.dumps(summary) if args.json else
+          f"rank {rank}/{world}: wrote {stats.written}, already cached {stats.existing}, skipped {stats.skipped} "
+          f"in {stats.seconds:.1f} s -> {out}")
+    for m in stats.messages:
+        print(f"  skipped {m}", file=sys.stderr)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `train` and `extract-features` on the `infinitystar` command's subparsers."""
+    p = subparsers.add_parser("train", help="train the generator from a config file (torchrun: "
+                                            "python -m infinitystar.train CONFIG)")
+    _add_train_args(p)
+    p.set_defaults(func=_cmd_train)
+    p = subparsers.add_parser("extract-features", help="encode manifest samples once into a latent cache "
+                                                       "(torchrun splits the samples across ranks)")
+    p.add_argument("manifest", nargs="*", help="JSONL manifest(s) or folders (default: data.manifests of --config)")
+    p.add_argument("--config", help="training config whose data settings (size, fps, duration) to use")
+    p.add_argument("--tokenizer", help="video tokenizer folder (default: tokenizer.path of --config)")
+    p.add_argument("--out", help="cache folder (default: data.latent_cache of --config)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the config's device)")
+    p.add_argument("--rank", type=int, default=None, help="this worker's shard (default: $RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None, help="number of shards (default: $WORLD_SIZE or 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    p.add_argument("--json", action="store_true", help="print a JSON summary line")
+    p.set_defaults(func=_cmd_extract)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m infinitystar.train CONFIG [--resume] [--set k=v]` (the torchrun entry point)."""
+    p = argparse.ArgumentParser(prog="python -m infinitystar.train", description="train the InfinityStar generator")
+    _add_train_args(p)
+    return _cmd_train(p.parse_args(argv))

@@ -1,0 +1,165 @@
+"""From a continuous latent to one packed training sequence: scale subsets, residual targets with bitwise
+self-correction, one repetition per scale, text dropout, the packed forward and the per-scale weighted loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from infinitystar.model.packing import PackSample, PackedSequence, pack_sequence, select_steps
+from infinitystar.quant.residual import BitwiseSelfCorrection, encode_targets
+from infinitystar.schedules.pyramid import Schedule, Step
+from infinitystar.train.config import ScaleSubsetConfig
+from infinitystar.train.loss import bitwise_loss, scale_loss_weights
+
+
+def reference_closure(schedule: Schedule, scales: Sequence[int]) -> list[int]:
+    """`scales` plus every scale they attend to, transitively (so the packed segment table is complete)."""
+    out, todo = set(), list(scales)
+    while todo:
+        s = todo.pop()
+        if s in out:
+            continue
+        if not 0 <= s < len(schedule.scales):
+            raise IndexError(f"scale {s} is outside the schedule's {len(schedule.scales)} scales")
+        out.add(s)
+        todo += schedule.refs(s)
+    return sorted(out)
+
+
+def choose_scales(schedule: Schedule, cfg: ScaleSubsetConfig, generator: Optional[torch.Generator] = None
+                  ) -> list[int]:
+    """Global indices of the scales to pack. Draws only among the sample's own clips and scales (the official
+    outcome lists assume full-length videos and index out of range otherwise)."""
+    n_all = len(schedule.scales)
+    if cfg.mode == "all":
+        return list(range(n_all))
+    N, C = schedule.scales_per_clip, schedule.num_clips
+    weights = (list(cfg.clip_weights) if cfg.clip_weights else [1.0] * C) + [0.0] * C
+    w = torch.tensor(weights[:C], dtype=torch.float64)
+    if w.sum() <= 0:   # the weights only cover clip counts this sample does not have: take all its clips
+        w[-1] = 1.0
+    k = int(torch.multinomial(w, 1, generator=generator)) + 1
+    lo = min(cfg.min_last_scales, N)
+    m = int(torch.randint(lo, N + 1, (), generator=generator))
+    last = k - 1
+    chosen = [last * N + i for i in range(m)]
+    for c in range(last):
+        if float(torch.rand((), generator=generator)) < cfg.earlier_full_prob:
+            chosen += range(c * N, (c + 1) * N)
+    return reference_closure(schedule, chosen)
+
+
+@dataclass
+class PreparedSample:
+    schedule: Schedule
+    steps: list[Step]                    # one per packed scale, in order
+    inputs: torch.Tensor                 # (visual tokens, C): concatenated step inputs
+    bits: list[torch.Tensor]             # (tokens, bits) uint8 labels per step
+    weights: torch.Tensor                # (steps,) normalised loss weights
+    captions: list[str]
+    caption_of_clip: list[int]
+    drop_text: bool                      # captions replaced by the null text (guidance training)
+
+
+def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str], caption_of_clip: Sequence[int],
+                   generator: torch.Generator, *, subset: ScaleSubsetConfig, bsc_strength: float = 0.3,
+                   repetition: str = "random", text_dropout: float = 0.0, reweight_by_scale: float = 4.0,
+                   max_reweight: float = 40.0) -> PreparedSample:
+    """Targets of one sample. z: (C, T_lat, h, w) latent of the schedule's size. Every random draw comes from
+    `generator` in a fixed order, so a sample's targets depend only on its seed."""
+    scales = choose_scales(schedule, subset, generator)
+    flip = BitwiseSelfCorrection(schedule, bsc_strength, generator) if bsc_strength > 0 else None
+    last_clip = schedule.scales[scales[-1]].clip
+    with torch.no_grad():
+        targets = encode_targets(z[None].float(), schedule, flip, num_clips=last_clip + 1)
+    steps = select_steps(schedule, scales, repetition, generator)
+    where = {st.index: i for i, st in enumerate(targets.steps)}
+    inputs = torch.cat([targets.inputs[where[st.index]][0] for st in steps])
+    bits = [targets.bits[where[st.index]][0].reshape(-1, st.scale.bits) for st in steps]
+    weights = scale_loss_weights([st.scale.tokens for st in steps], schedule.scales[-1].tokens,
+                                 reweight_by_scale, max_reweight).to(z.device)
+    drop = text_dropout > 0 and float(torch.rand((), generator=generator)) < text_dropout
+    # keep only the captions of the packed clips (a long video cut to its first clips needs fewer captions)
+    used = sorted({caption_of_clip[c] for c in range(last_clip + 1)})
+    remap = {old: new for new, old in enumerate(used)}
+    of_clip = [remap.get(c, 0) for c in caption_of_clip]
+    return PreparedSample(schedule, steps, inputs, bits, weights, [captions[i] for i in used], of_clip, drop)
+
+
+class PackedTrainModule(nn.Module):
+    """The unit that distributed wrappers shard: its forward swaps dropped captions for the learned null text
+    (inside forward, where FSDP has gathered the parameters) and runs the packed forward.
+
+    It also returns a zero "anchor" that touches every parameter outside the blocks. A micro-batch may leave the
+    null text or one of the two bit heads unused, and ranks must agree on which parameters have gradients
+    (FSDP2 reduce-scatters only those, DDP expects all); the anchor's gradient is exactly zero.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x_visual: torch.Tensor, captions: Sequence[Union[torch.Tensor, int]], packed: PackedSequence,
+                backend: str = "sdpa") -> tuple[list[torch.Tensor], torch.Tensor]:
+        t = self.transformer
+        feats = [t.null_text_features(c) if isinstance(c, int) else c for c in captions]
+        logits = t.forward_packed(x_visual, feats, packed, backend=backend)
+        in_blocks = {id(p) for p in t.blocks.parameters()}
+        anchor = sum(p.sum() for p in t.parameters() if id(p) not in in_blocks) * 0.0
+        # clone: FSDP2 warns about views returned from a wrapped module (in-place ops on them skip its hooks)
+        return [lg.clone() for lg in logits], anchor
+
+
+@dataclass
+class PackedBatch:
+    packed: PackedSequence
+    x_visual: torch.Tensor
+    captions: list[Union[torch.Tensor, int]]   # features (L, Ct), or an int L: the null text of that length
+    samples: list[PreparedSample]
+
+    @property
+    def tokens(self) -> int:
+        return self.packed.num_visual + self.packed.num_text
+
+
+def pack_batch(samples: Sequence[PreparedSample], text_features: Sequence[Sequence[torch.Tensor]],
+               text_maxlen: int, pad_multiple: int, device) -> PackedBatch:
+    """text_features[b][c]: features (L, Ct) of caption c of sample b."""
+    packs = [PackSample(s.schedule, s.steps, [f.shape[0] for f in feats], s.caption_of_clip)
+             for s, feats in zip(samples, text_features)]
+    packed = pack_sequence(packs, text_maxlen, pad_multiple).to(device)
+    captions: list[Union[torch.Tensor, int]] = []
+    for b, c in packed.text_segments:
+        f = text_features[b][c]
+        captions.append(f.shape[0] if samples[b].drop_text else f.to(device))
+    x = torch.cat([s.inputs for s in samples]).to(device)
+    return PackedBatch(packed, x, captions, list(samples))
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor                  # mean over samples of each sample's weighted per-scale loss
+    scale_acc: list[tuple[Step, torch.Tensor]]   # (step, bit accuracy) of every packed segment (detached)
+    sample_losses: list[torch.Tensor]
+
+
+def packed_loss(logits: Sequence[torch.Tensor], batch: PackedBatch, anchor: Optional[torch.Tensor] = None
+                ) -> LossOutput:
+    """Per sample: sum_s w_s * mean_tokens(mean_bits CE) with the normalised official weights; then the mean
+    over the batch's samples (plus the module's zero anchor, see PackedTrainModule)."""
+    per_sample: list[list[torch.Tensor]] = [[] for _ in batch.samples]
+    accs = []
+    bits_iter = [iter(s.bits) for s in batch.samples]
+    for (b, step), lg in zip(batch.packed.visual_segments, logits):
+        bits = next(bits_iter[b]).to(lg.device)
+        ce, acc = bitwise_loss(lg, bits)
+        per_sample[b].append(ce.mean())
+        accs.append((step, acc.mean().detach()))
+    losses = [(torch.stack(ls) * s.weights).sum() for ls, s in zip(per_sample, batch.samples)]
+    total = torch.stack(losses).mean()
+    if anchor is not None:
+        total = total + anchor
+    return LossOutput(total, accs, [l.detach() for l in losses])

@@ -1,0 +1,405 @@
+"""The generator trainer: one code path for one process and for `torchrun` (FSDP2 or DDP when world_size > 1).
+
+One optimizer step = `grad_accum` micro-steps; a micro-step packs `micro_batch` samples per rank into one
+sequence (visual tokens of the selected steps, captions, padding) with the spacetime-sparse segment mask.
+Every random choice made for a sample (caption, sentence cut, scale subset, repetition, bit flips, text
+dropout) comes from a generator seeded by (run seed, epoch, global position of the sample), so a run is
+reproducible, a resumed run continues exactly, and W processes see the same global batches as one process
+with a W times larger batch.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from infinitystar.config import TransformerConfig
+from infinitystar.train.checkpoint import EMA, CheckpointManager, list_checkpoints, rng_state, set_rng_state
+from infinitystar.train.config import ConfigError, OptimConfig, RunConfig, load_config
+from infinitystar.train.data import (SampleLoader, SampleSpec, ShardedOrder, derive_seed, read_manifests,
+                                     SKIP_REASONS)
+from infinitystar.train.distributed import (DistInfo, all_reduce_sum, init_distributed, shutdown, wrap_model)
+from infinitystar.train.features import encode_pixels
+from infinitystar.train.metrics import MetricsLogger, ScaleAccuracy, peak_memory_mb
+from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_sample
+
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant / cosine / linear decay
+    to lr * min_lr_ratio at max_steps. A pure function of the step, so resuming needs no scheduler state."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.decay == "constant":
+        return optim.lr
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+    lo = optim.min_lr_ratio
+    if optim.decay == "cosine":
+        return optim.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return optim.lr * (lo + (1 - lo) * (1 - progress))
+
+
+def param_groups(transformer: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases, norm weights and the null text are not decayed."""
+    decay, no_decay = [], []
+    for name, p in transformer.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and name != "null_text" else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def load_text_encoder(path: str, device):
+    """A frozen text encoder folder: the built-in word encoder (config type "builtin") or a T5 folder."""
+    import json
+    d = Path(path)
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise ConfigError(f"text_encoder.path: {cfg} does not exist")
+    kind = json.loads(cfg.read_text()).get("type", "t5")
+    if kind == "builtin":
+        from infinitystar.text.builtin import WordTextEncoder
+        return WordTextEncoder.from_pretrained(d, device)
+    try:
+        from infinitystar.text.t5 import T5TextEncoder
+    except ImportError as e:
+        raise ConfigError(f"text_encoder.path: {d} is a {kind!r} encoder, which needs infinitystar.text.t5 ({e})")
+    return T5TextEncoder.from_pretrained(d, device=device)
+
+
+def load_tokenizer(path: str, device):
+    try:
+        from infinitystar.tokenizer.video_vae import VideoVAE
+    except ImportError as e:
+        raise ConfigError(f"tokenizer.path is set but the video tokenizer is not available ({e})") from None
+    return VideoVAE.from_pretrained(path).to(device).eval()
+
+
+def encode_texts(encoder, prompts: Sequence[str], device, max_len: int) -> tuple[list[torch.Tensor], int]:
+    """Per-prompt features (L_i, C) with padding removed (length from the mask), cut to max_len tokens.
+    Accepts encoders returning (features, mask) or an object with .features / .mask. Returns (features,
+    number of prompts that were cut)."""
+    with torch.no_grad():
+        out = encoder.encode(list(prompts), device)
+    if isinstance(out, (tuple, list)):
+        feats, mask = out[0], out[1] if len(out) > 1 else None
+    else:
+        feats, mask = out.features, getattr(out, "mask", None)
+    if feats.dim() != 3 or feats.shape[0] != len(prompts):
+        raise ValueError(f"text encoder returned features of shape {tuple(feats.shape)} for {len(prompts)} prompts")
+    lengths = mask.sum(1).tolist() if mask is not None else [feats.shape[1]] * len(prompts)
+    cut = sum(int(n) > max_len for n in lengths)
+    return [feats[i, :max(1, min(int(n), max_len))].float() for i, n in enumerate(lengths)], cut
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: Optional[float]
+    output_dir: Path
+    checkpoint: Optional[Path]
+
+
+class Trainer:
+    """Build everything from a RunConfig. Components can be passed in (tests, notebooks); otherwise they are
+    loaded from the config's paths. Call `fit()`; `close()` releases threads and the process group."""
+
+    def __init__(self, config: RunConfig, *, transformer: Optional[nn.Module] = None, text_encoder=None,
+                 tokenizer=None, resume: Optional[str] = None):
+        self.config = cfg = config
+        self.info = info = init_distributed(cfg.device)
+        self.device = info.device
+        self.out = Path(cfg.output_dir)
+        if not cfg.data.manifests:
+            raise ConfigError("data.manifests is empty: give at least one JSONL manifest (or folder of them)")
+
+        # --- model (same initial weights on every rank: seeded before construction) -------------------
+        torch.manual_seed(cfg.seed)
+        if transformer is None:
+            from infinitystar.model.infinitystar import InfinityStarTransformer
+            transformer = InfinityStarTransformer(cfg.model.build())
+            if cfg.model.init_from is not None:
+                from infinitystar.convert.strict import load_strict, read_tensors
+                f = Path(cfg.model.init_from) / "model.safetensors"
+                load_strict(transformer, read_tensors(f), str(f))
+        self.transformer = transformer.to(self.device).train()
+        self.model_config: TransformerConfig = transformer.config
+        transformer.gradient_checkpointing = cfg.train.activation_checkpointing
+        self.module = wrap_model(PackedTrainModule(transformer), transformer.blocks, info, cfg.train.parallel)
+
+        # --- frozen components ---------------------------------------------------------------------------
+        if text_encoder is None:
+            if cfg.text_encoder.path is None:
+                raise ConfigError("text_encoder.path is not set")
+            text_encoder = load_text_encoder(cfg.text_encoder.path, self.device)
+        if tokenizer is None and cfg.tokenizer.path is not None:
+            tokenizer = load_tokenizer(cfg.tokenizer.path, self.device)
+        if tokenizer is None and cfg.data.latent_cache is None:
+            raise ConfigError("neither tokenizer.path nor data.latent_cache is set: training needs latents")
+        for comp in (text_encoder, tokenizer):
+            if isinstance(comp, nn.Module):
+                comp.eval().requires_grad_(False)
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_max_len = min(self.model_config.text_maxlen, self.model_config.null_text_len)
+
+        # --- optimizer, EMA ------------------------------------------------------------------------------
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(param_groups(transformer, o.weight_decay), lr=o.lr,
+                                           betas=tuple(o.betas), eps=o.eps)
+        self.ema = EMA(transformer, cfg.train.ema_decay) if cfg.train.ema_decay else None
+
+        # --- data ------------------------------------------------------------------------------------------
+        d = cfg.data
+        self.records = read_manifests(d.manifests, d.video_caption_fields, d.image_caption_fields)
+        self.spec = spec_from_config(cfg)
+        if tokenizer is None:
+            self.spec.require_cache = True   # nothing could encode an uncached sample: skip and count it
+        order = ShardedOrder(len(self.records), cfg.seed, info.rank, info.world_size, d.shuffle)
+        self.loader = SampleLoader(self.records, self.spec, order, d.num_workers)
+        self.scale_acc = ScaleAccuracy(cfg.pyramid.build().build(1).scales_per_clip, self.device)
+
+        # --- state, checkpoints, logs ---------------------------------------------------------------------
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.text_cut = 0
+        random.seed(derive_seed(cfg.seed, "python", info.rank))
+        np.random.seed(derive_seed(cfg.seed, "numpy", info.rank) % 2 ** 32)
+        torch.manual_seed(derive_seed(cfg.seed, "torch", info.rank))
+        self.ckpt = CheckpointManager(self.out / "checkpoints", info, cfg.checkpoint.keep_last)
+        path = self.ckpt.resolve(resume)
+        if resume is None and list_checkpoints(self.out / "checkpoints"):
+            raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue the run, or choose "
+                              "another output_dir")
+        if path is not None:
+            self._restore(path)
+        elif resume is not None and info.is_main:
+            print(f"no checkpoint in {self.out / 'checkpoints'}; starting from step 0", flush=True)
+        self.logger = None
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            tb = self.out / "tensorboard" if cfg.log.tensorboard else None
+            self.logger = MetricsLogger(self.out / "metrics.jsonl", tb)
+        self.last_checkpoint: Optional[Path] = path
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        b = self.config.train.attention_backend
+        return ("flex" if self.device.type == "cuda" else "sdpa") if b == "auto" else b
+
+    def _autocast(self):
+        on = self.device.type == "cuda" and self.config.train.precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    def _latent(self, raw) -> torch.Tensor:
+        if raw.latent is not None:
+            self.loader.stats.cache_hits += 1
+            return raw.latent.to(self.device)
+        self.loader.stats.encoded += 1
+        return encode_pixels(self.tokenizer, raw.pixels, self.device, self.spec.pixels_per_latent,
+                             self.spec.pyramid.temporal_compression)
+
+    def micro_step(self, scale: float) -> tuple[torch.Tensor, int, int]:
+        """Forward and backward of one micro-batch; returns (detached loss, real tokens, samples)."""
+        t = self.config.train
+        raws = self.loader.batch(t.micro_batch)
+        samples = []
+        for raw in raws:
+            z = self._latent(raw)
+            gen = torch.Generator().manual_seed(derive_seed(raw.seed, "targets"))
+            samples.append(prepare_sample(
+                z, raw.pyramid.build(raw.num_frames), raw.captions, raw.caption_of_clip, gen,
+                subset=t.scale_subset, bsc_strength=t.bsc_strength, repetition=t.repetition,
+                text_dropout=t.text_dropout, reweight_by_scale=t.reweight_by_scale, max_reweight=t.max_reweight))
+        prompts = [c for s in samples for c in s.captions]
+        feats, cut = encode_texts(self.text_encoder, prompts, self.device, self.text_max_len)
+        self.text_cut += cut
+        per_sample, i = [], 0
+        for s in samples:
+            per_sample.append(feats[i:i + len(s.captions)])
+            i += len(s.captions)
+        batch = pack_batch(samples, per_sample, self.model_config.text_maxlen, t.pad_multiple, self.device)
+        with self._autocast():
+            logits, anchor = self.module(batch.x_visual, batch.captions, batch.packed, self.backend)
+        out = packed_loss(logits, batch, anchor)
+        (out.loss * scale).backward()
+        for step, acc in out.scale_acc:
+            self.scale_acc.add(step.scale.clip > 0, step.scale.in_clip, acc)
+        return out.loss.detach(), batch.tokens, len(samples)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns local sums for logging."""
+        cfg = self.config
+        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        accum = cfg.train.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = samples = 0
+        for m in range(accum):
+            self._set_sync(m == accum - 1)
+            loss, n_tok, n_s = self.micro_step(1.0 / accum)
+            loss_sum += loss / accum
+            tokens += n_tok
+            samples += n_s
+        params = [p for p in self.transformer.parameters() if p.grad is not None]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+        else:   # identical decision on every rank: the norm is global
+            self.nonfinite_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": loss_sum, "tokens": tokens, "samples": samples, "lr": lr, "grad_norm": norm}
+
+    def _set_sync(self, sync: bool) -> None:
+        """Skip gradient reduction on all but the last micro-step of an accumulation."""
+        if hasattr(self.module, "set_requires_gradient_sync"):     # FSDP2
+            self.module.set_requires_gradient_sync(sync)
+        elif hasattr(self.module, "require_backward_grad_sync"):   # DDP
+            self.module.require_backward_grad_sync = sync
+
+    # ------------------------------------------------------------------------------------------------------
+    def fit(self, until: Optional[int] = None) -> TrainResult:
+        """Train to train.max_steps, or stop early after step `until` (the LR schedule still follows
+        max_steps) and checkpoint there, as an interrupted run that is resumed later would."""
+        from tqdm import tqdm
+        cfg, info = self.config, self.info
+        stop = cfg.train.max_steps if until is None else min(until, cfg.train.max_steps)
+        if info.is_main:
+            how = (f"{info.world_size} processes ({'FSDP2' if cfg.train.parallel == 'fsdp' else 'DDP'})"
+                   if info.distributed else "1 process")
+            n_params = sum(p.numel() for p in self.transformer.parameters())
+            print(f"infinitystar train: {how} on {self.device}, {n_params:,} parameters, {len(self.records)} "
+                  f"samples, starting at step {self.step}\n--- config ---\n{cfg.to_yaml()}--------------",
+                  flush=True)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (info.is_main and cfg.log.progress),
+                   desc="train", dynamic_ncols=True)
+        window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0}
+        t_last = time.perf_counter()
+        last_loss = None
+        while self.step < stop:
+            out = self.train_step()
+            window["loss"] += out["loss"]
+            window["tokens"] += out["tokens"]
+            window["samples"] += out["samples"]
+            window["steps"] += 1
+            bar.update(1)
+            if self.step % cfg.log.every == 0 or self.step == stop:
+                now = time.perf_counter()
+                rec = self._log_record(window, out, now - t_last)
+                last_loss = rec["loss"]
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{out['lr']:.2e}")
+                if self.logger is not None:
+                    self.logger.log(rec)
+                window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0}
+                t_last = time.perf_counter()
+            every = cfg.checkpoint.every
+            if (every and self.step % every == 0) or self.step == stop:
+                self.save()
+        bar.close()
+        return TrainResult(self.step, last_loss, self.out, self.last_checkpoint)
+
+    def _log_record(self, window: dict, out: dict, seconds: float) -> dict:
+        info = self.info
+        stats = self.loader.stats
+        loss = window["loss"] if isinstance(window["loss"], torch.Tensor) else torch.tensor(window["loss"])
+        vec = torch.cat([
+            torch.tensor([float(loss), window["tokens"], window["samples"], stats.cache_hits, stats.encoded,
+                          self.text_cut] + [stats.skipped.get(k, 0) for k in SKIP_REASONS], dtype=torch.float64,
+                         device=self.device),
+            self.scale_acc.packed()])
+        vec = all_reduce_sum(vec, info)
+        peak = torch.tensor([peak_memory_mb(self.device)], device=self.device)
+        if info.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        n = len(SKIP_REASONS)
+        rec = {"step": self.step,
+               "loss": round(float(vec[0]) / info.world_size / max(1, window["steps"]), 6),
+               "lr": out["lr"], "grad_norm": round(out["grad_norm"], 6),
+               "tokens_per_s": round(float(vec[1]) / seconds, 1),
+               "samples_per_s": round(float(vec[2]) / seconds, 3),
+               "peak_memory_mb": round(float(peak), 1),
+               "cache_hits": int(vec[3]), "encoded": int(vec[4]), "captions_cut": int(vec[5])}
+        rec.update({f"skipped_{k}": int(v) for k, v in zip(SKIP_REASONS, vec[6:6 + n].tolist())})
+        rec["nonfinite_steps"] = self.nonfinite_steps
+        rec.update(self.scale_acc.summary(vec[6 + n:]))
+        self.scale_acc.reset()
+        return rec
+
+    # ------------------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        cfg = self.config
+        trainer_state = {"lr": lr_at(max(0, self.step - 1), cfg.optim, cfg.train.max_steps),
+                         "lr_schedule": {"lr": cfg.optim.lr, "warmup_steps": cfg.optim.warmup_steps,
+                                         "decay": cfg.optim.decay, "min_lr_ratio": cfg.optim.min_lr_ratio,
+                                         "max_steps": cfg.train.max_steps},
+                         "nonfinite_steps": self.nonfinite_steps, "config": cfg.to_dict()}
+        stats = self.loader.stats
+        rank_state = {"data": self.loader.state_dict(), "rng": rng_state(self.device),
+                      "stats": {"skipped": dict(stats.skipped), "cache_hits": stats.cache_hits,
+                                "encoded": stats.encoded, "text_cut": self.text_cut}}
+        opt = self.optimizer if cfg.checkpoint.save_optimizer else None
+        self.last_checkpoint = self.ckpt.save(self.step, self.module, self.model_config.to_dict(), opt, self.ema,
+                                              trainer_state, rank_state)
+        return self.last_checkpoint
+
+    def _restore(self, path: Path) -> None:
+        meta, rank_state = self.ckpt.load(path, self.module, self.transformer, self.optimizer, self.ema)
+        self.step = int(meta["step"])
+        self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"], self.device)
+            st = rank_state["stats"]
+            self.loader.stats.skipped.update(st["skipped"])
+            self.loader.stats.cache_hits, self.loader.stats.encoded = st["cache_hits"], st["encoded"]
+            self.text_cut = st["text_cut"]
+        else:
+            # another world size: positions per rank do not carry over; restart the data at a fresh epoch
+            samples = self.step * self.config.train.grad_accum * self.config.train.micro_batch
+            epoch = 1 + samples * int(meta.get("world_size", 1)) // len(self.records)
+            self.loader.order.epoch, self.loader.order.cursor = epoch, 0
+            warnings.warn(f"{path} was written by {meta.get('world_size')} process(es), this run has "
+                          f"{self.info.world_size}: data restarts at epoch {epoch}", stacklevel=2)
+        if self.info.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.logger is not None:
+            self.logger.close()
+        shutdown(self.info)
+
+
+def spec_from_config(cfg: RunConfig) -> SampleSpec:
+    """The sample settings (bucket, duration, fps, captions, cache) of a run config; extraction uses the same."""
+    d = cfg.data
+    return SampleSpec(cfg.pyramid.build(), d.pixels_per_latent, d.fps, d.max_frames, cfg.duration_unit(),
+                      d.short_caption_prob, d.duration_prefix, d.latent_cache, d.require_cache)
+
+
+def train(config, *, resume: Optional[str] = None, overrides: Optional[list[str]] = None, **components
+          ) -> TrainResult:
+    """Train from a RunConfig or a config file path. `components`: transformer=, text_encoder=, tokenizer=."""
+    if not isinstance(config, RunConfig):
+        config = load_config(config, overrides)
+    trainer = Trainer(config, resume=resume, **components)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
