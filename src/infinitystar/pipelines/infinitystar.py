@@ -123,6 +123,29 @@ class InfinityStarPipeline:
                 "width": self.width, "defaults": self.defaults.__dict__}
         (d / "model_index.json").write_text(json.dumps(meta, indent=1))
 
+    @classmethod
+    def random_tiny(cls, seed: int = 0, device=None) -> "InfinityStarPipeline":
+        """A tiny random-weight pipeline with the default model's shapes (64x64 frames, 8x8 latents, Shapes World
+        vocabulary): it runs every code path, but its outputs are noise. For tests and demos."""
+        from infinitystar.shapes.world import vocabulary
+        from infinitystar.text.builtin import WordTextEncoder
+        from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
+        torch.manual_seed(seed)
+        vae_cfg = VideoVAEConfig.small()
+        text = WordTextEncoder(vocabulary(), width=32, depth=1, num_heads=2).eval()
+        transformer = InfinityStarTransformer(TransformerConfig(
+            width=64, depth=2, num_heads=2, text_channels=text.channels, text_maxlen=32, null_text_len=32,
+            latent_channels=vae_cfg.codebook_dim, semantic_bits=vae_cfg.semantic_scale_dim)).eval()
+        pyramid = PyramidConfig(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]], frames_per_clip=4,
+                                temporal_compression=vae_cfg.temporal_stride, detail_min_tokens=36)
+        pipe = cls(transformer, VideoVAE(vae_cfg).eval(), text, pyramid, 64, 64)
+        return pipe.to(device) if device is not None else pipe
+
+    def to(self, device) -> "InfinityStarPipeline":
+        for m in (self.transformer, self.tokenizer, self.text_encoder):
+            m.to(device)
+        return self
+
     # --- inputs -----------------------------------------------------------------------------------------------
     @staticmethod
     def _prompt_grid(prompt: PromptInput) -> list[list[str]]:

@@ -85,6 +85,16 @@ IMAGE_TEMPLATE = "a {size} {color} {shape} on a {background} background"
 Split = Literal["train", "heldout", "all"]
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 
+
+def vocabulary() -> list[str]:
+    """Every word a Shapes World caption can contain (the built-in text encoder's vocabulary)."""
+    words = set()
+    for template in (MOVING_TEMPLATE, STILL_TEMPLATE, IMAGE_TEMPLATE):
+        words |= {w for w in template.split() if not w.startswith("{")}
+    for names in (SIZE_NAMES, COLORS, SHAPES, BACKGROUND_NAMES, MOVING_DIRECTIONS, SPEED_NAMES):
+        words |= set(names)
+    return sorted(words)
+
 CENTRE_STEP: float = 1.0
 """Grid of the sampled start centres (integers). The renderer accepts any multiple of 0.5."""
 
