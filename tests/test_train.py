@@ -505,3 +505,29 @@ def test_add_cli_and_module_entry_point(tmp_path, dataset):
     r = subprocess.run([sys.executable, "-m", "infinitystar.train", str(cfg), "--set", "optim.lr=fast"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "optim.lr: expected a number" in r.stderr
+
+
+def test_extract_features_command_with_the_video_tokenizer(tmp_path, capsys):
+    import argparse
+    import yaml
+    from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
+    from infinitystar.train.cli import add_cli
+    from infinitystar.train.data import read_manifests
+    from infinitystar.train.features import cache_path, read_cached_latent
+    from infinitystar.train.trainer import spec_from_config
+    torch.manual_seed(0)
+    VideoVAE(VideoVAEConfig.small()).save_pretrained(tmp_path / "vae")   # 8x space, 4x time, 64 channels
+    manifest = write_dataset(tmp_path / "d", n_videos=1, n_images=1)
+    raw = tiny_config(tmp_path / "run", manifest, tokenizer={"path": str(tmp_path / "vae")},
+                      data={"latent_cache": str(tmp_path / "cache")})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    p = argparse.ArgumentParser()
+    add_cli(p.add_subparsers(dest="command"))
+    args = p.parse_args(["extract-features", "--config", str(tmp_path / "c.yaml"), "--json"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == 2 and summary["rank"] == 0
+    spec = spec_from_config(config_from_dict(raw))
+    video = next(r for r in read_manifests([manifest]) if r.kind == "video")
+    z = read_cached_latent(tmp_path / "cache", video, spec, 17)
+    assert tuple(z.shape) == (64, 5, 8, 8) and cache_path(tmp_path / "cache", video).is_file()

@@ -48,18 +48,28 @@ def test_two_processes_match_one(tmp_path, parallel):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = launcher + ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                      "-m", "infinitystar.train", str(cfg)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def launch(*extra):
+        cmd = launcher + ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          "-m", "infinitystar.train", str(cfg), *extra]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(proc):
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-4000:]
+        assert f"2 processes ({parallel.upper() if parallel == 'ddp' else 'FSDP2'})" in out
+        return out
+
+    # FSDP2 is interrupted after step 2 and resumed (sharded optimizer state, EMA shards, data positions per rank)
+    proc = launch("--until", "2") if parallel == "fsdp" else launch()
     tr = Trainer(config_from_dict(one))   # the one-process run, meanwhile
     try:
         ref = tr.fit()
     finally:
         tr.close()
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-4000:]
-    assert f"2 processes ({parallel.upper() if parallel == 'ddp' else 'FSDP2'})" in out
+    finish(proc)
+    if parallel == "fsdp":
+        assert "resumed from" in finish(launch("--resume"))
 
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 3
@@ -77,6 +87,15 @@ def test_two_processes_match_one(tmp_path, parallel):
         assert err_max < 0.01 * moved, (name, err_max, moved)
     meta = json.loads((ckpt2 / "trainer.json").read_text())
     assert meta["world_size"] == 2 and (ckpt2 / "rank_00001.pt").is_file()
+    if parallel == "fsdp":
+        # the sharded optimizer state reloads in one process (another world size); data restarts at a new epoch
+        more = {**two, "train": {**two["train"], "max_steps": 4}}
+        with pytest.warns(UserWarning, match="written by 2 process"):
+            tr = Trainer(config_from_dict(more), resume="latest")
+        try:
+            assert tr.step == 3 and tr.fit().step == 4
+        finally:
+            tr.close()
 
 
 def _initial(raw: dict) -> dict[str, torch.Tensor]:

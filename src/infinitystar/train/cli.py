@@ -15,13 +15,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue from the latest checkpoint of output_dir (or from a given checkpoint folder)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value, e.g. --set train.max_steps=10 (repeatable)")
+    p.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop after this step and checkpoint (the LR schedule still runs to train.max_steps)")
 
 
 def _cmd_train(args) -> int:
     from infinitystar.train.config import ConfigError
     from infinitystar.train.trainer import train
     try:
-        result = train(args.config, resume=args.resume, overrides=args.overrides)
+        result = train(args.config, resume=args.resume, overrides=args.overrides, until=args.until)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:

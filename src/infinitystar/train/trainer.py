@@ -76,11 +76,15 @@ def load_text_encoder(path: str, device):
 
 
 def load_tokenizer(path: str, device):
+    """The frozen video tokenizer (`VideoVAE` folder); training encodes its posterior mean (deterministic)."""
     try:
         from infinitystar.tokenizer.video_vae import VideoVAE
     except ImportError as e:
         raise ConfigError(f"tokenizer.path is set but the video tokenizer is not available ({e})") from None
-    return VideoVAE.from_pretrained(path).to(device).eval()
+    try:
+        return VideoVAE.from_pretrained(path, device=device).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"tokenizer.path: {e}") from None
 
 
 def encode_texts(encoder, prompts: Sequence[str], device, max_len: int) -> tuple[list[torch.Tensor], int]:
@@ -120,6 +124,9 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         if not cfg.data.manifests:
             raise ConfigError("data.manifests is empty: give at least one JSONL manifest (or folder of them)")
+        if resume is None and list_checkpoints(self.out / "checkpoints"):
+            raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue the run, or choose "
+                              "another output_dir")
 
         # --- model (same initial weights on every rank: seeded before construction) -------------------
         torch.manual_seed(cfg.seed)
@@ -175,9 +182,6 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, "torch", info.rank))
         self.ckpt = CheckpointManager(self.out / "checkpoints", info, cfg.checkpoint.keep_last)
         path = self.ckpt.resolve(resume)
-        if resume is None and list_checkpoints(self.out / "checkpoints"):
-            raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue the run, or choose "
-                              "another output_dir")
         if path is not None:
             self._restore(path)
         elif resume is not None and info.is_main:
@@ -393,13 +397,15 @@ def spec_from_config(cfg: RunConfig) -> SampleSpec:
                       d.short_caption_prob, d.duration_prefix, d.latent_cache, d.require_cache)
 
 
-def train(config, *, resume: Optional[str] = None, overrides: Optional[list[str]] = None, **components
-          ) -> TrainResult:
-    """Train from a RunConfig or a config file path. `components`: transformer=, text_encoder=, tokenizer=."""
+def train(config, *, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
+          until: Optional[int] = None, **components) -> TrainResult:
+    """Train from a RunConfig or a config file path (`overrides`: ["section.key=value", ...]). `resume`: "latest"
+    or a checkpoint folder. `until`: stop early after that step. `components`: transformer=, text_encoder=,
+    tokenizer= to use instead of loading them from the config's paths."""
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
     trainer = Trainer(config, resume=resume, **components)
     try:
-        return trainer.fit()
+        return trainer.fit(until=until)
     finally:
         trainer.close()
