@@ -460,6 +460,8 @@ def test_interrupted_checkpoint_keeps_previous(tmp_path, dataset, monkeypatch):
     assert find_latest(root) == root / "step_00000002"
     res = run_training(raw, resume="latest")                           # resumes from 2 and finishes
     assert res.step == 4 and not (root / ".tmp-step_00000004").exists()
+    from infinitystar.train.metrics import read_metrics
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert (root / "latest").read_text() == "step_00000004"
     assert any(not torch.equal(good[k], weights(res.checkpoint)[k]) for k in good)
 

@@ -3,6 +3,7 @@ running sums behind the per-scale bit accuracy."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import warnings
@@ -77,6 +78,16 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps after `step` (a resumed run logs them again)."""
+        if self.path is None or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self.tb is not None:

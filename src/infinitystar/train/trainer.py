@@ -154,6 +154,10 @@ class Trainer:
         for comp in (text_encoder, tokenizer):
             if isinstance(comp, nn.Module):
                 comp.eval().requires_grad_(False)
+        channels = getattr(text_encoder, "channels", None)
+        if isinstance(channels, int) and channels != self.model_config.text_channels:
+            raise ConfigError(f"the text encoder gives {channels}-channel features, the model expects "
+                              f"{self.model_config.text_channels} (model.text_channels)")
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_max_len = min(self.model_config.text_maxlen, self.model_config.null_text_len)
 
@@ -192,6 +196,8 @@ class Trainer:
             (self.out / "config.yaml").write_text(cfg.to_yaml())
             tb = self.out / "tensorboard" if cfg.log.tensorboard else None
             self.logger = MetricsLogger(self.out / "metrics.jsonl", tb)
+            if path is not None:   # lines logged after this checkpoint by the interrupted run are redone
+                self.logger.truncate_after(self.step)
         self.last_checkpoint: Optional[Path] = path
 
     # ------------------------------------------------------------------------------------------------------
