@@ -34,7 +34,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +255,7 @@ def frame_count_message(frames: int, temporal_stride: int) -> str:
         return f"the video has {frames} frames; the tokenizer needs 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, ...)"
     keep = 1 + (frames - 1) // s * s
     return (f"the video has {frames} frames; the tokenizer needs 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, ...): "
-            f"trim it to the nearest such count, {keep} frames (video[:, :, :{keep}])")
+            f"trim it to the nearest such count, {keep} frame{'s' if keep > 1 else ''} (video[:, :, :{keep}])")
 
 
 # --- chunk plans ---------------------------------------------------------------------------------------------------
