@@ -162,6 +162,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(p)
     cfg = config_from_dict({"optim": {"lr": "4e-5"}}, overrides=["train.max_steps=7", "model.depth=3"])
     assert cfg.optim.lr == 4e-5 and cfg.train.max_steps == 7 and cfg.model.build().depth == 3
+    t = tmp_path / "run.toml"
+    t.write_text('seed = 5\n[train]\nmax_steps = 9\n[train.scale_subset]\nmode = "random"\n')
+    cfg = load_config(t)
+    assert cfg.seed == 5 and cfg.train.max_steps == 9 and cfg.train.scale_subset.mode == "random"
 
 
 def test_example_config_validates():
@@ -319,6 +323,23 @@ def test_scale_subsets_stay_in_range_and_keep_references():
                            text_dropout=0.5)
         assert abs(float(p.weights.sum()) - 1) < 1e-6 and len(p.bits) == len(p.steps)
         pack_sequence([PackSample(p.schedule, p.steps, [3] * len(p.captions), p.caption_of_clip)], 64, 64)
+
+
+def test_text_dropout_uses_the_null_text_of_the_same_length():
+    from infinitystar.config import transformer_preset
+    from infinitystar.model.infinitystar import InfinityStarTransformer
+    from infinitystar.model.packing import PackSample, pack_sequence, select_steps
+    from infinitystar.train.targets import PackedTrainModule
+    torch.manual_seed(0)
+    model = InfinityStarTransformer(transformer_preset("tiny")).eval()
+    sched = pyramid_preset("tiny").build(1)
+    steps = select_steps(sched, None, "last")
+    packed = pack_sequence([PackSample(sched, steps, [5])], 64, 64)
+    x = torch.randn(packed.num_visual, 64)
+    with torch.no_grad():
+        got, anchor = PackedTrainModule(model)(x, [5], packed)
+        want = model.forward_packed(x, [model.null_text_features(5)], packed)
+    assert float(anchor) == 0.0 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_loss_weighting_follows_official_exponent():
