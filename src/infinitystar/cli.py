@@ -11,6 +11,10 @@ def _cmd_parity(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.train:
+        from infinitystar.train.bench import run_train_bench
+        run_train_bench(device=args.device, as_json=args.json)
+        return 0
     from infinitystar.bench import run
     run(clips=tuple(args.clips), device=args.device, as_json=args.json)
     return 0
@@ -138,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--clips", type=int, nargs="+", default=[1, 2, 4, 8])
     sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     sp.add_argument("--json", action="store_true", help="one JSON line per case")
+    sp.add_argument("--train", action="store_true", help="training throughput instead of generation")
     sp.set_defaults(func=_cmd_bench)
+    from infinitystar.train.cli import add_cli as add_train_cli
+    add_train_cli(sub)
     return p
 
 

@@ -93,7 +93,7 @@ def _flex(q, k, v, block_mask, gqa: bool):
     from torch.nn.attention.flex_attention import flex_attention
     if q.device.type == "cuda":
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)  # packed lengths vary per batch
         return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
