@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 
 from infinitystar.config import TransformerConfig
-from infinitystar.convert.strict import CheckpointError, check_state_dict, read_tensors
+from infinitystar.convert.strict import CheckpointError, check_state_dict, read_state_dict, read_tensors
 
 _TOP = {
     "cfg_uncond": "null_text",
@@ -113,17 +113,7 @@ def read_official_transformer(path: str | Path) -> dict[str, torch.Tensor]:
         for f in files:
             sd.update(read_tensors(path / f))
         return sd
-    if path.suffix == ".safetensors":
-        return read_tensors(path)
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(raw, dict) and "trainer" in raw:
-        raw = raw["trainer"].get("gpt_fsdp", raw["trainer"])
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise CheckpointError(f"{path}: not a transformer state dict")
-    return raw
+    return read_state_dict(path, (("trainer", "gpt_fsdp"),))
 
 
 def load_official_transformer(source, config: Optional[TransformerConfig] = None, text_maxlen: int = 512,

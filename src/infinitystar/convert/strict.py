@@ -42,24 +42,39 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     module.load_state_dict(dict(state_dict), strict=True)
 
 
-def read_tensors(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a `.safetensors` file, or an official `.pth` with `weights_only=True` (optionally one entry of it)."""
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file (our own checkpoints), with a clear error for a missing or corrupt file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    from safetensors.torch import load_file
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or truncated files raise many different types
+        return load_file(str(path))
+    except Exception as e:  # truncated or foreign files raise several types
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    if key is not None:
-        if not isinstance(sd, dict) or key not in sd:
-            have = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
-            raise CheckpointError(f"{path}: expected an entry '{key}' (found {have})")
-        sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a flat dict of tensors")
-    return sd
+
+
+def read_state_dict(path: str | Path, nested: tuple[tuple[str, ...], ...] = ()) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: `.safetensors` (flat), or a `.pth` read with `weights_only=True`, descending
+    into the first of the `nested` entry paths it has (e.g. ("vae",) or ("trainer", "gpt_fsdp")), else flat."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_tensors(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or pickled-object files raise many different types
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    for keys in nested:
+        node = raw
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            raw = node
+            break
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        have = list(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
+        wanted = "".join(f"a '{'/'.join(k)}' entry or " for k in nested)
+        raise CheckpointError(f"{path}: expected {wanted}a flat dict of tensors (found {have})")
+    return dict(raw)

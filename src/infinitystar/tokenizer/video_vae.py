@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinitystar.convert.strict import CheckpointError, load_strict, read_tensors
+from infinitystar.convert.strict import CheckpointError, load_strict, read_state_dict, read_tensors
 
 PathLike = Union[str, Path]
 
@@ -783,23 +783,8 @@ class VideoVAE(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 def read_official_video_vae(path: PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a released tokenizer file: the `'vae'` entry of a `.pth` (weights_only=True) if it has one,
-    else the flat dict itself; `.safetensors` files are flat."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_tensors(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or pickled-object files raise many different types
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(raw, dict) and isinstance(raw.get("vae"), dict):
-        raw = raw["vae"]
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        have = list(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointError(f"{path}: expected a 'vae' entry or a flat dict of tensors (found {have})")
-    return dict(raw)
+    """Tensors of a released tokenizer file: the `'vae'` entry of a `.pth` if it has one, else the flat dict."""
+    return read_state_dict(path, (("vae",),))
 
 
 def drop_quantizer_buffers(state_dict: Mapping[str, torch.Tensor], config: VideoVAEConfig,
