@@ -191,3 +191,24 @@ def test_config_validation():
         TransformerConfig(width=60, num_heads=2)
     with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
         TransformerConfig(width=64, num_heads=4, num_kv_heads=3)
+
+
+def test_reads_sharded_safetensors_and_training_pth(tmp_path):
+    import json
+    from safetensors.torch import save_file
+    from infinitystar.convert.official import read_official_transformer
+    model = _model()
+    official = ours_to_official(model.state_dict(), block_chunks=2)
+    keys = sorted(official)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: official[k].contiguous() for k in ks}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    loaded = load_official_transformer(tmp_path, TINY)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    torch.save({"args": {}, "trainer": {"gpt_fsdp": official}}, tmp_path / "global_step_10.pth")
+    assert set(read_official_transformer(tmp_path / "global_step_10.pth")) == set(official)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pth: cannot read checkpoint"):
+        read_official_transformer(tmp_path / "broken.pth")
