@@ -58,3 +58,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     sin = sin.to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2-D RoPE of the Infinity image model (rows and columns only; scales are told apart by the level embedding)
+# ---------------------------------------------------------------------------------------------------------------
+
+def rope2d_positions(scales, anchor: tuple[int, int], device=None) -> torch.Tensor:
+    """(L, 2) (row, col) positions of every token of a schedule of (h, w) grids, scale after scale, row-major.
+
+    Token (i, j) of an h x w grid sits at (round(i * Hu / h), round(j * Wu / w)) on the anchor grid (Hu, Wu):
+    the product in float32 and round half to even, as the reference's table was built (1.333 at 16x12 on the
+    72x54 anchor: rows 13.5 -> 14, 22.5 -> 22)."""
+    Hu, Wu = anchor
+    out = []
+    for h, w in scales:
+        rows = (torch.arange(h, dtype=torch.float32, device=device) * (Hu / h)).round().long()
+        cols = (torch.arange(w, dtype=torch.float32, device=device) * (Wu / w)).round().long()
+        r, c = torch.meshgrid(rows, cols, indexing="ij")
+        out.append(torch.stack([r, c], dim=-1).reshape(-1, 2))
+    return torch.cat(out)
+
+
+class Rope2D(torch.nn.Module):
+    """Frequencies of the 2-D RoPE: head dim c has c/2 interleaved pairs; pairs p < c/4 rotate by
+    row * theta_p, pairs p >= c/4 by col * theta_(p - c/4), theta_p = base^(-4p/c). Use with `apply_rope`."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+        quarter = head_dim // 4
+        inv_freq = 1.0 / (base ** (torch.arange(0, quarter, dtype=torch.float32) * 4 / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (..., 2) -> cos, sin (..., hd/2), float32: row angles first, then column angles."""
+        angles = (positions.to(torch.float32).unsqueeze(-1) * self.inv_freq).flatten(-2)
+        return angles.cos(), angles.sin()
