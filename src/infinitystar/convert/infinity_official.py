@@ -303,10 +303,12 @@ def load_official_infinity(source: Union[PathLike, Mapping[str, torch.Tensor]],
     if isinstance(config, str):
         config = InfinityConfig.preset(config)
     config = config or config_from_state_dict(sd, spatial_patchify)
-    with torch.device("meta"):   # shapes only: no init work for multi-billion-parameter models
+    big = config.num_params() > 50_000_000
+    with torch.device("meta" if big else "cpu"):   # big models: shapes only, no init work before the copy
         model = InfinityTransformer(config)
     check_official(model, raw, name)
-    model = model.to_empty(device=device or "cpu")
+    if big:
+        model = model.to_empty(device=device or "cpu")
+        model.rope = Rope2D(config.head_dim, config.rope_base).to(device or "cpu")   # non-persistent buffer
     model.load_state_dict(sd, strict=True)
-    model.rope = Rope2D(config.head_dim, config.rope_base).to(model.start_pos.device)   # non-persistent buffer
-    return model.to(dtype=dtype) if dtype is not None else model
+    return model.to(device=device, dtype=dtype)

@@ -12,7 +12,7 @@ why weights transfer between 256, 512 and 1024 pixel training.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 from infinitystar.schedules.dynamic_resolution import pixel_size as _pixel_size
 from infinitystar.schedules.pyramid import Schedule
