@@ -44,11 +44,18 @@ def _scales(fx: Fixture, c: dict | None = None) -> list[tuple[int, int]]:
     return scales
 
 
-def _anchor(fx: Fixture, scales) -> tuple[int, int]:
-    """The RoPE anchor the reference used: the 1M grid of the fixture's template (or of the schedule)."""
-    if "h_div_w_template" in fx.config:
-        return template_anchor(float(fx.config["h_div_w_template"]))
-    return rope_anchor(scales)
+def _anchor(fx: Fixture, scales, fallback: Fixture | None = None) -> tuple[int, int]:
+    """The RoPE anchor the reference used: the 1M grid of the fixture's template, else of the template the
+    schedule is a prefix of (a schedule too short to tell takes the fallback folder's template)."""
+    for f in (fx, fallback):
+        if f is not None and "h_div_w_template" in f.config:
+            return template_anchor(float(f.config["h_div_w_template"]))
+        if f is fx:
+            try:
+                return rope_anchor(scales)
+            except ValueError:
+                continue
+    raise FixtureError(f"{fx.path}: the schedule does not determine the RoPE anchor; add h_div_w_template")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,7 +188,7 @@ def check_sampling(fx: Fixture) -> Iterator[Record]:
         raise FixtureError(f"{fx.path}: top_p={top_p} leaves random draws (the reference's torch.multinomial stream "
                            f"cannot be reproduced); parity needs 0 < top_p <= 0.5, where every bit is decided")
     scales = _scales(fx, kw)
-    anchor = _anchor(mfx, scales)
+    anchor = _anchor(fx, scales, fallback=mfx)
     text, mask = fx.tensor(io, "text_emb"), fx.tensor(io, "text_mask").bool()
     out = generate_infinity(model, text, mask, scales, cfg=kw["cfg_list"], tau=kw["tau_list"], top_p=top_p,
                             generator=torch.Generator().manual_seed(int(kw.get("g_seed", 0))), rope_anchor=anchor,
