@@ -22,9 +22,9 @@ CHECKERS: dict[str, str] = {
     "infinitystar/apg": "infinitystar.parity.infinitystar:check_apg",
     "infinitystar/vae": "infinitystar.parity.video_vae:check_vae",
     "infinity/vae": "infinitystar.parity.infinity:check_vae",
-    "infinity/bsq": "infinitystar.parity.infinity:check_bsq",
-    "infinity/transformer": "infinitystar.parity.infinity:check_transformer",
-    "infinity/sampling": "infinitystar.parity.infinity:check_sampling",
+    "infinity/bsq": "infinitystar.parity.infinity_model:check_bsq",
+    "infinity/transformer": "infinitystar.parity.infinity_model:check_transformer",
+    "infinity/sampling": "infinitystar.parity.infinity_model:check_sampling",
 }
 
 FLOAT_TOL = 1e-4
