@@ -45,6 +45,9 @@ from infinitystar.train.loss import bitwise_loss
 Scale2D = tuple[int, int]
 
 
+CONFIG_TYPE = "infinity_transformer"   # the "type" of our config.json (tells the folder from a VAE's)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class InfinityConfig:
@@ -413,6 +416,46 @@ class InfinityTransformer(nn.Module):
             nn.init.zeros_(b.cross.v_bias)
             for lin in (b.attn.proj, b.cross.proj, b.mlp.fc2):
                 lin.weight.div_(math.sqrt(2 * depth))
+
+    # --- our checkpoint folder: config.json + model.safetensors ---------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        """Write config.json (with "type": "infinity_transformer") and model.safetensors (our names)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps({"type": CONFIG_TYPE, **self.config.to_dict()}, indent=1))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(d / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype: Optional[torch.dtype] = None) -> "InfinityTransformer":
+        """Load a folder written by `save_pretrained` (or `infinitystar convert`), strictly."""
+        import json
+        from pathlib import Path
+
+        from infinitystar.convert.strict import check_state_dict, read_tensors
+        d = Path(directory)
+        cfg_path, weights = d / "config.json", d / "model.safetensors"
+        for p in (cfg_path, weights):
+            if not p.is_file():
+                raise FileNotFoundError(f"{d}: not an Infinity transformer folder, missing {p.name} "
+                                        f"(needs config.json and model.safetensors)")
+        raw = json.loads(cfg_path.read_text())
+        if raw.get("type", CONFIG_TYPE) != CONFIG_TYPE:
+            raise ValueError(f"{cfg_path}: type {raw.get('type')!r} is not {CONFIG_TYPE!r}")
+        config = InfinityConfig.from_dict({k: v for k, v in raw.items() if k != "type"})
+        sd = read_tensors(weights)
+        # shapes only first: a 2B/8B model would spend minutes on a random init that the copy overwrites
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model.state_dict(), sd, str(weights))
+        model = model.to_empty(device=device or "cpu")
+        model.rope = Rope2D(config.head_dim, config.rope_base).to(device or "cpu")   # to_empty lost it
+        model.load_state_dict(sd, strict=True)
+        return model.to(device=device, dtype=dtype).eval()
 
     # --- text -------------------------------------------------------------------------------------------------------
     def null_text_features(self, mask: torch.Tensor) -> torch.Tensor:
