@@ -1,0 +1,294 @@
+"""`InfinityPipeline`: Infinity text-to-image (prompt(s) in, RGB images out).
+
+A model folder holds `model_index.json` ({"family": "infinity", "defaults": {...}}; every default may be left out)
+and three sub-folders, each loadable on its own: `transformer/` (`InfinityTransformer`), `tokenizer/` (the
+`InfinityVAE`) and `text_encoder/` (a flan-t5-xl folder, or the built-in word encoder).
+
+The image size follows the official dynamic-resolution tables: an aspect ratio h/w picks the nearest of the 15
+templates and a pixel budget `pn` a prefix of its 13 scales; the image is the last grid times the token stride
+(16 pixels for the 2B, 8 x 2x2 patchify for the 8B). Sizes that are not a template are snapped, with a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
+from infinitystar.sampling.infinity_generate import generate_infinity
+from infinitystar.schedules.infinity_resolution import (PN_NUM_SCALES, Scale2D, all_templates, nearest_template,
+                                                        pixel_size)
+from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
+
+FAMILY = "infinity"
+# A ratio further than this factor from every template is refused rather than silently bent into shape.
+MAX_SNAP_FACTOR = 1.5
+_SAME_RATIO = 0.01    # within 1 % a ratio *is* its template (the table spells 2/3 as 0.666)
+
+
+@dataclass
+class InfinityDefaults:
+    """Sampling defaults (reference/infinity.md 6.2: the 2B's notebooks use cfg 3, tau 0.5; the 8B's tau 1.0;
+    top-p 0.97 drops a bit value of probability <= 0.03)."""
+    guidance_scale: float = 3.0
+    temperature: float = 0.5
+    top_p: float = 0.97
+    pn: str = "1M"
+    aspect_ratio: float = 1.0     # h/w
+
+    def __post_init__(self):
+        if self.pn not in PN_NUM_SCALES:
+            raise ValueError(f"unknown pixel budget pn={self.pn!r}; choose one of {', '.join(PN_NUM_SCALES)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        self.aspect_ratio = parse_aspect_ratio(self.aspect_ratio)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InfinityDefaults":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"model_index.json defaults: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class InfinityPipelineOutput:
+    images: list[np.ndarray]          # one (H, W, 3) uint8 RGB array per prompt
+    codes: torch.Tensor               # (B, d, h, w) summed codes (the tokenizer's decoder input)
+    height: int
+    width: int
+    template: float                   # h/w of the template used
+    pn: str
+    scales: list[Scale2D]
+    timings: dict = field(default_factory=dict)
+
+
+def parse_aspect_ratio(value: Union[float, int, str]) -> float:
+    """h/w from a number (0.5625) or a 'width:height' string ('16:9' -> 9/16, a landscape image)."""
+    try:
+        if isinstance(value, str) and ":" in value:
+            w, h = (float(v) for v in value.split(":"))
+            r = h / w
+        else:
+            r = float(value)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"aspect ratio {value!r}: give h/w as a number (0.5625) or width:height ('16:9')") from None
+    if not (math.isfinite(r) and r > 0):
+        raise ValueError(f"aspect ratio {value!r}: h/w must be a positive finite number")
+    return r
+
+
+@dataclass(frozen=True)
+class Resolution:
+    template: float
+    pn: str
+    scales: list[Scale2D]
+    height: int
+    width: int
+
+
+def _load_text_encoder(d: Path, device):
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: no text encoder (config.json missing); put the flan-t5-xl files there "
+                                f"(config.json, model.safetensors or its shards + index, tokenizer.json or "
+                                f"spiece.model, tokenizer_config.json)")
+    from infinitystar.pipelines.infinitystar import _load_text_encoder as load   # one loader for both families
+    return load(d, device)
+
+
+class InfinityPipeline:
+    def __init__(self, transformer: InfinityTransformer, tokenizer: InfinityVAE, text_encoder,
+                 defaults: Optional[InfinityDefaults] = None):
+        tc, vc = transformer.config, tokenizer.config
+        if tc.latent_channels != vc.codebook_dim:
+            hint = ""
+            if tc.latent_channels == 4 * vc.codebook_dim and not tc.spatial_patchify:
+                hint = (" (an 8B transformer: convert it with --preset infinity_8b, its 2x2 spatial patchify "
+                        "is not visible in the weights)")
+            raise ValueError(f"the transformer reads {tc.latent_channels}-channel codes, the tokenizer makes "
+                             f"{vc.codebook_dim}{hint}")
+        if text_encoder.channels != tc.text_channels:
+            raise ValueError(f"the text encoder gives {text_encoder.channels} channels, the transformer reads "
+                             f"{tc.text_channels}")
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.defaults = defaults or InfinityDefaults()
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.word_embed.weight.device
+
+    @property
+    def token_stride(self) -> int:
+        """Pixels per transformer token side."""
+        return self.tokenizer.config.patch_size * (2 if self.transformer.config.spatial_patchify else 1)
+
+    def to(self, device) -> "InfinityPipeline":
+        for m in (self.transformer, self.tokenizer, self.text_encoder):
+            m.to(device)
+        return self
+
+    # --- persistence ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], device=None) -> "InfinityPipeline":
+        d = Path(path)
+        index = d / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{d}: not an infinitystar model folder, no model_index.json")
+        meta = json.loads(index.read_text())
+        if meta.get("family") != FAMILY:
+            raise ValueError(f"{d} holds a {meta.get('family', 'infinitystar')!r} model, not an Infinity "
+                             f"(text-to-image) one; use the matching pipeline")
+        device = torch.device(device or "cpu")
+        return cls(InfinityTransformer.from_pretrained(d / "transformer", device=device),
+                   InfinityVAE.from_pretrained(d / "tokenizer", device=device),
+                   _load_text_encoder(d / "text_encoder", device),
+                   InfinityDefaults.from_dict(meta.get("defaults", {})))
+
+    def save_pretrained(self, path: Union[str, Path]) -> None:
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(d / "transformer")
+        self.tokenizer.save_pretrained(d / "tokenizer")
+        self.text_encoder.save_pretrained(d / "text_encoder")
+        meta = {"family": FAMILY, "defaults": dataclasses.asdict(self.defaults)}
+        (d / "model_index.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def random_tiny(cls, seed: int = 0, device=None) -> "InfinityPipeline":
+        """A tiny random-weight pipeline (Shapes World vocabulary, 4 pixels per token, pn 0.06M: 64x64 images at
+        1:1): it runs every code path, its outputs are noise. For tests and demos."""
+        from infinitystar.shapes.world import vocabulary
+        from infinitystar.text.builtin import WordTextEncoder
+        torch.manual_seed(seed)
+        text = WordTextEncoder(vocabulary(), width=32, depth=1, num_heads=2, max_len=32).eval()
+        vae = InfinityVAE(InfinityVAEConfig(codebook_dim=16, patch_size=4, base_ch=32, encoder_ch_mult=(1, 1, 1),
+                                            decoder_ch_mult=(1, 1, 1), num_res_blocks=1)).eval()
+        transformer = InfinityTransformer(InfinityConfig(
+            depth=2, width=64, num_heads=2, latent_channels=16, text_channels=text.channels, text_maxlen=32,
+            pooler_head_dim=16, cond_drop_rate=0.0)).eval()
+        pipe = cls(transformer, vae, text, InfinityDefaults(pn="0.06M"))
+        return pipe.to(device) if device is not None else pipe
+
+    # --- size -----------------------------------------------------------------------------------------------------
+    def resolution(self, height: Optional[int] = None, width: Optional[int] = None,
+                   aspect_ratio: Union[float, str, None] = None, pn: Optional[str] = None,
+                   warn: bool = True, stacklevel: int = 2) -> Resolution:
+        """The template, scales and pixel size for a request: an aspect ratio (h/w or 'W:H') and a budget pn, or
+        a height and width (the budget whose area is nearest, unless pn is given). Snapping warns."""
+        if (height is None) != (width is None):
+            raise ValueError("give both height and width, or an aspect_ratio")
+        if height is not None and aspect_ratio is not None:
+            raise ValueError("give either height and width or aspect_ratio, not both")
+        if height is not None:
+            if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+                raise ValueError(f"height and width must be positive integers, got {height!r} x {width!r}")
+            ratio, asked = height / width, f"{width}x{height}"
+        else:
+            ratio = parse_aspect_ratio(self.defaults.aspect_ratio if aspect_ratio is None else aspect_ratio)
+            asked = f"aspect ratio {aspect_ratio!r} (h/w {ratio:.4g})" if aspect_ratio is not None else None
+        template = nearest_template(ratio)
+        factor = max(ratio / template, template / ratio)
+        if factor > MAX_SNAP_FACTOR:
+            keys = sorted(all_templates())
+            raise ValueError(f"aspect ratio h/w {ratio:.4g} is too far from the model's templates (h/w "
+                             f"{keys[0]} to {keys[-1]}, about 3:1 landscape to 1:3 portrait)")
+        grids = all_templates()[template]
+        if pn is None and height is not None:   # the budget whose area is nearest the request (log scale)
+            area = lambda p: math.prod(pixel_size(grids[:PN_NUM_SCALES[p]], self.token_stride))
+            pn = min(PN_NUM_SCALES, key=lambda p: abs(math.log(area(p) / (height * width))))
+        pn = pn or self.defaults.pn
+        if pn not in PN_NUM_SCALES:
+            raise ValueError(f"unknown pixel budget pn={pn!r}; choose one of {', '.join(PN_NUM_SCALES)}")
+        scales = grids[:PN_NUM_SCALES[pn]]
+        H, W = pixel_size(scales, self.token_stride)
+        snapped = (height is not None and (H, W) != (height, width)) or (
+            height is None and abs(ratio / template - 1) > _SAME_RATIO)
+        if warn and asked and snapped:
+            warnings.warn(f"{asked} snapped to the nearest template h/w {template}: generating {W}x{H} (WxH) "
+                          f"at pn {pn}", UserWarning, stacklevel=stacklevel)
+        return Resolution(template, pn, scales, H, W)
+
+    # --- generation -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _prompts(prompt, what: str = "prompt") -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError(f"empty {what}: give a non-empty text (or a list of them) describing the image")
+        return prompts
+
+    def __call__(self, prompt: Union[str, Sequence[str]], height: Optional[int] = None, width: Optional[int] = None,
+                 aspect_ratio: Union[float, str, None] = None, pn: Optional[str] = None,
+                 guidance_scale: Union[float, Sequence[float], None] = None, temperature: Optional[float] = None,
+                 top_p: Optional[float] = None, negative_prompt: Union[str, Sequence[str], None] = None,
+                 generator: Optional[torch.Generator] = None) -> InfinityPipelineOutput:
+        """Generate one image per prompt.
+
+        height/width or aspect_ratio (h/w, or 'W:H' such as '16:9') with pn ('0.06M', '0.25M', '0.60M', '1M')
+        choose the size (see `resolution`). guidance_scale: CFG on the logits (a number or one per scale);
+        temperature: tau of every scale; top_p: per-bit filter (0 = none); negative_prompt replaces the learned
+        null text of the unconditional half (one text, or one per prompt). generator: a torch.Generator (CPU is
+        fine on any device) for reproducible bits.
+        """
+        t0 = time.perf_counter()
+        prompts = self._prompts(prompt)
+        res = self.resolution(height, width, aspect_ratio, pn, stacklevel=3)   # the warning names the caller
+        d = self.defaults
+        cfg = d.guidance_scale if guidance_scale is None else guidance_scale
+        tau = d.temperature if temperature is None else float(temperature)
+        top_p = d.top_p if top_p is None else float(top_p)
+        if tau <= 0:
+            raise ValueError(f"temperature must be positive, got {tau}")
+        with torch.no_grad():
+            return self._generate(prompts, res, cfg, tau, top_p, negative_prompt, generator, t0)
+
+    def _generate(self, prompts: list[str], res: Resolution, cfg, tau: float, top_p: float, negative_prompt,
+                  generator: Optional[torch.Generator], t0: float) -> InfinityPipelineOutput:
+        text = self.text_encoder.encode(prompts, self.device)
+        neg = None
+        if negative_prompt is not None:
+            negs = self._prompts(negative_prompt, "negative prompt")
+            if len(negs) == 1:
+                negs = negs * len(prompts)
+            if len(negs) != len(prompts):
+                raise ValueError(f"{len(negs)} negative prompts given for {len(prompts)} prompts")
+            neg = self.text_encoder.encode(negs, self.device)
+        t1 = time.perf_counter()
+        out = generate_infinity(self.transformer, text.features, text.mask, res.scales, cfg=cfg, tau=tau, top_p=top_p,
+                                generator=generator, negative_text=None if neg is None else neg.features,
+                                negative_mask=None if neg is None else neg.mask,
+                                rope_anchor=all_templates()[res.template][-1])
+        t2 = time.perf_counter()
+        x = self.tokenizer.decode(out.codes).float()
+        # (x + 1) / 2 * 255 truncated to uint8, as the reference (which then flips to BGR; we keep RGB)
+        images = ((x + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        t3 = time.perf_counter()
+        return InfinityPipelineOutput(list(images), out.codes, res.height, res.width, res.template, res.pn,
+                                      res.scales, {"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2,
+                                                   "total_s": t3 - t0})
+
+
+def model_family(path: Union[str, Path]) -> Optional[str]:
+    """The `family` of a model folder's model_index.json ("infinitystar" when absent), None without an index."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return str(json.loads(index.read_text()).get("family", "infinitystar"))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{index}: unreadable model index ({e})") from None
+
+
+__all__ = ["InfinityPipeline", "InfinityPipelineOutput", "InfinityDefaults", "Resolution", "parse_aspect_ratio",
+           "model_family"]
