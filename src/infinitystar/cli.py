@@ -36,7 +36,6 @@ def _read_prompts(args) -> list[str]:
 
 def _cmd_generate(args) -> int:
     import json
-    import resource
     import time
     from pathlib import Path
 
@@ -45,6 +44,11 @@ def _cmd_generate(args) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise SystemExit(f"error: output folder {out.parent} does not exist")
+    if _model_family(args.model) == "infinity":
+        return _generate_infinity(args, out)
+    if args.aspect_ratio is not None or args.pn is not None:
+        raise SystemExit("error: --aspect-ratio and --pn apply to Infinity (text-to-image) models; this model's "
+                         "frame size is fixed")
     image_out = out.suffix.lower() in (".png", ".jpg", ".jpeg")
     frames = args.frames if args.frames is not None else (1 if image_out else 17)
     if image_out and frames != 1:
@@ -67,19 +71,76 @@ def _cmd_generate(args) -> int:
         save_image(video[0], out)
     else:
         export_to_video(video, out, fps=pipe.defaults.fps)
-    if torch.cuda.is_available() and pipe.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"output": str(out), "prompts": prompts, "frames": int(video.shape[0]), "seed": args.seed,
                "load_s": round(load_s, 3), **{k: round(v, 3) for k, v in result.timings.items()},
-               "peak_memory_mb": round(peak, 1), "device": str(pipe.device)}
+               "peak_memory_mb": _peak_memory_mb(pipe), "device": str(pipe.device)}
     print(json.dumps(summary) if args.json else f"wrote {out} ({video.shape[0]} frames, "
           f"{result.timings['total_s']:.2f} s)")
     return 0
 
 
-def _load_pipeline(model: str, device: str):
+def _peak_memory_mb(pipe) -> float:
+    import resource
+
+    import torch
+    if torch.cuda.is_available() and pipe.device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _model_family(model: str) -> str:
+    """`family` of a model folder's model_index.json; "infinitystar" for the default model or no index."""
+    from infinitystar.pipelines.infinity import model_family
+    from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR
+    try:
+        return model_family(DEFAULT_MODEL_DIR if model == "default" else model) or "infinitystar"
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def _generate_infinity(args, out) -> int:
+    """`generate` with an Infinity (text-to-image) model folder: one prompt, one image."""
+    import json
+    import time
+    import warnings
+
+    import torch
+
+    from infinitystar.media import save_image
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise SystemExit(f"error: an Infinity model makes images: --out must end in .png or .jpg, got {out.name}")
+    unused = [flag for flag, v in (("--image", args.image), ("--video", args.video)) if v is not None]
+    if args.frames not in (None, 1):
+        unused.append("--frames")
+    if unused:
+        raise SystemExit(f"error: {', '.join(unused)} do not apply to an Infinity (text-to-image) model")
+    prompts = _read_prompts(args)
+    if len(prompts) != 1:
+        raise SystemExit(f"error: an Infinity model makes one image from one prompt; {len(prompts)} were given")
+    t0 = time.perf_counter()
+    pipe = _load_pipeline(args.model, args.device, infinity=True)
+    load_s = time.perf_counter() - t0
+    try:
+        with warnings.catch_warnings(record=True) as notes:   # e.g. the snapped size: a note, not a traceback line
+            warnings.simplefilter("always")
+            result = pipe(prompts[0], aspect_ratio=args.aspect_ratio, pn=args.pn, guidance_scale=args.cfg,
+                          temperature=args.tau, generator=torch.Generator(device="cpu").manual_seed(args.seed))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
+    save_image(result.images[0], out)
+    summary = {"output": str(out), "prompts": prompts, "height": result.height, "width": result.width,
+               "template_h_div_w": result.template, "pn": result.pn, "seed": args.seed, "load_s": round(load_s, 3),
+               **{k: round(v, 3) for k, v in result.timings.items()}, "peak_memory_mb": _peak_memory_mb(pipe),
+               "device": str(pipe.device)}
+    print(json.dumps(summary) if args.json else f"wrote {out} ({result.width}x{result.height}, "
+          f"{result.timings['total_s']:.2f} s)")
+    return 0
+
+
+def _load_pipeline(model: str, device: str, infinity: bool = False):
+    """The pipeline of a model folder; `infinity`: an Infinity (text-to-image) folder is welcome too."""
     import sys
 
     from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
@@ -88,6 +149,9 @@ def _load_pipeline(model: str, device: str):
               "random-weight model of the same shape (the output is noise, every code path runs)", file=sys.stderr)
         return InfinityStarPipeline.random_tiny(device=device)
     try:
+        if infinity and _model_family(model) == "infinity":
+            from infinitystar.pipelines.infinity import InfinityPipeline
+            return InfinityPipeline.from_pretrained(model, device=device)
         return InfinityStarPipeline.from_pretrained(model, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
@@ -122,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--video", help="video to continue")
     sp.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     sp.add_argument("--tau", type=float, default=None, help="sampling temperature (default: the model's)")
-    sp.add_argument("--model", default="default", help="model folder (default: the shipped model)")
+    sp.add_argument("--aspect-ratio", default=None,
+                    help="Infinity models: h/w (0.5625) or width:height ('16:9'), snapped to the nearest template")
+    sp.add_argument("--pn", default=None, choices=["0.06M", "0.25M", "0.60M", "1M"],
+                    help="Infinity models: pixel budget (default: the model's)")
+    sp.add_argument("--model", default="default",
+                    help="model folder, InfinityStar or Infinity as its model_index.json says (default: the shipped "
+                         "model)")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="print a JSON summary line")
     sp.set_defaults(func=_cmd_generate)
@@ -146,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_bench)
     from infinitystar.train.cli import add_cli as add_train_cli
     add_train_cli(sub)
+    from infinitystar.convert.cli import add_cli as add_convert_cli
+    add_convert_cli(sub)
     return p
 
 
