@@ -1,0 +1,308 @@
+"""`infinitystar convert` (four kinds of official files -> our folders) and the Infinity text-to-image pipeline.
+
+Official-format files are written here from the parity fixtures' weights (official key names): an HF-sharded
+folder, plain and nested .pth files, bf16 and wrapped-name variants.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from infinitystar.cli import main as cli_main
+from infinitystar.convert.cli import KINDS, convert, detect_kind, load_converted, read_official
+from infinitystar.convert.infinity_official import load_official_infinity
+from infinitystar.convert.official import load_official_transformer
+from infinitystar.convert.strict import CheckpointError
+from infinitystar.media import load_image
+from infinitystar.model.infinity import InfinityTransformer
+from infinitystar.pipelines.infinity import InfinityPipeline, parse_aspect_ratio
+from infinitystar.pipelines.infinitystar import InfinityStarPipeline, _transformer_from_dir
+from infinitystar.schedules.infinity_resolution import pixel_size, spatial_scales
+from infinitystar.tokenizer.infinity_vae import InfinityVAE
+from infinitystar.tokenizer.video_vae import VideoVAE
+
+FIX = Path(__file__).parent / "fixtures"
+WEIGHTS = {
+    "infinitystar-transformer": FIX / "infinitystar" / "transformer" / "weights.safetensors",
+    "infinity-transformer": FIX / "infinity" / "transformer" / "weights.safetensors",
+    "video-vae": FIX / "infinitystar" / "vae" / "weights.safetensors",
+    "infinity-vae": FIX / "infinity" / "vae" / "weights.safetensors",
+}
+STAR_TEXT_MAXLEN = 64     # the InfinityStar fixture's RoPE offset (not stored in weights)
+
+
+def _write_official(kind: str, d: Path) -> Path:
+    """One official-format file (or folder) per kind, in the form the release uses."""
+    sd = load_file(str(WEIGHTS[kind]))
+    if kind == "infinitystar-transformer":          # the 8B's HF-sharded folder
+        folder = d / "infinitystar_8b_weights"
+        folder.mkdir()
+        keys = sorted(sd)
+        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, ks in shards.items():
+            save_file({k: sd[k] for k in ks}, str(folder / name))
+        weight_map = {k: name for name, ks in shards.items() for k in ks}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return folder
+    if kind == "infinity-transformer":              # a plain state dict .pth, in bf16
+        path = d / "infinity_2b_reg.pth"
+        torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}, path)
+        return path
+    if kind == "video-vae":                         # {"vae": ...} with the duplicated quantizer buffers
+        path = d / "infinitystar_videovae.pth"
+        torch.save({"vae": sd}, path)
+        return path
+    wrapped = json.loads((FIX / "infinity" / "vae" / "config.json").read_text())["plain_to_wrapper_key"]
+    path = d / "infinity_vae_d16.pth"                # {"vae": ...} with the official module's wrapped names
+    torch.save({"vae": {wrapped.get(k, k): v for k, v in sd.items()}}, path)
+    return path
+
+
+def _direct(kind: str, path: Path):
+    """The official file loaded directly, by the existing loaders."""
+    if kind == "infinitystar-transformer":
+        return load_official_transformer(path, text_maxlen=STAR_TEXT_MAXLEN)
+    if kind == "infinity-transformer":
+        return load_official_infinity(path)
+    if kind == "video-vae":
+        return VideoVAE.from_official(path)
+    return InfinityVAE.from_official(path)
+
+
+def _from_dir(kind: str, d: Path):
+    """The converted folder loaded by each module's own folder loader."""
+    if kind == "infinitystar-transformer":
+        return _transformer_from_dir(d, torch.device("cpu"))
+    if kind == "infinity-transformer":
+        return InfinityTransformer.from_pretrained(d)
+    if kind == "video-vae":
+        return VideoVAE.from_pretrained(d)
+    return InfinityVAE.from_pretrained(d)
+
+
+def _assert_identical(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert a.config == b.config
+
+
+# --- conversion ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_convert_round_trip_equals_direct_load(kind, tmp_path, capsys):
+    src = _write_official(kind, tmp_path)
+    dst = tmp_path / "converted"
+    extra = ["--text-maxlen", str(STAR_TEXT_MAXLEN)] if kind == "infinitystar-transformer" else []
+    kind_flag = ["--kind", kind] if kind == "infinity-transformer" else []      # the others are auto-detected
+    assert cli_main(["convert", str(src), str(dst), *kind_flag, *extra]) == 0
+    assert f"({kind}," in capsys.readouterr().out
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    converted = _from_dir(kind, dst)
+    _assert_identical(converted, _direct(kind, src))
+    _assert_identical(converted, load_converted(dst, kind))
+    if kind != "infinitystar-transformer":          # the folder's config.json says what it holds
+        assert type(load_converted(dst)) is type(converted)
+    written = load_file(str(dst / "model.safetensors"))
+    want = torch.bfloat16 if kind == "infinity-transformer" else torch.float32   # the checkpoint's own dtype
+    assert {v.dtype for v in written.values() if v.is_floating_point()} == {want}
+    assert not list(tmp_path.glob(".*converting*"))
+
+
+def test_detect_kind_and_unknown_files(tmp_path):
+    for kind, path in WEIGHTS.items():
+        assert detect_kind(load_file(str(path))) == kind
+    with pytest.raises(CheckpointError, match="cannot tell .* pass --kind, one of: infinitystar-transformer"):
+        detect_kind({"fc.weight": torch.zeros(2, 2)})
+    mixed = {**load_file(str(WEIGHTS["video-vae"])), "lvl_embed.weight": torch.zeros(2, 2)}
+    with pytest.raises(CheckpointError, match="several models \\(infinity-transformer, video-vae\\)"):
+        detect_kind(mixed)
+    odd = tmp_path / "odd.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(odd))
+    with pytest.raises(SystemExit, match="cannot tell which model"):
+        cli_main(["convert", str(odd), str(tmp_path / "out")])
+    # a training checkpoint's ['trainer']['gpt_fsdp'] is found and converted like the slim file
+    sd = load_file(str(WEIGHTS["infinity-transformer"]))
+    torch.save({"args": {}, "trainer": {"gpt_fsdp": sd}}, tmp_path / "ar-ckpt.pth")
+    assert read_official(tmp_path / "ar-ckpt.pth").keys() == sd.keys()
+    res = convert(tmp_path / "ar-ckpt.pth", tmp_path / "from_training")
+    assert res.kind == "infinity-transformer" and res.dtype == torch.float32
+
+
+def test_conversion_errors_are_clear(tmp_path):
+    good = _write_official("video-vae", tmp_path)
+    blob = good.read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(SystemExit, match="truncated.pth: cannot read checkpoint"):
+        cli_main(["convert", str(truncated), str(tmp_path / "a")])
+    st = tmp_path / "truncated.safetensors"
+    st.write_bytes(WEIGHTS["infinity-vae"].read_bytes()[:5000])
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        cli_main(["convert", str(st), str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="no such file"):
+        cli_main(["convert", str(tmp_path / "absent.pth"), str(tmp_path / "a")])
+
+    sd = load_file(str(WEIGHTS["infinity-transformer"]))
+    del sd["head.weight"]
+    torch.save(sd, tmp_path / "no_head.pth")
+    with pytest.raises(SystemExit, match="missing keys: head.weight"):
+        cli_main(["convert", str(tmp_path / "no_head.pth"), str(tmp_path / "a")])
+    vae = load_file(str(WEIGHTS["video-vae"]))
+    del vae["decoder.conv_out.conv.bias"]
+    torch.save({"vae": vae}, tmp_path / "no_bias.pth")
+    with pytest.raises(SystemExit, match="missing keys: decoder.conv_out.conv.bias"):
+        cli_main(["convert", str(tmp_path / "no_bias.pth"), str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".*converting*"))
+
+    with pytest.raises(SystemExit, match="--text-maxlen applies to infinitystar-transformer only"):
+        cli_main(["convert", str(good), str(tmp_path / "a"), "--text-maxlen", "64"])
+    with pytest.raises(SystemExit, match="unknown video VAE preset"):
+        cli_main(["convert", str(good), str(tmp_path / "a"), "--preset", "huge"])
+    assert cli_main(["convert", str(good), str(tmp_path / "a"), "--dtype", "bfloat16"]) == 0
+    with pytest.raises(SystemExit, match="already holds config.json, model.safetensors; pass --force"):
+        cli_main(["convert", str(good), str(tmp_path / "a")])
+    assert cli_main(["convert", str(good), str(tmp_path / "a"), "--force", "--preset", "tiny"]) == 0
+
+
+# --- the Infinity pipeline ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipe():
+    return InfinityPipeline.random_tiny(seed=0)
+
+
+PROMPT = "a large red circle on a black background"
+
+
+@pytest.mark.parametrize("ratio, template, warns", [(1.0, 1.0, False), ("16:9", 0.571, True), (2.0, 2.0, False),
+                                                    ("3:4", 1.333, False), (0.36, 0.333, True)])
+def test_aspect_ratios_snap_to_templates(pipe, recwarn, ratio, template, warns):
+    g = lambda: torch.Generator().manual_seed(7)
+    out = pipe(PROMPT, aspect_ratio=ratio, generator=g())
+    H, W = pixel_size(spatial_scales("0.06M", template), 4)       # random_tiny: 4 pixels per token
+    assert out.template == template and (out.height, out.width) == (H, W)
+    assert out.images[0].shape == (H, W, 3) and out.images[0].dtype == np.uint8
+    snaps = [str(w.message) for w in recwarn if "snapped" in str(w.message)]
+    assert bool(snaps) == warns
+    if warns:
+        assert f"template h/w {template}: generating {W}x{H} (WxH)" in snaps[0]
+    assert np.array_equal(out.images[0], pipe(PROMPT, aspect_ratio=ratio, generator=g()).images[0])
+
+
+def test_pipeline_sizes_seeds_and_errors(pipe):
+    g = lambda s: torch.Generator().manual_seed(s)
+    a, b = pipe(PROMPT, generator=g(1)), pipe(PROMPT, generator=g(2))
+    assert not np.array_equal(a.images[0], b.images[0])
+    with pytest.warns(UserWarning, match="60x100 snapped to the nearest template h/w 1.75: generating 48x84"):
+        out = pipe([PROMPT, "a small blue square on a white background"], height=100, width=60,
+                   negative_prompt="a green triangle", guidance_scale=4.0, temperature=1.0, top_p=0.0)
+    assert len(out.images) == 2 and out.images[1].shape == (84, 48, 3)
+    assert pipe(PROMPT, pn="0.25M").images[0].shape == (128, 128, 3)
+    assert parse_aspect_ratio("16:9") == 9 / 16 and parse_aspect_ratio("0.5") == 0.5
+    for bad, msg in [("", "empty prompt"), ([], "empty prompt"), ([PROMPT, " "], "empty prompt")]:
+        with pytest.raises(ValueError, match=msg):
+            pipe(bad)
+    for ratio, msg in [(10.0, "too far from the model's templates"), (0.1, "too far"), (0, "positive"),
+                       (-2, "positive"), ("wide", "width:height"), (float("nan"), "positive")]:
+        with pytest.raises(ValueError, match=msg):
+            pipe(PROMPT, aspect_ratio=ratio)
+    with pytest.raises(ValueError, match="both height and width"):
+        pipe(PROMPT, height=64)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(PROMPT, height=64, width=64, aspect_ratio=1.0)
+    with pytest.raises(ValueError, match="unknown pixel budget"):
+        pipe(PROMPT, pn="4M")
+    with pytest.raises(ValueError, match="2 negative prompts given for 1 prompts"):
+        pipe(PROMPT, negative_prompt=["a", "b"])
+
+
+def test_pipeline_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "model_index.json").read_text())["family"] == "infinity"
+    again = InfinityPipeline.from_pretrained(tmp_path / "model")
+    g = lambda: torch.Generator().manual_seed(3)
+    assert np.array_equal(pipe(PROMPT, aspect_ratio=0.5, generator=g()).images[0],
+                          again(PROMPT, aspect_ratio=0.5, generator=g()).images[0])
+    with pytest.raises(ValueError, match="holds a 'infinity' model"):
+        InfinityStarPipeline.from_pretrained(tmp_path / "model")
+    InfinityStarPipeline.random_tiny().save_pretrained(tmp_path / "star")
+    with pytest.raises(ValueError, match="holds a 'infinitystar' model"):
+        InfinityPipeline.from_pretrained(tmp_path / "star")
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        InfinityPipeline.from_pretrained(tmp_path)
+
+
+def test_pipeline_with_a_t5_text_encoder(pipe, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from infinitystar.text.t5 import T5TextEncoder
+    words = "a large red circle on black background".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tk.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                                               unk_token="<unk>")
+    cfg = transformers.T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64, vocab_size=len(vocab),
+                                pad_token_id=0, eos_token_id=1)
+    t5_dir = tmp_path / "t5"
+    transformers.T5EncoderModel(cfg).save_pretrained(str(t5_dir), safe_serialization=True)
+    tok.save_pretrained(str(t5_dir))
+    model = tmp_path / "model"
+    t5 = T5TextEncoder.from_pretrained(t5_dir)
+    InfinityPipeline(pipe.transformer, pipe.tokenizer, t5, pipe.defaults).save_pretrained(model)
+    loaded = InfinityPipeline.from_pretrained(model)
+    assert isinstance(loaded.text_encoder, T5TextEncoder)
+    assert loaded(PROMPT, generator=torch.Generator().manual_seed(0)).images[0].shape == (64, 64, 3)
+
+
+# --- the generate command for both families -------------------------------------------------------------------------
+def test_generate_command_picks_the_pipeline_from_the_folder(pipe, tmp_path, capsys):
+    pipe.save_pretrained(tmp_path / "infinity")
+    png = tmp_path / "i.png"
+    assert cli_main(["generate", "--model", str(tmp_path / "infinity"), "--prompt", PROMPT, "--out", str(png),
+                     "--aspect-ratio", "16:9", "--seed", "5", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "note: aspect ratio '16:9' (h/w 0.5625) snapped to the nearest template h/w 0.571" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert (summary["width"], summary["height"], summary["template_h_div_w"]) == (84, 48, 0.571)
+    assert load_image(png).shape == (48, 84, 3)
+    with pytest.warns(UserWarning, match="snapped"):
+        expected = pipe(PROMPT, aspect_ratio="16:9", generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.array_equal(load_image(png), expected)
+    model = ["--model", str(tmp_path / "infinity"), "--prompt", PROMPT]
+    for extra, msg in [(["--out", str(tmp_path / "v.mp4")], "must end in .png or .jpg"),
+                       (["--out", str(png), "--frames", "5"], "--frames do not apply"),
+                       (["--out", str(png), "--prompt", "a blue square"], "one image from one prompt"),
+                       (["--out", str(png), "--aspect-ratio", "9"], "too far from the model's templates")]:
+        with pytest.raises(SystemExit, match=msg):
+            cli_main(["generate", *model, *extra])
+
+    InfinityStarPipeline.random_tiny().save_pretrained(tmp_path / "star")
+    star_png = tmp_path / "s.png"
+    assert cli_main(["generate", "--model", str(tmp_path / "star"), "--prompt", "a red circle",
+                     "--out", str(star_png)]) == 0
+    assert load_image(star_png).shape == (64, 64, 3)
+    with pytest.raises(SystemExit, match="--aspect-ratio and --pn apply to Infinity"):
+        cli_main(["generate", "--model", str(tmp_path / "star"), "--prompt", "a red circle", "--out",
+                  str(star_png), "--aspect-ratio", "16:9"])
+
+
+def test_converted_official_parts_make_a_pipeline(tmp_path):
+    """The documented route: convert the transformer and the tokenizer, add a text encoder folder and a one-line
+    model_index.json, generate."""
+    from infinitystar.shapes.world import vocabulary
+    from infinitystar.text.builtin import WordTextEncoder
+    model = tmp_path / "infinity-model"
+    for kind, sub in (("infinity-transformer", "transformer"), ("infinity-vae", "tokenizer")):
+        assert cli_main(["convert", str(WEIGHTS[kind]), str(model / sub)]) == 0
+    torch.manual_seed(0)    # the fixture reads 256-channel text of up to 16 tokens: a stand-in for flan-t5-xl
+    WordTextEncoder(vocabulary(), width=256, depth=1, num_heads=2, max_len=16).save_pretrained(model / "text_encoder")
+    (model / "model_index.json").write_text('{"family": "infinity"}')
+    out = tmp_path / "x.png"
+    assert cli_main(["generate", "--model", str(model), "--prompt", "a red circle", "--pn", "0.06M",
+                     "--out", str(out)]) == 0
+    assert load_image(out).shape == (256, 256, 3)
