@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from infinitystar.schedules.dynamic_resolution import PN_NUM_SCALES, spatial_scales

@@ -7,7 +7,7 @@ bitwise heads predicts 2 logits per bit: 16 bits on semantic scales, 64 bits on 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,6 @@
 """Transformer building blocks: RMSNorm, SwiGLU MLP, grouped-query attention with QK-RMSNorm, the block."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -145,8 +145,6 @@ def _packed_from_meta(fx: Fixture, meta: dict, full: Schedule):
 
 # ---------------------------------------------------------------------------------------------------------------
 def _quantizer_schedule(fx: Fixture, c: dict) -> Schedule:
-    if int(c.get("semantic_scale_dim", 16)) != 16 or int(c.get("detail_scale_dim", 64)) != 64:
-        pass  # other widths are honoured below
     for k, expected in (("z_interplote_down", "area"), ("z_interplote_up", "trilinear"), ("noise_input", 0),
                         ("inner_scale_boost", 0), ("use_learnable_dim_proj", 0)):
         if k in c and c[k] != expected:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def residual_to_bits(r: torch.Tensor, dim: int = 1) -> torch.Tensor:
+def residual_to_bits(r: torch.Tensor) -> torch.Tensor:
     """Bits (uint8) of a residual. Normalising by a positive norm never changes a sign, so this is r > 0
     (exact zeros map to 0, as in the reference)."""
     return (r > 0).to(torch.uint8)

@@ -113,11 +113,12 @@ def generate(
     out = GenerationOutput(codes=torch.empty(0), bits=[])
     maps: list[torch.Tensor] = []
     acc: Optional[CodeAccumulator] = None
+    current_clip = -1
     last_ref = schedule.last_reference
     steps = tqdm(schedule.steps, desc="generating", unit="step", disable=not progress, leave=False)
     for step in steps:
         scale = step.scale
-        if acc is None or scale.clip != current_clip:
+        if scale.clip != current_clip:
             if acc is not None:
                 maps.append(acc.F)
             current_clip = scale.clip

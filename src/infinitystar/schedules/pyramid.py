@@ -128,6 +128,9 @@ class Schedule:
             for r in range(s.repetitions):
                 steps.append(Step(len(steps), s, r))
         self.steps: list[Step] = steps
+        self._steps_of_scale: list[list[Step]] = [[] for _ in scales]
+        for st in steps:
+            self._steps_of_scale[st.scale.index].append(st)
 
     # --- derived facts -------------------------------------------------------------------------------
     def bits_for(self, h: int, w: int) -> int:
@@ -155,7 +158,7 @@ class Schedule:
         return self.scales[clip * n:(clip + 1) * n]
 
     def scale_steps(self, scale_index: int) -> list[Step]:
-        return [st for st in self.steps if st.scale.index == scale_index]
+        return list(self._steps_of_scale[scale_index])
 
     def refs(self, scale_index: int) -> list[int]:
         """Earlier scales whose (last-repetition) tokens a scale attends to, besides itself and its caption."""

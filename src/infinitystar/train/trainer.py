@@ -26,7 +26,7 @@ from infinitystar.train.checkpoint import EMA, CheckpointManager, list_checkpoin
 from infinitystar.train.config import ConfigError, OptimConfig, RunConfig, load_config
 from infinitystar.train.data import (SampleLoader, SampleSpec, ShardedOrder, derive_seed, read_manifests,
                                      SKIP_REASONS)
-from infinitystar.train.distributed import (DistInfo, all_reduce_sum, init_distributed, shutdown, wrap_model)
+from infinitystar.train.distributed import (all_reduce_sum, init_distributed, shutdown, wrap_model)
 from infinitystar.train.features import encode_pixels
 from infinitystar.train.metrics import MetricsLogger, ScaleAccuracy, peak_memory_mb
 from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_sample
