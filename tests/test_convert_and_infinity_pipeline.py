@@ -19,7 +19,8 @@ from infinitystar.convert.strict import CheckpointError
 from infinitystar.media import load_image
 from infinitystar.model.infinity import InfinityTransformer
 from infinitystar.pipelines.infinity import InfinityPipeline, parse_aspect_ratio
-from infinitystar.pipelines.infinitystar import InfinityStarPipeline, _transformer_from_dir
+from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.pipelines.infinitystar import InfinityStarPipeline
 from infinitystar.schedules.infinity_resolution import pixel_size, spatial_scales
 from infinitystar.tokenizer.infinity_vae import InfinityVAE
 from infinitystar.tokenizer.video_vae import VideoVAE
@@ -75,7 +76,7 @@ def _direct(kind: str, path: Path):
 def _from_dir(kind: str, d: Path):
     """The converted folder loaded by each module's own folder loader."""
     if kind == "infinitystar-transformer":
-        return _transformer_from_dir(d, torch.device("cpu"))
+        return InfinityStarTransformer.from_pretrained(d)
     if kind == "infinity-transformer":
         return InfinityTransformer.from_pretrained(d)
     if kind == "video-vae":

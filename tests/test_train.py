@@ -416,11 +416,8 @@ def test_training_logs_and_learns(tmp_path, dataset):
     ckpt = res.checkpoint
     assert (ckpt / "ema.safetensors").is_file()
     # the checkpoint folder is a loadable transformer (config.json + model.safetensors)
-    from infinitystar.config import TransformerConfig
-    from infinitystar.convert.strict import load_strict, read_tensors
     from infinitystar.model.infinitystar import InfinityStarTransformer
-    m = InfinityStarTransformer(TransformerConfig.from_dict(json.loads((ckpt / "config.json").read_text())))
-    load_strict(m, read_tensors(ckpt / "model.safetensors"))
+    InfinityStarTransformer.from_pretrained(ckpt)
     assert (tmp_path / "run" / "config.yaml").is_file()
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         run_training(raw)

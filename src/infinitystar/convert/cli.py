@@ -46,14 +46,9 @@ def _load_infinitystar_transformer(sd, preset, text_maxlen):
     return load_official_transformer(sd, config=config, text_maxlen=maxlen)
 
 
-def _save_infinitystar_transformer(model, d: Path) -> None:
-    from infinitystar.pipelines.infinitystar import save_transformer
-    save_transformer(model, d)
-
-
 def _load_dir_infinitystar_transformer(d: Path, device=None):
-    from infinitystar.pipelines.infinitystar import _transformer_from_dir
-    return _transformer_from_dir(d, torch.device(device or "cpu"))
+    from infinitystar.model.infinitystar import InfinityStarTransformer
+    return InfinityStarTransformer.from_pretrained(d, device)
 
 
 def _load_infinity_transformer(sd, preset, text_maxlen):
@@ -102,9 +97,9 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("infinitystar-transformer", "InfinityStar transformer (8B, qwen blocks)", None,
+    Kind("infinitystar-transformer", "InfinityStar transformer (8B, qwen blocks)", "infinitystar_transformer",
          "a TransformerConfig preset of infinitystar.config (infinity_qwen8b, ...)",
-         _load_infinitystar_transformer, _save_infinitystar_transformer, _load_dir_infinitystar_transformer),
+         _load_infinitystar_transformer, _save_module, _load_dir_infinitystar_transformer),
     Kind("infinity-transformer", "Infinity transformer (2B / 8B)", "infinity_transformer",
          "infinity_2b, infinity_8b (needed for the 8B: its 2x2 patchify is not visible in the weights), tiny",
          _load_infinity_transformer, _save_module, _load_dir_infinity_transformer),

@@ -78,3 +78,32 @@ def read_state_dict(path: str | Path, nested: tuple[tuple[str, ...], ...] = ()) 
         wanted = "".join(f"a '{'/'.join(k)}' entry or " for k in nested)
         raise CheckpointError(f"{path}: expected {wanted}a flat dict of tensors (found {have})")
     return dict(raw)
+
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def save_folder(directory: str | Path, kind: str, config: Mapping, module: nn.Module) -> Path:
+    """Our model folder: `config.json` ({"type": kind, **config}) and `model.safetensors` (the state dict)."""
+    import json
+    from safetensors.torch import save_file
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / CONFIG_FILE).write_text(json.dumps({"type": kind, **config}, indent=1) + "\n")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(d / WEIGHTS_FILE))
+    return d
+
+
+def read_folder(directory: str | Path, kind: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config (without "type") and tensors of a folder written by `save_folder`; a folder without a "type"
+    is accepted as the expected kind."""
+    import json
+    d = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d}: not a {what} folder, missing {name} (needs {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE})")
+    raw = json.loads((d / CONFIG_FILE).read_text())
+    if raw.get("type", kind) != kind:
+        raise ValueError(f"{d / CONFIG_FILE}: type {raw.get('type')!r} is not {kind!r}")
+    return {k: v for k, v in raw.items() if k != "type"}, read_tensors(d / WEIGHTS_FILE)

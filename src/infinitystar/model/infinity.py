@@ -419,39 +419,19 @@ class InfinityTransformer(nn.Module):
 
     # --- our checkpoint folder: config.json + model.safetensors ---------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        """Write config.json (with "type": "infinity_transformer") and model.safetensors (our names)."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps({"type": CONFIG_TYPE, **self.config.to_dict()}, indent=1))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(d / "model.safetensors"))
+        from infinitystar.convert.strict import save_folder
+        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype: Optional[torch.dtype] = None) -> "InfinityTransformer":
         """Load a folder written by `save_pretrained` (or `infinitystar convert`), strictly."""
-        import json
-        from pathlib import Path
-
-        from infinitystar.convert.strict import check_state_dict, read_tensors
-        d = Path(directory)
-        cfg_path, weights = d / "config.json", d / "model.safetensors"
-        for p in (cfg_path, weights):
-            if not p.is_file():
-                raise FileNotFoundError(f"{d}: not an Infinity transformer folder, missing {p.name} "
-                                        f"(needs config.json and model.safetensors)")
-        raw = json.loads(cfg_path.read_text())
-        if raw.get("type", CONFIG_TYPE) != CONFIG_TYPE:
-            raise ValueError(f"{cfg_path}: type {raw.get('type')!r} is not {CONFIG_TYPE!r}")
-        config = InfinityConfig.from_dict({k: v for k, v in raw.items() if k != "type"})
-        sd = read_tensors(weights)
+        from infinitystar.convert.strict import check_state_dict, read_folder
+        raw, sd = read_folder(directory, CONFIG_TYPE, "Infinity transformer")
+        config = InfinityConfig.from_dict(raw)
         # shapes only first: a 2B/8B model would spend minutes on a random init that the copy overwrites
         with torch.device("meta"):
             model = cls(config)
-        check_state_dict(model.state_dict(), sd, str(weights))
+        check_state_dict(model.state_dict(), sd, f"{directory}/model.safetensors")
         model = model.to_empty(device=device or "cpu")
         model.rope = Rope2D(config.head_dim, config.rope_base).to(device or "cpu")   # to_empty lost it
         model.load_state_dict(sd, strict=True)

@@ -21,6 +21,9 @@ from infinitystar.model.packing import PackedSequence
 from infinitystar.model.rope import Rope4D
 
 
+CONFIG_TYPE = "infinitystar_transformer"   # the "type" of our config.json
+
+
 class InfinityStarTransformer(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -52,6 +55,20 @@ class InfinityStarTransformer(nn.Module):
         null = _trunc_normal(self.null_text.shape, std=1.2, bound=2.0, seed=0)
         with torch.no_grad():
             self.null_text.copy_(null / math.sqrt(self.config.text_channels))
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        from infinitystar.convert.strict import save_folder
+        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> "InfinityStarTransformer":
+        """Load a folder written by `save_pretrained`, a training checkpoint or `infinitystar convert`, strictly."""
+        from infinitystar.convert.strict import load_strict, read_folder
+        config, sd = read_folder(directory, CONFIG_TYPE, "InfinityStar transformer")
+        model = cls(TransformerConfig.from_dict(config))
+        load_strict(model, sd, f"{directory}/model.safetensors")
+        return model.to(device=device, dtype=dtype).eval()
 
     # --- pieces -------------------------------------------------------------------------------------------
     def null_text_features(self, length: int) -> torch.Tensor:

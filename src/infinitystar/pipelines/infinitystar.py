@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from infinitystar.config import PyramidConfig, TransformerConfig
-from infinitystar.convert.strict import load_strict, read_tensors
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
@@ -51,20 +50,6 @@ class PipelineOutput:
     def images(self) -> list[np.ndarray]:
         """First frame of each sample (text-to-image)."""
         return [f[0] for f in self.frames]
-
-
-def _transformer_from_dir(d: Path, device) -> InfinityStarTransformer:
-    cfg = TransformerConfig.from_dict(json.loads((d / "config.json").read_text()))
-    model = InfinityStarTransformer(cfg)
-    load_strict(model, read_tensors(d / "model.safetensors"), str(d / "model.safetensors"))
-    return model.to(device).eval()
-
-
-def save_transformer(model: InfinityStarTransformer, d: Path) -> None:
-    from safetensors.torch import save_file
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
 
 
 def _load_text_encoder(d: Path, device):
@@ -109,14 +94,14 @@ class InfinityStarPipeline:
         if meta.get("family", "infinitystar") != "infinitystar":
             raise ValueError(f"{d} holds a {meta.get('family')!r} model; use the matching pipeline")
         device = torch.device(device or "cpu")
-        return cls(_transformer_from_dir(d / "transformer", device), _load_tokenizer(d / "tokenizer", device),
+        return cls(InfinityStarTransformer.from_pretrained(d / "transformer", device), _load_tokenizer(d / "tokenizer", device),
                    _load_text_encoder(d / "text_encoder", device), PyramidConfig.from_dict(meta["pyramid"]),
                    int(meta["height"]), int(meta["width"]), GenerationDefaults(**meta.get("defaults", {})))
 
     def save_pretrained(self, path: Union[str, Path]) -> None:
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        save_transformer(self.transformer, d / "transformer")
+        self.transformer.save_pretrained(d / "transformer")
         self.tokenizer.save_pretrained(d / "tokenizer")
         self.text_encoder.save_pretrained(d / "text_encoder")
         meta = {"family": "infinitystar", "pyramid": self.pyramid.to_dict(), "height": self.height,

@@ -6,7 +6,6 @@ map to <unk> with a warning that names them and lists what the model understands
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -82,18 +81,13 @@ class WordTextEncoder(nn.Module, TextEncoder):
         return out if device is None else out.to(device)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps({"type": "builtin", **self.config}, indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / "model.safetensors"))
+        from infinitystar.convert.strict import save_folder
+        save_folder(directory, "builtin", self.config, self)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None) -> "WordTextEncoder":
-        from infinitystar.convert.strict import load_strict, read_tensors
-        d = Path(directory)
-        cfg = json.loads((d / "config.json").read_text())
-        cfg.pop("type", None)
-        model = cls(**cfg)
-        load_strict(model, read_tensors(d / "model.safetensors"), str(d / "model.safetensors"))
+        from infinitystar.convert.strict import load_strict, read_folder
+        config, sd = read_folder(directory, "builtin", "built-in text encoder")
+        model = cls(**config)
+        load_strict(model, sd, f"{directory}/model.safetensors")
         return model.to(device).eval()

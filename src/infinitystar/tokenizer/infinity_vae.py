@@ -26,7 +26,6 @@ dropped. Any other name, a missing name or a wrong shape is an error that names 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinitystar.convert.strict import CheckpointError, load_strict, read_state_dict, read_tensors
+from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
 
 PathLike = Union[str, Path]
 
@@ -361,27 +360,13 @@ class InfinityVAE(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: PathLike) -> None:
-        """Write config.json and model.safetensors (our plain names)."""
-        from safetensors.torch import save_file
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps({"type": CONFIG_TYPE, **self.config.to_dict()}, indent=1))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(d / "model.safetensors"))
+        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
 
     @classmethod
     def from_pretrained(cls, directory: PathLike, device=None, dtype: Optional[torch.dtype] = None) -> "InfinityVAE":
-        d = Path(directory)
-        cfg_path, weights = d / "config.json", d / "model.safetensors"
-        for p in (cfg_path, weights):
-            if not p.is_file():
-                raise FileNotFoundError(f"{d}: not an Infinity VAE folder, missing {p.name} "
-                                        f"(needs config.json and model.safetensors)")
-        raw = json.loads(cfg_path.read_text())
-        if raw.get("type", CONFIG_TYPE) != CONFIG_TYPE:
-            raise ValueError(f"{cfg_path}: type {raw.get('type')!r} is not {CONFIG_TYPE!r}")
-        model = cls(InfinityVAEConfig.from_dict(raw))
-        load_strict(model, read_tensors(weights), str(weights))
+        config, sd = read_folder(directory, CONFIG_TYPE, "Infinity VAE")
+        model = cls(InfinityVAEConfig.from_dict(config))
+        load_strict(model, sd, str(Path(directory) / "model.safetensors"))
         return model.to(device=device, dtype=dtype).eval()
 
 

@@ -29,7 +29,6 @@ Released config: `VideoVAEConfig.official()` (184.66 M parameters, 16x space, 4x
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -40,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinitystar.convert.strict import CheckpointError, load_strict, read_state_dict, read_tensors
+from infinitystar.convert.strict import CONFIG_FILE as CONFIG_NAME  # noqa: F401  (re-exported)
+from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
 
 PathLike = Union[str, Path]
 
 CONFIG_TYPE = "video_vae"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 # Input frames per encoder chunk and latent frames per decoder chunk (the official values; the first chunk of
 # either also takes the remainder).
@@ -760,24 +758,14 @@ class VideoVAE(nn.Module):
 
     def save_pretrained(self, directory: PathLike) -> None:
         """Write `config.json` + `model.safetensors` (our format; official key names, no quantizer buffers)."""
-        from safetensors.torch import save_file
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / CONFIG_NAME).write_text(json.dumps({"type": CONFIG_TYPE, **self.config.to_dict()}, indent=1) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(d / WEIGHTS_NAME))
+        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
 
     @classmethod
     def from_pretrained(cls, directory: PathLike, device: Union[str, torch.device, None] = None,
                         dtype: Optional[torch.dtype] = None) -> "VideoVAE":
-        d = Path(directory)
-        cfg_path, weights = d / CONFIG_NAME, d / WEIGHTS_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{d}: not a video tokenizer folder (no {CONFIG_NAME})")
-        raw = json.loads(cfg_path.read_text())
-        if raw.get("type", CONFIG_TYPE) != CONFIG_TYPE:
-            raise ValueError(f"{cfg_path}: type {raw.get('type')!r} is not {CONFIG_TYPE!r}")
-        model = cls(VideoVAEConfig.from_dict(raw))
-        load_strict(model, read_tensors(weights), str(weights))
+        config, sd = read_folder(directory, CONFIG_TYPE, "video tokenizer")
+        model = cls(VideoVAEConfig.from_dict(config))
+        load_strict(model, sd, str(Path(directory) / "model.safetensors"))
         return model.to(device=device, dtype=dtype).eval()
 
 

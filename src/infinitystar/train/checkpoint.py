@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from infinitystar.convert.strict import CheckpointError, check_state_dict
+from infinitystar.model.infinitystar import CONFIG_TYPE
 from infinitystar.train.distributed import DistInfo, barrier, broadcast_object, full_tensor
 
 PREFIX = "transformer."           # the transformer's keys inside PackedTrainModule
@@ -181,7 +182,7 @@ class CheckpointManager:
         ema_sd = ema.full_state_dict() if ema is not None else None
         if info.is_main:
             save_file(model_sd, str(tmp / "model.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(transformer_config, indent=1))
+            (tmp / "config.json").write_text(json.dumps({"type": CONFIG_TYPE, **transformer_config}, indent=1))
             if ema_sd is not None:
                 save_file(ema_sd, str(tmp / "ema.safetensors"))
         if optimizer is not None:

@@ -40,7 +40,8 @@ class ModelSection:
             cfg_path = Path(self.init_from) / "config.json"
             if not cfg_path.is_file():
                 raise ConfigError(f"model.init_from: {cfg_path} does not exist")
-            return TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
+            raw = json.loads(cfg_path.read_text())
+            return TransformerConfig.from_dict({k: v for k, v in raw.items() if k != "type"})
         try:
             if self.preset is None:
                 return TransformerConfig(**self.overrides)
