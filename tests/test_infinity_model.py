@@ -15,7 +15,8 @@ from infinitystar.model.infinity import (INFINITY_PRESETS, InfinityConfig, Infin
                                          teacher_forcing, text_from_varlen, token_weights)
 from infinitystar.model.rope import Rope2D, apply_rope, rope2d_positions
 from infinitystar.parity import CHECKERS, Fixture, run_checks
-from infinitystar.sampling.infinity_generate import generate_infinity, sample_bits
+from infinitystar.sampling.bits import sample_bits
+from infinitystar.sampling.infinity_generate import generate_infinity
 from infinitystar.schedules import infinity_resolution as ir
 
 

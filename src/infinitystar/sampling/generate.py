@@ -17,6 +17,7 @@ from infinitystar.model.attention import AttentionContext, KVCache, visible_cont
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.rope import text_positions, visual_positions
 from infinitystar.quant.residual import CodeAccumulator
+from infinitystar.sampling.bits import per_scale, sample_bits
 from infinitystar.sampling.guidance import guide
 from infinitystar.schedules.pyramid import Schedule
 
@@ -43,15 +44,6 @@ class GenerationOutput:
     bits: list[torch.Tensor]                             # per step (B, t, h, w, c), uint8
     logits: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per step when recorded
     peak_cache_bytes: int = 0
-
-
-def _per_scale(value: Union[float, Sequence[float]], n: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    value = [float(v) for v in value]
-    if len(value) != n:
-        raise ValueError(f"{name} must be a number or one value per scale ({n}), got {len(value)}")
-    return value
 
 
 @torch.no_grad()
@@ -90,8 +82,8 @@ def generate(
     if len(prefix_bits) > len(schedule.steps):
         raise ValueError(f"{len(prefix_bits)} teacher steps given, the schedule has {len(schedule.steps)}")
     n_scales = len(schedule.scales)
-    scales_cfg = _per_scale(guidance_scale, n_scales, "guidance_scale")
-    taus = _per_scale(tau, n_scales, "tau")
+    scales_cfg = per_scale(guidance_scale, n_scales, "guidance_scale")
+    taus = per_scale(tau, n_scales, "tau")
     use_cfg = any(g != 1.0 for g in scales_cfg)
     B = captions[0].features.shape[0]
     device = captions[0].features.device
@@ -148,15 +140,7 @@ def generate(
         if forced:
             bits = prefix_bits[step.index].to(device=device, dtype=torch.uint8).reshape(B, *scale.shape, scale.bits)
         else:
-            probs = guided.softmax(-1)
-            if greedy:
-                sampled = probs.argmax(-1)
-            else:
-                # drawn on the generator's device so a CPU generator reproduces across devices
-                gen_device = generator.device if generator is not None else probs.device
-                u = torch.rand(probs.shape[:-1], generator=generator, device=gen_device).to(probs.device)
-                sampled = u < probs[..., 1]
-            bits = sampled.to(torch.uint8).reshape(B, *scale.shape, scale.bits)
+            bits = sample_bits(guided, generator=generator, greedy=greedy).reshape(B, *scale.shape, scale.bits)
         acc.add(bits)
         out.bits.append(bits)
         if step.is_last_repetition:

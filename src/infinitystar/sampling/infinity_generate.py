@@ -24,6 +24,7 @@ from infinitystar.model.infinity import (InfinityTransformer, Scale2D, as_scales
                                          tokens_to_latent, vae_scales)
 from infinitystar.model.rope import rope2d_positions
 from infinitystar.quant.residual import CodeAccumulator
+from infinitystar.sampling.bits import per_scale, sample_bits
 from infinitystar.sampling.guidance import cfg as cfg_mix
 from infinitystar.schedules.infinity_resolution import rope_anchor as default_rope_anchor
 
@@ -40,33 +41,6 @@ class InfinityGenerationOutput:
     def token_bits(self) -> torch.Tensor:
         """All bits as (B, L, bits), scale-major and row-major inside a scale."""
         return torch.cat([b.reshape(b.shape[0], -1, b.shape[-1]) for b in self.bits], 1)
-
-
-def _per_scale(value: Union[float, Sequence[float]], n: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    value = [float(v) for v in value]
-    if len(value) != n:
-        raise ValueError(f"{name} must be a number or one value per scale ({n}), got {len(value)}")
-    return value
-
-
-def sample_bits(logits: torch.Tensor, top_p: float = 0.0, generator: Optional[torch.Generator] = None,
-                greedy: bool = False) -> torch.Tensor:
-    """Bits (uint8) from logits (..., 2). greedy: the likely value (l1 > l0). top_p in (0, 1]: a bit whose less
-    likely value has probability <= 1 - top_p is decided greedily, the others are drawn (top_p = 0: no filter)."""
-    if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    likely = logits[..., 1] > logits[..., 0]
-    if greedy:
-        return likely.to(torch.uint8)
-    p1 = logits.float().softmax(-1)[..., 1]
-    gen_device = generator.device if generator is not None else p1.device   # a CPU generator reproduces anywhere
-    u = torch.rand(p1.shape, generator=generator, device=gen_device).to(p1.device)
-    bits = u < p1
-    if top_p > 0:
-        bits = torch.where(torch.minimum(p1, 1 - p1) <= 1 - top_p, likely, bits)
-    return bits.to(torch.uint8)
 
 
 @torch.no_grad()
@@ -102,7 +76,7 @@ def generate_infinity(
         raise ValueError(f"{n} scales but the model has {cfgm.num_levels} level embeddings")
     if len(prefix_bits) > n:
         raise ValueError(f"{len(prefix_bits)} teacher scales given, the schedule has {n}")
-    cfgs, taus = _per_scale(cfg, n, "cfg"), _per_scale(tau, n, "tau")
+    cfgs, taus = per_scale(cfg, n, "cfg"), per_scale(tau, n, "tau")
     if any(t <= 0 for t in taus):
         raise ValueError(f"tau must be positive, got {taus}")
     use_cfg = any(c != 1.0 for c in cfgs)
