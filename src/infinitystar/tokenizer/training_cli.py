@@ -1,0 +1,206 @@
+"""`infinitystar tokenizer train ...` and `infinitystar tokenizer reconstruct IN OUT ...` (registered by
+`add_cli` on the main command's subparsers)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def default_tokenizer_dir() -> Path:
+    """The built-in tokenizer shipped as package data."""
+    import infinitystar
+    return Path(infinitystar.__file__).parent / "weights" / "default" / "tokenizer"
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+
+def _train_overrides(args) -> list[str]:
+    """Flags -> `key=value` overrides, applied after the config file (flags win)."""
+    out = [f"mode={args.mode}"]
+    pairs = {"init": args.init, "output_dir": args.output_dir, "seed": args.seed, "device": args.device,
+             "train.max_steps": args.steps, "train.batch_size": args.batch_size, "train.threads": args.threads,
+             "optim.lr": args.lr}
+    for k, v in pairs.items():
+        if v is not None:
+            out.append(f"{k}={json.dumps(v)}")
+    return out + list(args.overrides)
+
+
+def cmd_train(args) -> int:
+    from infinitystar.convert.strict import CheckpointError
+    from infinitystar.tokenizer.training import config_from_dict, load_config, train
+    from infinitystar.train.config import ConfigError
+    try:
+        overrides = _train_overrides(args)
+        cfg = load_config(args.config, overrides) if args.config else config_from_dict({}, overrides)
+        result = train(cfg, resume=args.resume, until=args.until)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    summary = {"step": result.step, "output_dir": str(result.output_dir),
+               "model": str(result.model_dir) if result.model_dir else None, "val_psnr": result.val_psnr,
+               "seconds": round(result.seconds, 1)}
+    print(json.dumps(summary))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# reconstruct
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def read_input(path: Path):
+    """uint8 frames (T, H, W, 3) of a video (.mp4 and anything PyAV reads, .npy/.npz) or an image."""
+    from infinitystar.media import MediaError, load_image, load_video
+    if not path.exists():
+        raise SystemExit(f"error: input {path} does not exist")
+    try:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return load_image(path)[None]
+        return load_video(path)
+    except MediaError as e:
+        raise SystemExit(f"error: {e}")
+    except (OSError, ValueError) as e:   # e.g. a .npy that is not an array of frames
+        raise SystemExit(f"error: cannot read {path}: {e}")
+
+
+def trim_frames(frames, temporal_stride: int, warn=None):
+    """Keep the largest 1 + k * stride prefix; warn when frames are dropped."""
+    n = len(frames)
+    keep = 1 + (n - 1) // temporal_stride * temporal_stride
+    if keep != n and warn is not None:
+        warn(f"warning: {n} frames is not 1 + {temporal_stride}k; using the first {keep}")
+    return frames[:keep]
+
+
+def load_tokenizer_folder(model: Optional[str], device):
+    """(VideoVAE, pyramid or None, folder) from a tokenizer folder; the default is the built-in one."""
+    from infinitystar.config import PyramidConfig
+    from infinitystar.convert.strict import CheckpointError
+    from infinitystar.tokenizer.training import DEFAULT_PYRAMID, PYRAMID_FILE
+    from infinitystar.tokenizer.video_vae import VideoVAE
+    folder = Path(model) if model else default_tokenizer_dir()
+    if not (folder / "config.json").is_file():
+        hint = ("this version ships no built-in tokenizer; pass --model DIR (a folder written by "
+                "`infinitystar tokenizer train`)" if model is None else "not a tokenizer folder (no config.json)")
+        raise SystemExit(f"error: {folder}: {hint}")
+    try:
+        vae = VideoVAE.from_pretrained(folder, device=device)
+        pfile = folder / PYRAMID_FILE
+        pyramid = (PyramidConfig.from_dict(json.loads(pfile.read_text())) if pfile.is_file()
+                   else PyramidConfig(pn=None, temporal_compression=vae.config.temporal_stride, **DEFAULT_PYRAMID))
+    except (CheckpointError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {folder}: {e}")
+    return vae, pyramid, folder
+
+
+def write_output(frames, out: Path, fps: int, lossless: bool) -> None:
+    from infinitystar.media import MediaError, export_to_video, save_image
+    try:
+        if out.suffix.lower() in IMAGE_SUFFIXES:
+            if len(frames) != 1:
+                raise SystemExit(f"error: {out} is an image but the reconstruction has {len(frames)} frames; "
+                                 f"use .mp4 or .npy")
+            save_image(frames[0], out)
+        else:
+            export_to_video(frames, out, fps=fps, lossless=lossless)
+    except MediaError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def cmd_reconstruct(args) -> int:
+    import torch
+
+    from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
+                                                      ssim_per_frame, video_to_frames)
+    t0 = time.perf_counter()
+    src, out = Path(args.input), Path(args.output)
+    if not out.parent.exists():
+        raise SystemExit(f"error: output folder {out.parent} does not exist")
+    if out.suffix.lower() not in (".mp4", ".npy", *IMAGE_SUFFIXES):
+        raise SystemExit(f"error: output must end in .mp4, .npy or an image suffix, got {out.name}")
+    device = torch.device(args.device)
+    vae, pyramid, folder = load_tokenizer_folder(args.model, device)
+    frames = trim_frames(read_input(src), vae.config.temporal_stride, lambda m: print(m, file=sys.stderr))
+    if args.scales is not None and args.continuous:
+        raise SystemExit("error: --scales and --continuous exclude each other")
+    try:
+        video = frames_to_video(frames, device)
+        recon = reconstruct(vae, video, None if args.continuous else pyramid, args.scales)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    rec = video_to_frames(recon)[0]
+    write_output(rec, out, args.fps, args.lossless)
+    per_psnr, per_ssim = psnr_per_frame(frames, rec), ssim_per_frame(frames, rec)
+    summary = {"input": str(src), "output": str(out), "model": str(folder), "frames": int(len(frames)),
+               "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+               "scales": "continuous" if args.continuous else (args.scales if args.scales is not None else "all"),
+               "psnr": round(psnr(frames, rec), 4), "ssim": round(ssim(frames, rec), 5),
+               "per_frame": [{"frame": i, "psnr": round(p, 4), "ssim": round(s, 5)}
+                             for i, (p, s) in enumerate(zip(per_psnr, per_ssim))],
+               "seconds": round(time.perf_counter() - t0, 3)}
+    print(json.dumps(summary))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+
+def add_cli(subparsers) -> None:
+    """Register `tokenizer` with its `train` and `reconstruct` subcommands on the main command's subparsers."""
+    tok = subparsers.add_parser("tokenizer", help="train the video tokenizer or measure its reconstructions")
+    sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+
+    p = sub.add_parser("train", help="train a continuous VAE or the bitwise tokenizer (see docs/tokenizer.md)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("mode", choices=["continuous", "bitwise"],
+                   help="continuous VAE, or the multi-scale bitwise tokenizer (from --init or from scratch)")
+    p.add_argument("--config", help="YAML config (configs/tokenizer_*.yaml); flags override it")
+    p.add_argument("--init", help="tokenizer folder to start from (bitwise: knowledge inheritance from a "
+                                  "continuous VAE)")
+    p.add_argument("--output-dir", help="run folder (checkpoints, metrics.jsonl, model/)")
+    p.add_argument("--steps", type=int, help="train.max_steps")
+    p.add_argument("--batch-size", type=int, help="train.batch_size")
+    p.add_argument("--lr", type=float, help="optim.lr")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--threads", type=int, help="torch threads for this run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override any config value, e.g. --set quant.drop_prob=0.2 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint of the output folder (or a given checkpoint folder)")
+    p.add_argument("--until", type=int, metavar="STEP",
+                   help="stop after this step and checkpoint (the LR schedule still runs to max_steps)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("reconstruct", help="encode, quantize and decode a video; print PSNR/SSIM as JSON")
+    p.add_argument("input", help="video (.mp4, .npy) or image; frames must be multiples of the spatial stride")
+    p.add_argument("output", help="reconstruction (.mp4, .npy, or .png for one frame)")
+    p.add_argument("--scales", type=int, default=None, metavar="K",
+                   help="use only the first K scales of every clip's pyramid (default: all)")
+    p.add_argument("--continuous", action="store_true", help="skip the quantizer (continuous VAE round trip)")
+    p.add_argument("--model", default=None, help="tokenizer folder (default: the built-in tokenizer)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of an .mp4 output")
+    p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 for an .mp4 output")
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m infinitystar.tokenizer.training_cli tokenizer ...` (until the main command registers it)."""
+    parser = argparse.ArgumentParser(prog="infinitystar")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
