@@ -8,7 +8,7 @@ Three runs on Shapes World (17-frame 64x64 clips, train split, rendered on the f
 Runs 2 and 3 log the validation PSNR (after quantization with all scales) on the same 16 held-aside clips every
 `val_every` steps. The script then writes a table (markdown + JSON) and the plot docs/tokenizer_inheritance.png.
 
-    PYTHONPATH=src python scripts/tokenizer_inheritance.py --out runs/tokenizer_study --threads 2
+    PYTHONPATH=src python scripts/tokenizer_inheritance.py --out runs/tokenizer_study --threads 1
     PYTHONPATH=src python scripts/tokenizer_inheritance.py --out runs/tokenizer_study --report-only
 
 Each stage is skipped when its run folder already holds the finished model, and resumed when it holds
@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/tokenizer_study", help="study folder (one sub-folder per run)")
     ap.add_argument("--continuous-steps", type=int, default=None, help="override train.max_steps of stage 1")
     ap.add_argument("--bitwise-steps", type=int, default=None, help="override train.max_steps of stages 2 and 3")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per run (1: robust on a shared machine, see docs/tokenizer.md)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "tokenizer_inheritance.png"))
     ap.add_argument("--report-only", action="store_true", help="only build the table and the plot")

@@ -3,12 +3,12 @@ inherited from a continuous VAE ("knowledge inheritance") or trained from scratc
 
 Modes (`TokenizerTrainConfig.mode`):
     continuous  encode -> posterior sample (reparameterised) -> project_down -> project_up -> decode;
-                loss = l1_weight * L1 + kl_weight * KL(posterior || N(0, 1)) (both means over elements).
+                loss = l1_weight * L1 + l2_weight * MSE + kl_weight * KL(posterior || N(0, 1)) (means over elements).
     bitwise     encode -> posterior mean -> project_down (x learned scale) -> `quantize_multiscale` (straight-through
                 BSQ over the spacetime pyramid, random scale dropping) -> project_up -> decode;
-                loss = l1_weight * L1 + quant_weight * (0.25 * commitment + 0.001 * entropy penalty), the official
-                per-scale BSQ terms averaged over scales. With `init` the weights start from a continuous VAE
-                folder (inheritance), otherwise from random initialisation.
+                loss = l1_weight * L1 + l2_weight * MSE + quant_weight * (0.25 * commitment + 0.001 * entropy
+                penalty), the official per-scale BSQ terms averaged over scales. With `init` the weights start
+                from a continuous VAE folder (inheritance), otherwise from random initialisation.
 The reasons behind every default are in docs/tokenizer.md.
 
 Everything random is a pure function of (seed, step): the batch (Shapes World rendered on the fly, train split
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -35,7 +34,6 @@ import numpy as np
 import torch
 import yaml
 
-from infinitystar.config import PyramidConfig
 from infinitystar.convert.strict import CheckpointError, load_strict, read_tensors
 from infinitystar.quant.residual import MultiScaleQuant, quantize_multiscale
 from infinitystar.schedules.pyramid import Schedule
@@ -103,6 +101,7 @@ class QuantConfig:
     depth_mode: Literal["none", "coarse", "fine", "independent"] = "coarse"
     drop_prob: float = 0.1               # per batch (coarse / fine) or per scale (independent)
     calibrate_scale: bool = True         # at step 0, set the latent scale that minimises the quantization error
+    calibration_clips: int = 8           # training clips the calibration measures the error on
     sample_posterior: bool = False       # quantize a posterior sample instead of the mean
 
 
@@ -152,8 +151,8 @@ class TokenizerTrainConfig:
         t, d, o, q, lo = self.train, self.data, self.optim, self.quant, self.loss
         for k, v in {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size, "data.frames": d.frames,
                      "data.height": d.height, "data.width": d.width, "data.val_samples": d.val_samples,
-                     "optim.lr": o.lr, "log.every": self.log.every, "loss.inv_temperature": lo.inv_temperature
-                     }.items():
+                     "optim.lr": o.lr, "log.every": self.log.every, "loss.inv_temperature": lo.inv_temperature,
+                     "quant.calibration_clips": q.calibration_clips}.items():
             if v <= 0:
                 raise ConfigError(f"{k} must be positive, got {v}")
         for k, v in {"train.val_every": t.val_every, "optim.warmup_steps": o.warmup_steps,
@@ -519,7 +518,8 @@ class TokenizerTrainer:
         self.model.train()
         self.calibration: Optional[dict] = None
         if start is None and cfg.mode == "bitwise" and cfg.quant.calibrate_scale:
-            video = self._batch_of(self.source.clips(derive_seed(cfg.seed, "calibrate"), max(8, cfg.train.batch_size)))
+            clips = self.source.clips(derive_seed(cfg.seed, "calibrate"), cfg.quant.calibration_clips)
+            video = self._batch_of(clips)
             self.calibration = calibrate_scale(self.model, video, self.pyramid.build(cfg.data.frames))
 
         groups = {"encoder": ("encoder.",), "decoder": ("decoder.",), "proj": ("proj_down.", "proj_up."),
