@@ -551,3 +551,52 @@ def test_extract_features_command_with_the_video_tokenizer(tmp_path, capsys):
     video = next(r for r in read_manifests([manifest]) if r.kind == "video")
     z = read_cached_latent(tmp_path / "cache", video, spec, 17)
     assert tuple(z.shape) == (64, 5, 8, 8) and cache_path(tmp_path / "cache", video).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Joint training of the built-in text encoder, export to a model folder
+# --------------------------------------------------------------------------------------------------
+
+def test_trainable_text_encoder_learns_resumes_and_exports(tmp_path, dataset):
+    from infinitystar.pipelines.infinitystar import InfinityStarPipeline
+    from infinitystar.text.builtin import WordTextEncoder
+    from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
+    from infinitystar.train.export import export_model
+    from infinitystar.train.trainer import Trainer
+    te = builtin_text_encoder(tmp_path / "te")
+    initial = WordTextEncoder.from_pretrained(te).state_dict()
+
+    def run(out, until=None, resume=None):
+        raw = tiny_config(out, dataset, train={"max_steps": 4, "ema_decay": 0.5, "text_dropout": 0.0},
+                          text_encoder={"path": str(te), "trainable": True})
+        tr = Trainer(config_from_dict(raw), tokenizer=LinearTokenizer(), resume=resume)
+        try:
+            return tr.fit(until=until)
+        finally:
+            tr.close()
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "split", until=2)
+    split = run(tmp_path / "split", resume="latest")
+    for name in ("model.safetensors", "ema.safetensors"):
+        w1, w2 = weights(straight.checkpoint, name), weights(split.checkpoint, name)
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), name
+    text = {k[len("text_encoder."):]: v for k, v in weights(straight.checkpoint).items()
+            if k.startswith("text_encoder.")}
+    assert text.keys() == initial.keys()
+    assert not torch.equal(text["embed.weight"], initial["embed.weight"])      # the encoder was trained
+
+    vae = tmp_path / "vae"
+    VideoVAE(VideoVAEConfig.small()).save_pretrained(vae)
+    export_model(straight.checkpoint, tmp_path / "model", tokenizer=vae)
+    pipe = InfinityStarPipeline.from_pretrained(tmp_path / "model")
+    ema = weights(straight.checkpoint, "ema.safetensors")
+    assert torch.equal(pipe.text_encoder.state_dict()["embed.weight"], ema["text_encoder.embed.weight"])
+    assert torch.equal(pipe.transformer.state_dict()["null_text"], ema["null_text"])
+    assert (pipe.height, pipe.width) == (64, 64)
+    out = pipe("a red circle", num_frames=1, generator=torch.Generator().manual_seed(0))
+    assert out.frames[0].shape == (1, 64, 64, 3)
+
+    raw = tiny_config(tmp_path / "bad", dataset, text_encoder={"path": None, "trainable": True})
+    with pytest.raises(ConfigError, match="only the built-in word encoder"):
+        Trainer(config_from_dict(raw), text_encoder=HashTextEncoder(32), tokenizer=LinearTokenizer())

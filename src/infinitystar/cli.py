@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_bench)
     from infinitystar.train.cli import add_cli as add_train_cli
     add_train_cli(sub)
+    from infinitystar.train.export import add_cli as add_export_cli
+    add_export_cli(sub)
     from infinitystar.tokenizer.training_cli import add_cli as add_tokenizer_cli
     add_tokenizer_cli(sub)
     from infinitystar.convert.cli import add_cli as add_convert_cli

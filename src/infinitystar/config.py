@@ -161,6 +161,9 @@ PYRAMID_PRESETS: dict[str, dict[str, Any]] = {
     # a tiny pyramid for tests: 64x64 frames at stride 8 -> 8x8 latents
     "tiny": dict(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [8, 8]], frames_per_clip=4,
                  image_repetition=[2, 2, 1, 1], video_repetition=[2, 1, 1, 1], detail_min_tokens=64),
+    # the built-in default model (Shapes World, 64x64 frames, 8x8 latents): 16-frame clips, one caption each
+    "shapes": dict(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]], frames_per_clip=4,
+                   detail_min_tokens=36),
 }
 
 

@@ -102,7 +102,7 @@ def _load_text_encoder(d: Path, device):
         raise FileNotFoundError(f"{d}: no text encoder (config.json missing); put the flan-t5-xl files there "
                                 f"(config.json, model.safetensors or its shards + index, tokenizer.json or "
                                 f"spiece.model, tokenizer_config.json)")
-    from infinitystar.pipelines.infinitystar import _load_text_encoder as load   # one loader for both families
+    from infinitystar.text import load_text_encoder as load   # one loader for both families
     return load(d, device)
 
 

@@ -20,6 +20,7 @@ from infinitystar.config import PyramidConfig, TransformerConfig
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
+from infinitystar.text import load_text_encoder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 PromptInput = Union[str, Sequence[str], Sequence[Sequence[str]]]
@@ -50,15 +51,6 @@ class PipelineOutput:
     def images(self) -> list[np.ndarray]:
         """First frame of each sample (text-to-image)."""
         return [f[0] for f in self.frames]
-
-
-def _load_text_encoder(d: Path, device):
-    kind = json.loads((d / "config.json").read_text()).get("type", "t5")
-    if kind == "builtin":
-        from infinitystar.text.builtin import WordTextEncoder
-        return WordTextEncoder.from_pretrained(d, device)
-    from infinitystar.text.t5 import T5TextEncoder
-    return T5TextEncoder.from_pretrained(d, device=device)
 
 
 def _load_tokenizer(d: Path, device):
@@ -95,7 +87,7 @@ class InfinityStarPipeline:
             raise ValueError(f"{d} holds a {meta.get('family')!r} model; use the matching pipeline")
         device = torch.device(device or "cpu")
         return cls(InfinityStarTransformer.from_pretrained(d / "transformer", device), _load_tokenizer(d / "tokenizer", device),
-                   _load_text_encoder(d / "text_encoder", device), PyramidConfig.from_dict(meta["pyramid"]),
+                   load_text_encoder(d / "text_encoder", device), PyramidConfig.from_dict(meta["pyramid"]),
                    int(meta["height"]), int(meta["width"]), GenerationDefaults(**meta.get("defaults", {})))
 
     def save_pretrained(self, path: Union[str, Path]) -> None:

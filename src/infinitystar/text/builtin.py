@@ -91,3 +91,26 @@ class WordTextEncoder(nn.Module, TextEncoder):
         model = cls(**config)
         load_strict(model, sd, f"{directory}/model.safetensors")
         return model.to(device).eval()
+
+
+def main(argv=None) -> int:
+    """`python -m infinitystar.text.builtin OUT`: a freshly initialised encoder over the Shapes World vocabulary
+    (the starting point that `text_encoder.trainable` trains with the generator)."""
+    import argparse
+    from infinitystar.shapes.world import vocabulary
+    p = argparse.ArgumentParser(prog="python -m infinitystar.text.builtin", description=main.__doc__)
+    p.add_argument("out")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    WordTextEncoder(vocabulary(), a.width, a.depth, a.heads, a.max_len).save_pretrained(a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -88,6 +88,7 @@ class TokenizerDataConfig:
 class LossConfig:
     l1_weight: float = 1.0
     l2_weight: float = 1.0               # squared error: L1 alone ignores small objects for long (docs)
+    content_weight: float = 0.0          # extra per-pixel weight where the target differs from its frame's median
     kl_weight: float = 1e-5              # continuous mode only
     quant_weight: float = 1.0            # bitwise: weight of the BSQ aux loss (the official `lfq_weight` role)
     commitment_weight: float = 0.25      # official per-scale aux: 0.25 * commit + (entropy / 100) * 0.1
@@ -159,6 +160,7 @@ class TokenizerTrainConfig:
                      "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
                      "checkpoint.every": self.checkpoint.every, "checkpoint.keep_last": self.checkpoint.keep_last,
                      "loss.l1_weight": lo.l1_weight, "loss.l2_weight": lo.l2_weight, "loss.kl_weight": lo.kl_weight,
+                     "loss.content_weight": lo.content_weight,
                      "loss.quant_weight": lo.quant_weight, "loss.commitment_weight": lo.commitment_weight,
                      "loss.entropy_weight": lo.entropy_weight}.items():
             if v < 0:
@@ -369,14 +371,28 @@ def clips_to_video(clips: list[np.ndarray], device) -> torch.Tensor:
 # Losses and the quantizer path
 # --------------------------------------------------------------------------------------------------
 
+CONTENT_THRESHOLD = 0.1   # in [-1, 1] units: ~13 levels of uint8, above flat-region noise
+
+
+def content_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, T, H, W): 1 + `weight` where any channel of the target is more than
+    CONTENT_THRESHOLD away from its frame's per-channel median. On sparse content (a small object on a flat
+    background) the median is the background, so the object is up-weighted; see docs/tokenizer.md."""
+    median = video.flatten(3).median(dim=-1).values[..., None, None]
+    salient = (video - median).abs().amax(dim=1, keepdim=True) > CONTENT_THRESHOLD
+    return 1.0 + weight * salient.to(video.dtype)
+
+
 def reconstruction_loss(recon: torch.Tensor, video: torch.Tensor, loss: LossConfig) -> tuple[torch.Tensor, dict]:
-    """l1_weight * L1 + l2_weight * MSE (means over pixels)."""
+    """l1_weight * L1 + l2_weight * MSE (means over pixels, weighted by `content_weights` when
+    loss.content_weight > 0)."""
     diff = recon - video
-    l1 = diff.abs().mean()
+    w = content_weights(video, loss.content_weight) if loss.content_weight > 0 else None
+    l1 = diff.abs().mean() if w is None else (w * diff.abs()).mean()
     out = loss.l1_weight * l1
     terms = {"l1": float(l1.detach())}
     if loss.l2_weight > 0:
-        mse = diff.square().mean()
+        mse = diff.square().mean() if w is None else (w * diff.square()).mean()
         out = out + loss.l2_weight * mse
         terms["mse"] = float(mse.detach())
     return out, terms

@@ -2,7 +2,8 @@
 
 Layout of `RUN/checkpoints/`:
     step_00000200/
-        model.safetensors     full transformer weights (loadable by `InfinityStarTransformer` with config.json)
+        model.safetensors     full transformer weights under their own names, plus `text_encoder.*` when the
+                              text encoder is trained (`infinitystar export` splits them into a model folder)
         config.json           the TransformerConfig
         ema.safetensors       EMA weights (when EMA is on), same keys
         optimizer/            AdamW state, sharded per rank (torch.distributed.checkpoint; any world size)
@@ -36,6 +37,7 @@ from infinitystar.model.infinitystar import CONFIG_TYPE
 from infinitystar.train.distributed import DistInfo, barrier, broadcast_object, full_tensor
 
 PREFIX = "transformer."           # the transformer's keys inside PackedTrainModule
+TEXT_PREFIX = "text_encoder."     # a trained text encoder's keys (kept in the checkpoint's files)
 STEP_DIR = "step_{:08d}"
 
 
@@ -89,12 +91,13 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------------
 
 class EMA:
-    """Exponential moving average of the transformer's parameters, kept in the parameters' own sharding (a
-    DTensor shard under FSDP2), updated once per optimizer step."""
+    """Exponential moving average of the trained parameters (the transformer's under their own names, a trained
+    text encoder's under `text_encoder.`), kept in the parameters' own sharding (a DTensor shard under FSDP2),
+    updated once per optimizer step."""
 
-    def __init__(self, transformer: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.params = [(n, p) for n, p in transformer.named_parameters()]
+        self.params = [(_strip(n), p) for n, p in module.named_parameters() if p.requires_grad]
         self.shadow = [p.detach().clone().float() for _, p in self.params]
 
     @torch.no_grad()
@@ -120,10 +123,14 @@ class EMA:
 # Save / load
 # --------------------------------------------------------------------------------------------------
 
+def _strip(name: str) -> str:
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
 def _model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    return {_strip(k): v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
 @contextmanager
@@ -215,9 +222,10 @@ class CheckpointManager:
             if p != keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, path: Path, module: nn.Module, transformer: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+    def load(self, path: Path, module: nn.Module, unwrapped: nn.Module, optimizer: Optional[torch.optim.Optimizer],
              ema: Optional[EMA]) -> tuple[dict, Optional[dict]]:
-        """Restore weights, optimizer and EMA; returns (trainer state, this rank's state or None)."""
+        """Restore weights, optimizer and EMA; returns (trainer state, this rank's state or None). `unwrapped`:
+        the PackedTrainModule before distributed wrapping (its state dict gives the expected keys)."""
         from infinitystar.convert.strict import read_tensors
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         path = Path(path)
@@ -225,8 +233,9 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: not a complete checkpoint (no trainer.json / model.safetensors)")
         meta = json.loads((path / "trainer.json").read_text())
         sd = read_tensors(path / "model.safetensors")
-        check_state_dict(transformer.state_dict(), sd, str(path / "model.safetensors"))
-        set_model_state_dict(module, {PREFIX + k: v for k, v in sd.items()},
+        expected = {_strip(k): v for k, v in unwrapped.state_dict().items()}
+        check_state_dict(expected, sd, str(path / "model.safetensors"))
+        set_model_state_dict(module, {(k if k.startswith(TEXT_PREFIX) else PREFIX + k): v for k, v in sd.items()},
                              options=StateDictOptions(full_state_dict=True, strict=True))
         if ema is not None:
             if meta.get("has_ema"):

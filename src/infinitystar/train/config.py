@@ -67,8 +67,10 @@ class PyramidSection:
 
 @dataclass
 class ComponentSection:
-    """A frozen component loaded from a folder (text encoder or video tokenizer)."""
+    """A component loaded from a folder (text encoder or video tokenizer). Frozen unless `trainable` (only the
+    built-in text encoder can be trained, jointly with the transformer, as the default model is)."""
     path: Optional[str] = None
+    trainable: bool = False
 
 
 @dataclass
@@ -202,6 +204,9 @@ class RunConfig:
                                             or sum(ss.clip_weights) <= 0):
             raise ConfigError(f"train.scale_subset.clip_weights must be non-negative with a positive sum, "
                               f"got {ss.clip_weights}")
+        if self.tokenizer.trainable:
+            raise ConfigError("tokenizer.trainable: the video tokenizer is trained by `infinitystar tokenizer "
+                              "train`; the generator trainer keeps it frozen")
         model, pyramid = self.model.build(), self.pyramid.build()
         tc = pyramid.temporal_compression
         if (d.max_frames - 1) % tc:

@@ -89,26 +89,47 @@ def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str],
     return PreparedSample(schedule, steps, inputs, bits, weights, [captions[i] for i in used], of_clip, drop)
 
 
+@dataclass(frozen=True)
+class TextRow:
+    """A caption the module encodes itself (trainable text encoder): row `row` of the tokenized prompts,
+    its first `length` tokens."""
+    row: int
+    length: int
+
+
 class PackedTrainModule(nn.Module):
     """The unit that distributed wrappers shard: its forward swaps dropped captions for the learned null text
-    (inside forward, where FSDP has gathered the parameters) and runs the packed forward.
+    (inside forward, where FSDP has gathered the parameters) and runs the packed forward. With a trainable
+    text encoder it also encodes the tokenized prompts, so the encoder's gradients flow and are reduced with
+    the transformer's.
 
     It also returns a zero "anchor" that touches every parameter outside the blocks. A micro-batch may leave the
-    null text or one of the two bit heads unused, and ranks must agree on which parameters have gradients
-    (FSDP2 reduce-scatters only those, DDP expects all); the anchor's gradient is exactly zero.
+    null text, the text encoder or one of the two bit heads unused, and ranks must agree on which parameters
+    have gradients (FSDP2 reduce-scatters only those, DDP expects all); the anchor's gradient is exactly zero.
     """
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, text_encoder: Optional[nn.Module] = None):
         super().__init__()
         self.transformer = transformer
+        self.text_encoder = text_encoder
 
-    def forward(self, x_visual: torch.Tensor, captions: Sequence[Union[torch.Tensor, int]], packed: PackedSequence,
-                backend: str = "sdpa") -> tuple[list[torch.Tensor], torch.Tensor]:
+    def forward(self, x_visual: torch.Tensor, captions: Sequence[Union[torch.Tensor, int, TextRow]],
+                packed: PackedSequence, backend: str = "sdpa",
+                text_tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
         t = self.transformer
-        feats = [t.null_text_features(c) if isinstance(c, int) else c for c in captions]
+        encoded = self.text_encoder(*text_tokens) if text_tokens is not None else None
+        feats = []
+        for c in captions:
+            if isinstance(c, int):
+                feats.append(t.null_text_features(c))
+            elif isinstance(c, TextRow):
+                feats.append(encoded[c.row, :c.length])
+            else:
+                feats.append(c)
         logits = t.forward_packed(x_visual, feats, packed, backend=backend)
         in_blocks = {id(p) for p in t.blocks.parameters()}
-        anchor = sum(p.sum() for p in t.parameters() if id(p) not in in_blocks) * 0.0
+        anchor = sum(p.sum() for p in self.parameters() if p.requires_grad and id(p) not in in_blocks) * 0.0
         # clone: FSDP2 warns about views returned from a wrapped module (in-place ops on them skip its hooks)
         return [lg.clone() for lg in logits], anchor
 
@@ -117,7 +138,8 @@ class PackedTrainModule(nn.Module):
 class PackedBatch:
     packed: PackedSequence
     x_visual: torch.Tensor
-    captions: list[Union[torch.Tensor, int]]   # features (L, Ct), or an int L: the null text of that length
+    captions: list[Union[torch.Tensor, int, TextRow]]   # features (L, Ct); an int L: the null text of that
+                                                        # length; a TextRow: encoded inside the module
     samples: list[PreparedSample]
 
     @property
@@ -125,16 +147,23 @@ class PackedBatch:
         return self.packed.num_visual + self.packed.num_text
 
 
-def pack_batch(samples: Sequence[PreparedSample], text_features: Sequence[Sequence[torch.Tensor]],
+def _caption_length(f: Union[torch.Tensor, TextRow]) -> int:
+    return f.length if isinstance(f, TextRow) else f.shape[0]
+
+
+def pack_batch(samples: Sequence[PreparedSample], text_features: Sequence[Sequence[Union[torch.Tensor, TextRow]]],
                text_maxlen: int, pad_multiple: int, device) -> PackedBatch:
-    """text_features[b][c]: features (L, Ct) of caption c of sample b."""
-    packs = [PackSample(s.schedule, s.steps, [f.shape[0] for f in feats], s.caption_of_clip)
+    """text_features[b][c]: features (L, Ct) of caption c of sample b, or its TextRow."""
+    packs = [PackSample(s.schedule, s.steps, [_caption_length(f) for f in feats], s.caption_of_clip)
              for s, feats in zip(samples, text_features)]
     packed = pack_sequence(packs, text_maxlen, pad_multiple).to(device)
-    captions: list[Union[torch.Tensor, int]] = []
+    captions: list[Union[torch.Tensor, int, TextRow]] = []
     for b, c in packed.text_segments:
         f = text_features[b][c]
-        captions.append(f.shape[0] if samples[b].drop_text else f.to(device))
+        if samples[b].drop_text:
+            captions.append(_caption_length(f))
+        else:
+            captions.append(f if isinstance(f, TextRow) else f.to(device))
     x = torch.cat([s.inputs for s in samples]).to(device)
     return PackedBatch(packed, x, captions, list(samples))
 

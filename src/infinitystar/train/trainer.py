@@ -29,7 +29,7 @@ from infinitystar.train.data import (SampleLoader, SampleSpec, ShardedOrder, der
 from infinitystar.train.distributed import (all_reduce_sum, init_distributed, shutdown, wrap_model)
 from infinitystar.train.features import encode_pixels
 from infinitystar.train.metrics import MetricsLogger, ScaleAccuracy, peak_memory_mb
-from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_sample
+from infinitystar.train.targets import PackedTrainModule, TextRow, pack_batch, packed_loss, prepare_sample
 
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -46,33 +46,25 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.lr * (lo + (1 - lo) * (1 - progress))
 
 
-def param_groups(transformer: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases, norm weights and the null text are not decayed."""
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases, norm weights, embeddings tables of the text encoder excepted,
+    and the null text are not decayed."""
     decay, no_decay = [], []
-    for name, p in transformer.named_parameters():
+    for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and name != "null_text" else no_decay).append(p)
+        (decay if p.dim() >= 2 and name.rsplit(".", 1)[-1] != "null_text" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
 def load_text_encoder(path: str, device):
-    """A frozen text encoder folder: the built-in word encoder (config type "builtin") or a T5 folder."""
-    import json
-    d = Path(path)
-    cfg = d / "config.json"
-    if not cfg.is_file():
-        raise ConfigError(f"text_encoder.path: {cfg} does not exist")
-    kind = json.loads(cfg.read_text()).get("type", "t5")
-    if kind == "builtin":
-        from infinitystar.text.builtin import WordTextEncoder
-        return WordTextEncoder.from_pretrained(d, device)
+    """The text encoder folder of `text_encoder.path` (built-in word encoder or T5)."""
+    from infinitystar.text import load_text_encoder as load
     try:
-        from infinitystar.text.t5 import T5TextEncoder
-    except ImportError as e:
-        raise ConfigError(f"text_encoder.path: {d} is a {kind!r} encoder, which needs infinitystar.text.t5 ({e})")
-    return T5TextEncoder.from_pretrained(d, device=device)
+        return load(path, device)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise ConfigError(f"text_encoder.path: {e}") from None
 
 
 def load_tokenizer(path: str, device):
@@ -140,9 +132,8 @@ class Trainer:
         self.transformer = transformer.to(self.device).train()
         self.model_config: TransformerConfig = transformer.config
         transformer.gradient_checkpointing = cfg.train.activation_checkpointing
-        self.module = wrap_model(PackedTrainModule(transformer), transformer.blocks, info, cfg.train.parallel)
 
-        # --- frozen components ---------------------------------------------------------------------------
+        # --- text encoder (frozen, or trained with the transformer) and the frozen tokenizer ---------------
         if text_encoder is None:
             if cfg.text_encoder.path is None:
                 raise ConfigError("text_encoder.path is not set")
@@ -151,9 +142,18 @@ class Trainer:
             tokenizer = load_tokenizer(cfg.tokenizer.path, self.device)
         if tokenizer is None and cfg.data.latent_cache is None:
             raise ConfigError("neither tokenizer.path nor data.latent_cache is set: training needs latents")
+        self.text_trainable = cfg.text_encoder.trainable
+        if self.text_trainable and not (isinstance(text_encoder, nn.Module) and hasattr(text_encoder, "tokenize")):
+            raise ConfigError(f"text_encoder.trainable: only the built-in word encoder can be trained with the "
+                              f"generator, got {type(text_encoder).__name__}")
         for comp in (text_encoder, tokenizer):
             if isinstance(comp, nn.Module):
                 comp.eval().requires_grad_(False)
+        if self.text_trainable:
+            torch.manual_seed(derive_seed(cfg.seed, "text_encoder"))
+            text_encoder.to(self.device).train().requires_grad_(True)
+        self.train_module = PackedTrainModule(transformer, text_encoder if self.text_trainable else None)
+        self.module = wrap_model(self.train_module, transformer.blocks, info, cfg.train.parallel)
         channels = getattr(text_encoder, "channels", None)
         if isinstance(channels, int) and channels != self.model_config.text_channels:
             raise ConfigError(f"the text encoder gives {channels}-channel features, the model expects "
@@ -163,9 +163,9 @@ class Trainer:
 
         # --- optimizer, EMA ------------------------------------------------------------------------------
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(transformer, o.weight_decay), lr=o.lr,
+        self.optimizer = torch.optim.AdamW(param_groups(self.train_module, o.weight_decay), lr=o.lr,
                                            betas=tuple(o.betas), eps=o.eps)
-        self.ema = EMA(transformer, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.ema = EMA(self.train_module, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
         # --- data ------------------------------------------------------------------------------------------
         d = cfg.data
@@ -231,7 +231,15 @@ class Trainer:
                 subset=t.scale_subset, bsc_strength=t.bsc_strength, repetition=t.repetition,
                 text_dropout=t.text_dropout, reweight_by_scale=t.reweight_by_scale, max_reweight=t.max_reweight))
         prompts = [c for s in samples for c in s.captions]
-        feats, cut = encode_texts(self.text_encoder, prompts, self.device, self.text_max_len)
+        text_tokens = None
+        if self.text_trainable:   # encoded inside the module, with gradients
+            ids, mask = self.text_encoder.tokenize(prompts)
+            lengths = mask.sum(1).tolist()
+            feats = [TextRow(i, min(int(n), self.text_max_len)) for i, n in enumerate(lengths)]
+            cut = sum(int(n) > self.text_max_len for n in lengths)
+            text_tokens = (ids.to(self.device), mask.to(self.device))
+        else:
+            feats, cut = encode_texts(self.text_encoder, prompts, self.device, self.text_max_len)
         self.text_cut += cut
         per_sample, i = [], 0
         for s in samples:
@@ -239,7 +247,7 @@ class Trainer:
             i += len(s.captions)
         batch = pack_batch(samples, per_sample, self.model_config.text_maxlen, t.pad_multiple, self.device)
         with self._autocast():
-            logits, anchor = self.module(batch.x_visual, batch.captions, batch.packed, self.backend)
+            logits, anchor = self.module(batch.x_visual, batch.captions, batch.packed, self.backend, text_tokens)
         out = packed_loss(logits, batch, anchor)
         (out.loss * scale).backward()
         for step, acc in out.scale_acc:
@@ -261,7 +269,7 @@ class Trainer:
             loss_sum += loss / accum
             tokens += n_tok
             samples += n_s
-        params = [p for p in self.transformer.parameters() if p.grad is not None]
+        params = [p for p in self.train_module.parameters() if p.grad is not None]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -292,7 +300,7 @@ class Trainer:
         if info.is_main:
             how = (f"{info.world_size} processes ({'FSDP2' if cfg.train.parallel == 'fsdp' else 'DDP'})"
                    if info.distributed else "1 process")
-            n_params = sum(p.numel() for p in self.transformer.parameters())
+            n_params = sum(p.numel() for p in self.train_module.parameters() if p.requires_grad)
             print(f"infinitystar train: {how} on {self.device}, {n_params:,} parameters, {len(self.records)} "
                   f"samples, starting at step {self.step}\n--- config ---\n{cfg.to_yaml()}--------------",
                   flush=True)
@@ -369,7 +377,7 @@ class Trainer:
         return self.last_checkpoint
 
     def _restore(self, path: Path) -> None:
-        meta, rank_state = self.ckpt.load(path, self.module, self.transformer, self.optimizer, self.ema)
+        meta, rank_state = self.ckpt.load(path, self.module, self.train_module, self.optimizer, self.ema)
         self.step = int(meta["step"])
         self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
         if rank_state is not None:

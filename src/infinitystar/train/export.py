@@ -1,0 +1,99 @@
+"""`infinitystar export CHECKPOINT OUT`: a training checkpoint -> a model folder that
+`InfinityStarPipeline.from_pretrained(OUT)` loads (transformer, tokenizer, text encoder, model_index.json).
+
+The transformer takes the checkpoint's EMA weights when it has them (`ema=False`: the raw weights). A text encoder
+trained with the generator is stored in the checkpoint under `text_encoder.*`: its architecture comes from the
+run's `text_encoder.path` folder, its weights from the checkpoint. A frozen text encoder is copied as it is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+from infinitystar.convert.strict import CheckpointError, load_strict, read_tensors
+from infinitystar.train.checkpoint import TEXT_PREFIX, find_latest, is_complete
+from infinitystar.train.config import config_from_dict
+
+PathLike = Union[str, Path]
+
+
+def resolve_checkpoint(path: PathLike) -> Path:
+    """A checkpoint folder, or a run folder / its `checkpoints/` (-> the latest complete checkpoint)."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    for root in (p / "checkpoints", p):
+        found = find_latest(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{p}: no complete training checkpoint (a step_* folder with trainer.json and "
+                          f"model.safetensors, or a run folder holding them)")
+
+
+def export_model(checkpoint: PathLike, out: PathLike, *, ema: bool = True, tokenizer: Optional[PathLike] = None,
+                 text_encoder: Optional[PathLike] = None, defaults: Optional[dict] = None) -> Path:
+    """Write the model folder `out` from a checkpoint; `tokenizer` / `text_encoder` override the run's paths
+    (the text encoder's only for its architecture when it was trained). Returns the checkpoint used."""
+    from infinitystar.config import TransformerConfig
+    from infinitystar.model.infinitystar import InfinityStarTransformer
+    from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline, _load_tokenizer
+    from infinitystar.text import load_text_encoder
+
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    run = config_from_dict(meta["config"])
+    weights_file = ckpt / ("ema.safetensors" if ema and meta.get("has_ema") else "model.safetensors")
+    sd = read_tensors(weights_file)
+    text_sd = {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)}
+    model_sd = {k: v for k, v in sd.items() if not k.startswith(TEXT_PREFIX)}
+
+    config_dict = json.loads((ckpt / "config.json").read_text())
+    config_dict.pop("type", None)
+    config = TransformerConfig.from_dict(config_dict)
+    transformer = InfinityStarTransformer(config)
+    load_strict(transformer, model_sd, str(weights_file))
+
+    tok_path = tokenizer or run.tokenizer.path
+    text_path = text_encoder or run.text_encoder.path
+    if tok_path is None or text_path is None:
+        raise CheckpointError(f"{ckpt}: the run has no {'tokenizer' if tok_path is None else 'text_encoder'}.path; "
+                              f"pass it explicitly")
+    text = load_text_encoder(text_path)
+    if run.text_encoder.trainable:
+        if not text_sd:
+            raise CheckpointError(f"{weights_file}: the run trained its text encoder but the file has no "
+                                  f"{TEXT_PREFIX}* weights")
+        load_strict(text, text_sd, f"{weights_file} ({TEXT_PREFIX}*)")
+    elif text_sd:
+        raise CheckpointError(f"{weights_file}: holds {TEXT_PREFIX}* weights but the run's text encoder was frozen")
+
+    pyramid = run.pyramid.build()
+    h, w = pyramid.spatial_scales()[-1]
+    px = run.data.pixels_per_latent
+    pipe = InfinityStarPipeline(transformer.eval(), _load_tokenizer(Path(tok_path), "cpu"), text.eval(), pyramid,
+                                h * px, w * px, GenerationDefaults(**(defaults or {})))
+    pipe.save_pretrained(out)
+    return ckpt
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder for the pipeline")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out", help="model folder to write")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's tokenizer.path)")
+    p.add_argument("--text-encoder", help="text encoder folder (default: the run's text_encoder.path)")
+    p.add_argument("--defaults", help="generation defaults as JSON, e.g. '{\"guidance_scale\": 3}'")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    try:
+        defaults = json.loads(args.defaults) if args.defaults else None
+        ckpt = export_model(args.checkpoint, args.out, ema=not args.raw, tokenizer=args.tokenizer,
+                            text_encoder=args.text_encoder, defaults=defaults)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"exported {ckpt} -> {args.out}")
+    return 0
