@@ -161,13 +161,24 @@ def _cmd_eval(args) -> int:
     import json
     from pathlib import Path
 
-    from infinitystar.shapes.benchmark import evaluate, pipeline_generator
-    pipe = _load_pipeline(args.model, args.device)
-    res = evaluate(pipeline_generator(pipe, args.cfg), n_per_task=args.n, seed=args.seed, tasks=args.tasks,
-                   batch_size=args.batch_size, out_dir=Path(args.out_dir))
+    from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
+    if _model_family(args.model) == "infinity":   # a text-to-image model: the t2i task only
+        bad = [t for t in args.tasks if t != "t2i"]
+        if bad and args.tasks != EVAL_TASKS:
+            raise SystemExit(f"error: an Infinity (text-to-image) model has no {', '.join(bad)} task; use --tasks t2i")
+        pipe = _load_pipeline(args.model, args.device, infinity=True)
+        gen, tasks = infinity_generator(pipe, args.cfg, args.tau), ["t2i"]
+    else:
+        pipe = _load_pipeline(args.model, args.device)
+        gen, tasks = pipeline_generator(pipe, args.cfg), args.tasks
+    res = evaluate(gen, n_per_task=args.n, seed=args.seed, tasks=tasks, batch_size=args.batch_size,
+                   out_dir=Path(args.out_dir))
     print(json.dumps({t: {k: v.get("all_correct") for k, v in r.items()} for t, r in res["by_task"].items()}))
     print(f"wrote {Path(args.out_dir) / 'results.json'} and {Path(args.out_dir) / 'grid.png'}")
     return 0
+
+
+EVAL_TASKS = ["t2i", "t2v", "i2v", "continuation", "long"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     ep = esub.add_parser("shapes", help="Shapes World: five tasks, judged by the reference decoder")
     ep.add_argument("--model", default="default")
     ep.add_argument("--n", type=int, default=200, help="samples per task")
-    ep.add_argument("--tasks", nargs="+", default=["t2i", "t2v", "i2v", "continuation", "long"])
+    ep.add_argument("--tasks", nargs="+", default=EVAL_TASKS,
+                    help="tasks to run (an Infinity text-to-image model runs t2i only)")
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--batch-size", type=int, default=25)
     ep.add_argument("--cfg", type=float, default=None)
+    ep.add_argument("--tau", type=float, default=None, help="Infinity models: sampling temperature")
     ep.add_argument("--device", default="cpu")
     ep.add_argument("--out-dir", default="eval_shapes")
     ep.set_defaults(func=_cmd_eval)
@@ -222,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_cli(sub)
     from infinitystar.convert.cli import add_cli as add_convert_cli
     add_convert_cli(sub)
+    from infinitystar.infinity_cli import add_cli as add_infinity_cli
+    add_infinity_cli(sub)
     return p
 
 

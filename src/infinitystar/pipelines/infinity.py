@@ -7,6 +7,9 @@ and three sub-folders, each loadable on its own: `transformer/` (`InfinityTransf
 The image size follows the official dynamic-resolution tables: an aspect ratio h/w picks the nearest of the 15
 templates and a pixel budget `pn` a prefix of its 13 scales; the image is the last grid times the token stride
 (16 pixels for the 2B, 8 x 2x2 patchify for the 8B). Sizes that are not a template are snapped, with a warning.
+A model trained at one small size instead (the Shapes World model: 64x64 images, 8x8 latents) names its own
+schedule in `defaults.scales`; it then always generates that schedule, anchored (RoPE-2D) to its last grid as in
+training, and a different size, ratio or budget is an error.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import torch
 
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
 from infinitystar.sampling.infinity_generate import generate_infinity
-from infinitystar.schedules.infinity_resolution import (PN_NUM_SCALES, Scale2D, all_templates, nearest_template,
-                                                        pixel_size)
+from infinitystar.schedules.infinity_resolution import (PN_NUM_SCALES, Scale2D, all_templates, check_custom_scales,
+                                                        nearest_template, pixel_size)
 from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
 
 FAMILY = "infinity"
@@ -43,8 +46,11 @@ class InfinityDefaults:
     top_p: float = 0.97
     pn: str = "1M"
     aspect_ratio: float = 1.0     # h/w
+    scales: Optional[list[list[int]]] = None   # a fixed custom schedule (replaces the templates; see the module doc)
 
     def __post_init__(self):
+        if self.scales is not None:
+            self.scales = [list(s) for s in check_custom_scales(self.scales, "defaults.scales")]
         if self.pn not in PN_NUM_SCALES:
             raise ValueError(f"unknown pixel budget pn={self.pn!r}; choose one of {', '.join(PN_NUM_SCALES)}")
         if not self.temperature > 0:
@@ -95,6 +101,7 @@ class Resolution:
     scales: list[Scale2D]
     height: int
     width: int
+    rope_anchor: Optional[Scale2D] = None   # None: the template's 1M grid
 
 
 def _load_text_encoder(d: Path, device):
@@ -191,6 +198,8 @@ class InfinityPipeline:
             raise ValueError("give both height and width, or an aspect_ratio")
         if height is not None and aspect_ratio is not None:
             raise ValueError("give either height and width or aspect_ratio, not both")
+        if self.defaults.scales is not None:
+            return self._custom_resolution(height, width, aspect_ratio, pn)
         if height is not None:
             if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
                 raise ValueError(f"height and width must be positive integers, got {height!r} x {width!r}")
@@ -219,6 +228,19 @@ class InfinityPipeline:
             warnings.warn(f"{asked} snapped to the nearest template h/w {template}: generating {W}x{H} (WxH) "
                           f"at pn {pn}", UserWarning, stacklevel=stacklevel)
         return Resolution(template, pn, scales, H, W)
+
+    def _custom_resolution(self, height, width, aspect_ratio, pn) -> Resolution:
+        """The model's own schedule: any other size, ratio or budget is refused (the model never saw it)."""
+        scales = [tuple(s) for s in self.defaults.scales]
+        H, W = pixel_size(scales, self.token_stride)
+        where = f"this model generates only {W}x{H} images (its custom schedule {[list(s) for s in scales]})"
+        if pn is not None:
+            raise ValueError(f"pn={pn!r} does not apply: {where}")
+        if height is not None and (height, width) != (H, W):
+            raise ValueError(f"size {width}x{height} (WxH) requested: {where}")
+        if aspect_ratio is not None and abs(parse_aspect_ratio(aspect_ratio) / (H / W) - 1) > _SAME_RATIO:
+            raise ValueError(f"aspect ratio {aspect_ratio!r} requested: {where}")
+        return Resolution(H / W, "custom", scales, H, W, rope_anchor=scales[-1])
 
     # --- generation -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -268,7 +290,7 @@ class InfinityPipeline:
         out = generate_infinity(self.transformer, text.features, text.mask, res.scales, cfg=cfg, tau=tau, top_p=top_p,
                                 generator=generator, negative_text=None if neg is None else neg.features,
                                 negative_mask=None if neg is None else neg.mask,
-                                rope_anchor=all_templates()[res.template][-1])
+                                rope_anchor=res.rope_anchor or all_templates()[res.template][-1])
         t2 = time.perf_counter()
         x = self.tokenizer.decode(out.codes).float()
         # (x + 1) / 2 * 255 truncated to uint8, as the reference (which then flips to BGR; we keep RGB)

@@ -130,6 +130,26 @@ def image_schedule(scales: Sequence[Scale2D], bits: int) -> Schedule:
                     detail_min_tokens=0, semantic_bits=bits, detail_bits=bits)
 
 
+def check_custom_scales(scales: Sequence, what: str = "scales") -> list[Scale2D]:
+    """A custom image schedule (a model trained at one small size, e.g. [[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]]
+    for 8x8 latents): (h, w) grids of positive integers starting at 1x1 (the start token), each grid at least as
+    large as the one before in both sides and not equal to it. Returns it as tuples; a ValueError names the fault."""
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not scales:
+        raise ValueError(f"{what}: expected a non-empty list of [h, w] grids, got {scales!r}")
+    out: list[Scale2D] = []
+    for i, s in enumerate(scales):
+        if (isinstance(s, (str, bytes)) or not isinstance(s, Sequence) or len(s) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s)):
+            raise ValueError(f"{what}[{i}]: expected [h, w] with positive integers, got {s!r}")
+        out.append((int(s[0]), int(s[1])))
+    if out[0] != (1, 1):
+        raise ValueError(f"{what}: the first scale must be [1, 1] (the start token), got {list(out[0])}")
+    for (h0, w0), (h1, w1) in zip(out, out[1:]):
+        if h1 < h0 or w1 < w0 or (h1, w1) == (h0, w0):
+            raise ValueError(f"{what}: grids must grow from scale to scale, got [{h0}, {w0}] then [{h1}, {w1}]")
+    return out
+
+
 def template_anchor(h_div_w: float) -> tuple[int, int]:
     """The RoPE-2D anchor of the template nearest to h/w (the last grid of its 1M schedule)."""
     return all_templates()[nearest_template(h_div_w)][-1]

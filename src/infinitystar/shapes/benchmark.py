@@ -82,6 +82,21 @@ def pipeline_generator(pipe, guidance_scale: Optional[float] = None) -> Generato
     return run
 
 
+def infinity_generator(pipe, guidance_scale: Optional[float] = None, temperature: Optional[float] = None
+                       ) -> Generator:
+    """Adapt an InfinityPipeline (text-to-image only): a batch of t2i items -> one frame (1, H, W, 3) per item."""
+    import torch
+
+    def run(items: list[EvalItem], seed: int) -> list[np.ndarray]:
+        if any(it.task != "t2i" for it in items):
+            raise ValueError("an Infinity (text-to-image) pipeline runs the t2i task only")
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        out = pipe([it.prompts[0] for it in items], guidance_scale=guidance_scale, temperature=temperature,
+                   generator=g)
+        return [img[None] for img in out.images]
+    return run
+
+
 def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, tasks: Sequence[str] = TASKS,
              batch_size: int = 25, out_dir: Optional[Path] = None, progress: bool = True) -> dict:
     """Generate and score every task; write `results.json` and `grid.png` to out_dir when given."""
