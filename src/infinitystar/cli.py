@@ -172,7 +172,7 @@ def _cmd_eval(args) -> int:
         pipe = _load_pipeline(args.model, args.device)
         gen, tasks = pipeline_generator(pipe, args.cfg), args.tasks
     res = evaluate(gen, n_per_task=args.n, seed=args.seed, tasks=tasks, batch_size=args.batch_size,
-                   out_dir=Path(args.out_dir))
+                   out_dir=Path(args.out_dir), grid_per_task=args.grid)
     print(json.dumps({t: {k: v.get("all_correct") for k, v in r.items()} for t, r in res["by_task"].items()}))
     print(f"wrote {Path(args.out_dir) / 'results.json'} and {Path(args.out_dir) / 'grid.png'}")
     return 0
@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--tau", type=float, default=None, help="Infinity models: sampling temperature")
     ep.add_argument("--device", default="cpu")
     ep.add_argument("--out-dir", default="eval_shapes")
+    ep.add_argument("--grid", type=int, default=6, help="samples per task in grid.png")
     ep.set_defaults(func=_cmd_eval)
     sp = sub.add_parser("bench", help="generation speed and memory: sparse vs dense attention as videos grow")
     sp.add_argument("--clips", type=int, nargs="+", default=[1, 2, 4, 8])

@@ -10,7 +10,7 @@ One step (everything random is a pure function of (seed, step), so a resumed run
      probability `train.cond_drop_rate`, for classifier-free guidance), reduced with `token_weights`;
   5. AdamW (weight decay on matrices only), linear warm-up then cosine decay, gradient clipping, optional EMA.
 
-Why the text encoder is frozen: the Shapes World vocabulary is 22 words in fixed templates, and a randomly
+Why the text encoder is frozen: the Shapes World vocabulary is 26 words in fixed templates, and a randomly
 initialised word encoder already maps every word and position to distinct features; the transformer's text
 pooler, text MLP and cross-attention (all trained) learn to read them. Freezing costs no quality we could measure
 in this budget, makes each step cheaper, and keeps "never trained on held-out pairs" trivially true for it.

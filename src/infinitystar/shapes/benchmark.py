@@ -98,8 +98,10 @@ def infinity_generator(pipe, guidance_scale: Optional[float] = None, temperature
 
 
 def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, tasks: Sequence[str] = TASKS,
-             batch_size: int = 25, out_dir: Optional[Path] = None, progress: bool = True) -> dict:
-    """Generate and score every task; write `results.json` and `grid.png` to out_dir when given."""
+             batch_size: int = 25, out_dir: Optional[Path] = None, progress: bool = True,
+             grid_per_task: int = 6) -> dict:
+    """Generate and score every task; write `results.json` and `grid.png` (the first `grid_per_task` samples of
+    each task) to out_dir when given."""
     all_scores, grid, grid_caps, timings = [], [], [], {}
     for task in tasks:
         items = build_items(task, n_per_task, seed)
@@ -114,7 +116,7 @@ def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, ta
                 else:
                     s = score_video(fr, it.prompts, condition_frames=it.condition, task=task)
                 all_scores.append(s)
-                if b == 0 and len([c for c in grid_caps if c[0] == task]) < 6:
+                if len([c for c in grid_caps if c[0] == task]) < grid_per_task:
                     grid.append(fr)
                     grid_caps.append((task, f"{task}: " + " | ".join(it.prompts)))
             bar.update(len(batch))
@@ -125,5 +127,7 @@ def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, ta
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-        save_grid(out_dir / "grid.png", grid, [c for _, c in grid_caps], columns=2)
+        # images side by side; a video is a strip of frames, two per row
+        save_grid(out_dir / "grid.png", grid, [c for _, c in grid_caps],
+                  columns=8 if all(len(g) == 1 for g in grid) else 2)
     return result
