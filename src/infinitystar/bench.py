@@ -128,5 +128,32 @@ def run(clips=(1, 2, 4, 8), device: str | None = None, as_json: bool = False) ->
     return results
 
 
+def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, device: str | None = None,
+              as_json: bool = False, prompt: str = "a large red circle moving right quickly on a black background"
+              ) -> dict:
+    """Wall time of one real generation with a model folder (the shipped default model by default), decoding
+    included: one warm-up call, then the median of `repeats` calls (batch 1, CFG on, the model's defaults)."""
+    import statistics
+    from infinitystar.pipelines.infinitystar import InfinityStarPipeline
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = InfinityStarPipeline.from_pretrained(model, device=device)
+    runs = []
+    for i in range(repeats + 1):
+        out = pipe(prompt, num_frames=num_frames, generator=torch.Generator().manual_seed(i), progress=False)
+        if i:
+            runs.append(out.timings)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    res = {"model": str(model), "device": device, "threads": torch.get_num_threads(), "frames": num_frames,
+           **{k: round(v, 3) for k, v in med.items()},
+           "matmul_peak_gflops": round(matmul_rate(torch.device(device)) / 1e9, 1)}
+    if as_json:
+        print(json.dumps(res))
+    else:
+        print(f"{model} on {device} ({res['threads']} threads): a {num_frames}-frame video in {res['total_s']:.2f} s "
+              f"(transformer {res['generate_s']:.2f} s, decode {res['decode_s']:.2f} s; median of {repeats}); "
+              f"measured fp32 matmul rate {res['matmul_peak_gflops']:.1f} GFLOP/s")
+    return res
+
+
 if __name__ == "__main__":
     run(as_json="--json" in sys.argv)

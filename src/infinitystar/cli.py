@@ -15,6 +15,10 @@ def _cmd_bench(args) -> int:
         from infinitystar.train.bench import run_train_bench
         run_train_bench(device=args.device, as_json=args.json)
         return 0
+    if args.model is not None:
+        from infinitystar.bench import run_model
+        run_model(args.model, num_frames=args.frames, device=args.device, as_json=args.json)
+        return 0
     from infinitystar.bench import run
     run(clips=tuple(args.clips), device=args.device, as_json=args.json)
     return 0
@@ -227,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     sp.add_argument("--json", action="store_true", help="one JSON line per case")
     sp.add_argument("--train", action="store_true", help="training throughput instead of generation")
+    sp.add_argument("--model", nargs="?", const="default", default=None,
+                    help="time real generations with a model folder instead (no value: the shipped default model)")
+    sp.add_argument("--frames", type=int, default=17, help="frames per video with --model")
     sp.set_defaults(func=_cmd_bench)
     from infinitystar.train.cli import add_cli as add_train_cli
     add_train_cli(sub)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The built-in default model, end to end (docs/default_model.md). Every stage resumes: re-run the script after an
+# interruption and finished stages are skipped, interrupted ones continue from their last checkpoint.
+# THREADS (default 2) sets the torch threads of the trainings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS="${THREADS:-2}"
+export OMP_NUM_THREADS="$THREADS"
+
+resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
+
+# 1. tokenizer, stage 1: a continuous video VAE on Shapes World (rendered on the fly, train split)
+[ -f runs/default/tokenizer_continuous/model/model.safetensors ] ||
+  infinitystar tokenizer train continuous --config configs/default_tokenizer_continuous.yaml --threads "$THREADS" \
+    $(resume_flag runs/default/tokenizer_continuous)
+
+# 2. tokenizer, stage 2: the bitwise tokenizer inherited from it (knowledge inheritance)
+[ -f runs/default/tokenizer_bitwise/model/model.safetensors ] ||
+  infinitystar tokenizer train bitwise --config configs/default_tokenizer_bitwise.yaml --threads "$THREADS" \
+    --init runs/default/tokenizer_continuous/model $(resume_flag runs/default/tokenizer_bitwise)
+
+# 3. the generator's data: images, 17/33-frame videos, 33-65-frame videos with a caption per 16-frame segment
+[ -f data/default/long_videos.jsonl ] ||
+  python -m infinitystar.shapes.data data/default --n-images 4000 --n-videos 4000 --n-long 1000 --video-format npy
+
+# 4. the built-in text encoder's initial weights (trained with the generator in step 6)
+[ -f runs/default/text_encoder_init/config.json ] || python -m infinitystar.text.builtin runs/default/text_encoder_init
+
+# 5. latents, once (resumable)
+infinitystar extract-features --config configs/default_model.yaml
+
+# 6. the generator (and the text encoder)
+infinitystar train configs/default_model.yaml $(resume_flag runs/default/generator)
+
+# 7. the model folder that `InfinityStarPipeline.from_pretrained()` loads by default (EMA weights)
+infinitystar export runs/default/generator src/infinitystar/weights/default \
+  --defaults "$(cat configs/default_model_defaults.json)"
