@@ -7,12 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from infinitystar.infinity_training import InfinityTrainer, config_from_dict as transformer_config
+from infinitystar.train.infinity import InfinityTrainer, config_from_dict as transformer_config, replace_tokenizer
 from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline
 from infinitystar.shapes.world import vocabulary
 from infinitystar.text.builtin import WordTextEncoder
-from infinitystar.tokenizer.infinity_training import (SCALES_FILE, InfinityTokenizerTrainer, SHAPES_VAE,
-                                                      config_from_dict as tokenizer_config)
+from infinitystar.tokenizer.infinity_training import (SCALES_FILE, SHAPES_SCALES, InfinityTokenizerTrainer,
+                                                      SHAPES_VAE, config_from_dict as tokenizer_config,
+                                                      quantize_image_latent, shapes_images)
+from infinitystar.tokenizer.training import clips_to_video
 from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
 from infinitystar.train.config import ConfigError
 
@@ -94,6 +96,63 @@ def test_generate_cli_runs_an_exported_folder(parts, tmp_path):
     assert Image.open(tmp_path / "x.png").size == (64, 64)
 
 
+def _bits(vae: InfinityVAE, images: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return quantize_image_latent(vae.encode(images), SHAPES_SCALES).bits
+
+
+def test_decoder_finetune_from_init_keeps_encoder_and_bits(parts, tmp_path):
+    """init + freeze [encoder]: strict load, no calibration, the encoder and the bits of a batch bit-identical, the
+    decoder changed; the result swaps into an exported model folder: the same codes, other pixels."""
+    init = parts / "tokenizer"
+    cfg = tokenizer_config({"output_dir": str(tmp_path / "dec"), "device": "cpu", "init": str(init),
+                            "optim": {"lr": 1e-2, "warmup_steps": 0},
+                            "train": {"max_steps": 3, "batch_size": 2, "val_every": 0, "freeze": ["encoder"]},
+                            "data": {"val_samples": 2}, "checkpoint": {"every": 0}, "log": QUIET})
+    assert cfg.calibrates() is False and cfg.vae_config() == InfinityVAE.from_pretrained(init).config
+    trainer = InfinityTokenizerTrainer(cfg)
+    assert trainer.calibration is None
+    old = InfinityVAE.from_pretrained(init)
+    start = trainer.model.state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in old.state_dict().items())   # loaded as saved
+    res = trainer.fit()
+    new = InfinityVAE.from_pretrained(res.model_dir)
+    a, b = old.state_dict(), new.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    images = clips_to_video(shapes_images(7, 3), "cpu")[:, :, 0]
+    assert all(torch.equal(x, y) for x, y in zip(_bits(old, images), _bits(new, images)))
+    assert json.loads((res.model_dir / "tokenizer_training.json").read_text())["init"] == str(init)
+
+    pipe_dir = InfinityTrainer(_transformer_cfg(parts, tmp_path / "t", ema_decay=None)).fit().model_dir
+    swapped = replace_tokenizer(pipe_dir, res.model_dir, tmp_path / "swapped")
+    outs = [InfinityPipeline.from_pretrained(d)(["a large red circle on a black background"] * 2,
+                                                generator=torch.Generator().manual_seed(3)) for d in (pipe_dir, swapped)]
+    assert torch.equal(outs[0].codes, outs[1].codes)
+    assert any(not np.array_equal(x, y) for x, y in zip(outs[0].images, outs[1].images))
+    record = json.loads((swapped / "infinity_training.json").read_text())["tokenizer_replaced"]
+    assert record["tokenizer"] == str(res.model_dir) and record["changed_tensors"] > 0
+
+    moved = InfinityVAE.from_pretrained(res.model_dir)   # an encoder that moved cannot replace the tokenizer
+    with torch.no_grad():
+        moved.encoder.conv_out.weight.mul_(2)
+    moved.save_pretrained(tmp_path / "moved")
+    with pytest.raises(ValueError, match="its encoder differs"):
+        replace_tokenizer(pipe_dir, tmp_path / "moved", tmp_path / "bad")
+
+
+def test_init_folder_is_loaded_strictly(parts, tmp_path):
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((parts / "tokenizer" / "model.safetensors").read_bytes())
+    raw = json.loads((parts / "tokenizer" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "base_ch": 48}))   # the tensors do not fit
+    cfg = tokenizer_config({"output_dir": str(tmp_path / "run"), "device": "cpu", "init": str(folder),
+                            "data": {"val_samples": 2}, "log": QUIET})
+    with pytest.raises(ConfigError, match="init: "):
+        InfinityTokenizerTrainer(cfg)
+
+
 @pytest.mark.parametrize("raw, match", [
     ({"modle": {}}, "did you mean 'model'"),
     ({"model": {"latent_channels": 8}}, "set by the trainer"),
@@ -115,6 +174,9 @@ def test_transformer_config_errors(raw, match):
     ({"quant": {"sample_posterior": True}}, "no posterior"),
     ({"train": {"freeze": ["proj"]}}, "unknown part"),
     ({"scales": [[1, 1], [4, 4]]}, "must be the latent size"),
+    ({"init": "/nonexistent/tokenizer"}, "init: .* is not a tokenizer folder"),
+    ({"train": {"freeze": ["encoder"]}}, r"calibrate_scale \(on by default without init\) rescales the encoder"),
+    ({"train": {"freeze": ["encoder", "decoder"]}, "quant": {"calibrate_scale": False}}, "everything would be frozen"),
 ])
 def test_tokenizer_config_errors(raw, match):
     with pytest.raises(ConfigError, match=match):

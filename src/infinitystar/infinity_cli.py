@@ -1,5 +1,6 @@
-"""`infinitystar infinity train-tokenizer CONFIG` and `infinitystar infinity train CONFIG`: the tiny Infinity
-text-to-image model on Shapes World (docs/infinity.md, "A tiny Infinity on Shapes World")."""
+"""`infinitystar infinity train-tokenizer CONFIG`, `infinitystar infinity train CONFIG` and `infinitystar infinity
+swap-tokenizer`: the tiny Infinity text-to-image model on Shapes World (docs/infinity.md, "A tiny Infinity on Shapes
+World")."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def _cmd_train_tokenizer(args) -> int:
 
 def _cmd_train(args) -> int:
     from infinitystar.convert.strict import CheckpointError
-    from infinitystar.infinity_training import train
+    from infinitystar.train.infinity import train
     from infinitystar.train.config import ConfigError
     try:
         r = train(args.config, resume=args.resume, overrides=_overrides(args), until=args.until)
@@ -35,6 +36,16 @@ def _cmd_train(args) -> int:
         raise SystemExit(f"error: {e}")
     print(json.dumps({"step": r.step, "output_dir": str(r.output_dir), "model": str(r.model_dir) if r.model_dir
                       else None, "loss": r.loss, "seconds": round(r.seconds, 1)}))
+    return 0
+
+
+def _cmd_swap_tokenizer(args) -> int:
+    from infinitystar.train.infinity import replace_tokenizer
+    try:
+        out = replace_tokenizer(args.model, args.tokenizer, args.out)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps({"model": str(out), "tokenizer": args.tokenizer}))
     return 0
 
 
@@ -60,3 +71,9 @@ def add_cli(subparsers) -> None:
                        help="continue from the latest checkpoint of the run (or the one given)")
         p.add_argument("--until", type=int, metavar="STEP", help="stop (and checkpoint) after this step")
         p.set_defaults(func=func)
+    p = sub.add_parser("swap-tokenizer", help="copy an Infinity model folder with another tokenizer whose encoder is "
+                                              "bit-identical (a decoder fine-tune): same codes, new pixels")
+    p.add_argument("--model", required=True, help="Infinity model folder (e.g. runs/infinity_shapes/transformer/model)")
+    p.add_argument("--tokenizer", required=True, help="InfinityVAE folder (e.g. .../tokenizer_decoder/model)")
+    p.add_argument("--out", required=True, help="new model folder")
+    p.set_defaults(func=_cmd_swap_tokenizer)

@@ -13,6 +13,12 @@ last convolution instead, which changes the latent's magnitude exactly as the vi
 
 Data: Shapes World images rendered on the fly from the train split (the held-out colour/shape pairs never
 appear), a pure function of (seed, step).
+
+Starting from a trained tokenizer (`init: FOLDER`, an `InfinityVAE` folder with its `scales.json`): the weights are
+loaded strictly, the architecture and the schedule come from the folder, and the step-0 calibration is skipped
+unless `quant.calibrate_scale: true` (it rescales the encoder, which would change every code). With
+`train.freeze: [encoder]` the encoder, hence the codes of every image, stays bit-identical: a decoder fine-tune
+that a transformer trained on the old tokenizer's codes can use unchanged (configs/infinity_shapes_decoder.yaml).
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import yaml
 
 from infinitystar.quant.residual import quantize_multiscale
 from infinitystar.schedules.infinity_resolution import check_custom_scales, image_schedule
-from infinitystar.tokenizer.infinity_vae import PRESETS as VAE_PRESETS, InfinityVAE, InfinityVAEConfig
+from infinitystar.tokenizer.infinity_vae import (CONFIG_TYPE as VAE_CONFIG_TYPE, PRESETS as VAE_PRESETS, InfinityVAE,
+                                                 InfinityVAEConfig)
 from infinitystar.tokenizer.training import (LossConfig, QuantConfig, TokenizerTrainer, TokenizerTrainSection,
                                              TrainResult, bit_usage, clips_to_video, reconstruction_loss,
                                              resolve_device, sample_drop)
@@ -71,6 +78,12 @@ class InfinityVAESection:
 
 
 @dataclass
+class ImageQuantConfig(QuantConfig):
+    """`QuantConfig` whose calibration defaults to "only when starting from random weights"."""
+    calibrate_scale: Optional[bool] = None   # null: calibrate a random init, never an `init` folder; true / false
+
+
+@dataclass
 class ImageDataConfig:
     height: int = 64
     width: int = 64
@@ -81,28 +94,37 @@ class ImageDataConfig:
 @dataclass
 class InfinityTokenizerTrainConfig:
     output_dir: str = "runs/infinity_tokenizer"
+    init: Optional[str] = None           # InfinityVAE folder to start from (strict load; its architecture, schedule)
     seed: int = 0
     device: str = "auto"
-    model: InfinityVAESection = field(default_factory=InfinityVAESection)
+    model: Optional[InfinityVAESection] = None   # null: the init folder's architecture, else the 'shapes' preset
     scales: list[list[int]] = field(default_factory=lambda: [list(s) for s in SHAPES_SCALES])
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    quant: QuantConfig = field(default_factory=lambda: QuantConfig(depth_mode="independent", drop_prob=0.1))
+    quant: ImageQuantConfig = field(default_factory=lambda: ImageQuantConfig(depth_mode="independent",
+                                                                              drop_prob=0.1))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=2e-3, betas=[0.9, 0.99], warmup_steps=20, decay="cosine", min_lr_ratio=0.1, grad_clip=1.0))
     train: TokenizerTrainSection = field(default_factory=lambda: TokenizerTrainSection(max_steps=300, batch_size=16))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=100, keep_last=2))
     log: LogConfig = field(default_factory=LogConfig)
 
-    # the shared trainer reads these two: always the bitwise path, never inherited
+    # the shared trainer reads this: always the bitwise path
     mode = "bitwise"
-    init = None
 
     def __post_init__(self):
         self.validate()
 
     def vae_config(self) -> InfinityVAEConfig:
-        return self.model.build()
+        """The init folder's architecture when `init` is set, else the model section's (default: 'shapes')."""
+        if self.init is not None:
+            return init_vae_config(self.init)
+        return (self.model or InfinityVAESection()).build()
+
+    def calibrates(self) -> bool:
+        """Whether a fresh run calibrates at step 0: as configured, else only from random weights."""
+        c = self.quant.calibrate_scale
+        return self.init is None if c is None else c
 
     def scale_list(self) -> list[tuple[int, int]]:
         return [(int(h), int(w)) for h, w in self.scales]
@@ -138,10 +160,27 @@ class InfinityTokenizerTrainConfig:
             raise ConfigError(f"train.freeze: unknown part(s) {bad}; choose from {', '.join(FREEZABLE_2D)}")
         if set(FREEZABLE_2D) <= set(t.freeze):
             raise ConfigError("train.freeze: everything would be frozen")
-        if self.model.preset != "shapes" and self.model.preset not in VAE_PRESETS:
+        if self.model is not None and self.model.preset != "shapes" and self.model.preset not in VAE_PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.model.preset!r}; choose shapes or one of "
                               f"{', '.join(VAE_PRESETS)}")
+        if self.calibrates() and "encoder" in t.freeze:
+            raise ConfigError("quant.calibrate_scale (on by default without init) rescales the encoder's last "
+                              "convolution, which train.freeze keeps fixed; set quant.calibrate_scale: false or "
+                              "unfreeze the encoder")
         vae = self.vae_config()
+        if self.init is not None:
+            if self.model is not None:
+                # one file may name both, as long as they agree
+                mine, theirs = self.model.build().to_dict(), vae.to_dict()
+                diff = sorted(k for k in mine if mine[k] != theirs[k])
+                if diff:
+                    raise ConfigError(f"model: init {self.init} has a different architecture ("
+                                      + ", ".join(f"{k}: {theirs[k]} there, {mine[k]} here" for k in diff)
+                                      + "); remove the model section or make it match")
+            theirs = init_scales(self.init)
+            if theirs is not None and theirs != [list(s) for s in self.scales]:
+                raise ConfigError(f"scales: init {self.init} was trained with the schedule {theirs} "
+                                  f"({SCALES_FILE}), not {[list(s) for s in self.scales]}; the codes would differ")
         if vae.spatial_patchify:
             raise ConfigError("model.spatial_patchify: training a patchified (8B-style) tokenizer is not supported")
         validate_scales(self.scales, "scales")
@@ -156,11 +195,42 @@ class InfinityTokenizerTrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         sec = out["model"]
-        out["model"] = {"preset": sec["preset"], **sec["overrides"]}
+        if sec is not None:
+            out["model"] = {"preset": sec["preset"], **sec["overrides"]}
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def init_vae_config(folder: Union[str, Path]) -> InfinityVAEConfig:
+    """The architecture of an `init` tokenizer folder, with `init:`-prefixed errors."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"init: {folder} is not a tokenizer folder (no config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"init: {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"init: {path}: expected a JSON object")
+    if raw.get("type", VAE_CONFIG_TYPE) != VAE_CONFIG_TYPE:   # a folder without a type is taken as one (read_folder)
+        raise ConfigError(f"init: {folder} holds a {raw['type']!r} model, not an Infinity VAE ({VAE_CONFIG_TYPE!r})")
+    try:
+        return InfinityVAEConfig.from_dict({k: v for k, v in raw.items() if k != "type"})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"init: {path}: {e}") from None
+
+
+def init_scales(folder: Union[str, Path]) -> Optional[list[list[int]]]:
+    """The schedule an `init` folder was trained with (its scales.json), None for a folder without one."""
+    path = Path(folder) / SCALES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return [list(s) for s in json.loads(path.read_text())["scales"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"init: {path}: not a schedule file ({e})") from None
 
 
 def validate_scales(scales: Any, key: str) -> None:
@@ -201,7 +271,9 @@ def build_config(cls, d: dict, overrides: Optional[list[str]], sections: dict, w
     return cls(**kwargs)
 
 
-def _vae_section(value: Any, where: str) -> InfinityVAESection:
+def _vae_section(value: Any, where: str) -> Optional[InfinityVAESection]:
+    if value is None:
+        return None
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     value = dict(value)
@@ -310,12 +382,18 @@ class InfinityTokenizerTrainer(TokenizerTrainer):
         elif list_checkpoints(self.ckpt_root):
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another "
                               f"output_dir")
-        with torch.random.fork_rng(devices=[]):   # init from the seed; the caller's RNG is left as it was
-            torch.manual_seed(derive_seed(cfg.seed, "init"))
-            self.model = InfinityVAE(cfg.vae_config()).to(self.device)
+        if cfg.init is not None and start is None:
+            try:   # strict: every key and shape of the folder must match the model
+                self.model = InfinityVAE.from_pretrained(cfg.init, device=self.device)
+            except (CheckpointError, ValueError, TypeError) as e:
+                raise ConfigError(f"init: {e}") from None
+        else:
+            with torch.random.fork_rng(devices=[]):   # init from the seed; the caller's RNG is left as it was
+                torch.manual_seed(derive_seed(cfg.seed, "init"))
+                self.model = InfinityVAE(cfg.vae_config()).to(self.device)
         self.model.train()
         self.calibration: Optional[dict] = None
-        if start is None and cfg.quant.calibrate_scale:
+        if start is None and cfg.calibrates():
             imgs = shapes_images(derive_seed(cfg.seed, "calibrate"), cfg.quant.calibration_clips)
             self.calibration = calibrate_latent(self.model, self._batch_of(imgs)[:, :, 0], self.scales)
         frozen = tuple(f"{part}." for part in cfg.train.freeze)
@@ -395,6 +473,7 @@ def train(config: Union[InfinityTokenizerTrainConfig, str, Path], *, resume: Opt
 
 
 __all__ = ["InfinityTokenizerTrainConfig", "InfinityTokenizerTrainer", "InfinityVAESection", "ImageDataConfig",
+           "ImageQuantConfig", "init_vae_config", "init_scales", "FREEZABLE_2D",
            "config_from_dict", "load_config", "train", "calibrate_latent", "reconstruct_images",
            "quantize_image_latent", "validate_scales", "build_config", "shapes_images", "SHAPES_VAE",
            "SHAPES_SCALES", "SCALES_FILE"]

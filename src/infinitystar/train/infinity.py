@@ -19,6 +19,10 @@ Checkpoints (`OUTPUT/checkpoints/step_XXXXXXXX/`, written to a temporary folder 
 transformer (`config.json` + `model.safetensors`, loadable by `InfinityTransformer.from_pretrained`), the EMA
 weights (`ema.safetensors`), the optimizer state and `trainer.json`. The finished run is exported to
 `OUTPUT/model/`, a folder `InfinityPipeline.from_pretrained` and `infinitystar generate --model` read.
+
+`replace_tokenizer` copies such a folder with another tokenizer whose encoder is bit-identical to the one the
+transformer was trained with (a decoder-only fine-tune, `train.freeze: [encoder]`): the codes stay the same, only
+the pixels change (`infinitystar infinity swap-tokenizer`).
 """
 from __future__ import annotations
 
@@ -434,5 +438,62 @@ def train(config: Union[InfinityTrainConfig, str, Path], *, resume: Optional[str
     return InfinityTrainer(config, resume=resume).fit(until=until)
 
 
+def replace_tokenizer(model_dir: Union[str, Path], tokenizer_dir: Union[str, Path],
+                      out_dir: Union[str, Path]) -> Path:
+    """Copy the Infinity model folder `model_dir` to `out_dir` with the tokenizer of `tokenizer_dir` (an
+    `InfinityVAE` folder, e.g. `OUTPUT/model/` of a decoder fine-tune). The transformer, the text encoder and the
+    defaults are copied unchanged. The new tokenizer must have the same architecture, a bit-identical encoder and
+    (when it names one) the same schedule: the transformer was trained on that encoder's codes. Raises ValueError
+    otherwise; the folder's `infinity_training.json` records the swap. An existing `out_dir` is replaced only if it
+    is a model folder (has `model_index.json`)."""
+    from infinitystar.tokenizer.infinity_training import SCALES_FILE
+    from infinitystar.tokenizer.infinity_vae import InfinityVAE
+    src, tok, out = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
+    index = src / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{src}: not a model folder (no model_index.json)")
+    meta = json.loads(index.read_text())
+    if meta.get("family") != "infinity":
+        raise ValueError(f"{src} holds a {meta.get('family', 'infinitystar')!r} model, not an Infinity one")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out {out} is the source folder; write the new model elsewhere")
+    if out.exists() and not (out / "model_index.json").is_file():
+        raise ValueError(f"{out} exists and is not a model folder; refusing to replace it")
+    try:
+        old = InfinityVAE.from_pretrained(src / "tokenizer")
+        new = InfinityVAE.from_pretrained(tok)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    if old.config != new.config:
+        raise ValueError(f"{tok}: a different architecture from {src / 'tokenizer'} ({new.config} vs {old.config})")
+    a, b = old.state_dict(), new.state_dict()
+    changed = [k for k in a if k.startswith("encoder.") and not torch.equal(a[k], b[k])]
+    if changed:
+        raise ValueError(f"{tok}: its encoder differs from the one the transformer was trained with ({len(changed)} "
+                         f"tensors, e.g. {changed[0]}); only a decoder fine-tune (train.freeze: [encoder], no "
+                         f"calibration) keeps the transformer's codes")
+    scales_file = tok / SCALES_FILE
+    model_scales = meta.get("defaults", {}).get("scales")
+    if scales_file.is_file() and model_scales is not None:
+        tok_scales = json.loads(scales_file.read_text())["scales"]
+        if [list(x) for x in tok_scales] != [list(x) for x in model_scales]:
+            raise ValueError(f"{tok}: trained with the schedule {tok_scales}, the model generates {model_scales}")
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(tmp / "tokenizer")
+    new.save_pretrained(tmp / "tokenizer")
+    record_path = tmp / TRAINING_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record["tokenizer_replaced"] = {"from_model": str(src), "tokenizer": str(tok),
+                                    "changed_tensors": sum(not torch.equal(a[k], b[k]) for k in a)}
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
 __all__ = ["InfinityTrainConfig", "InfinityTrainSection", "SampleSection", "InfinityTrainer", "InfinityTrainResult",
-           "config_from_dict", "load_config", "train"]
+           "config_from_dict", "load_config", "train", "replace_tokenizer"]
