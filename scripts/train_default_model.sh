@@ -14,10 +14,18 @@ resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
   infinitystar tokenizer train continuous --config configs/default_tokenizer_continuous.yaml --threads "$THREADS" \
     $(resume_flag runs/default/tokenizer_continuous)
 
-# 2. tokenizer, stage 2: the bitwise tokenizer inherited from it (knowledge inheritance)
-[ -f runs/default/tokenizer_bitwise/model/model.safetensors ] ||
-  infinitystar tokenizer train bitwise --config configs/default_tokenizer_bitwise.yaml --threads "$THREADS" \
-    --init runs/default/tokenizer_continuous/model $(resume_flag runs/default/tokenizer_bitwise)
+# 2. tokenizer, stage 2: the bitwise tokenizer inherited from it (knowledge inheritance); the encoder side is
+#    frozen, so its first checkpoint already fixes the codes the generator learns (kept as tokenizer_frozen_encoder)
+BITWISE=(infinitystar tokenizer train bitwise --config configs/default_tokenizer_bitwise.yaml --threads "$THREADS"
+         --init runs/default/tokenizer_continuous/model)
+if [ ! -f runs/default/tokenizer_frozen_encoder/model.safetensors ]; then
+  "${BITWISE[@]}" --until 1 $(resume_flag runs/default/tokenizer_bitwise)
+  mkdir -p runs/default/tokenizer_frozen_encoder
+  cp runs/default/tokenizer_bitwise/checkpoints/step_00000001/{config.json,model.safetensors,pyramid.json} \
+     runs/default/tokenizer_frozen_encoder/
+fi
+#    the decoder's fine-tuning (independent of steps 3-6: run it on another core to save time)
+[ -f runs/default/tokenizer_bitwise/model/model.safetensors ] || "${BITWISE[@]}" --resume
 
 # 3. the generator's data: images, 17/33-frame videos, 33-65-frame videos with a caption per 16-frame segment
 [ -f data/default/long_videos.jsonl ] ||
@@ -34,4 +42,4 @@ infinitystar train configs/default_model.yaml $(resume_flag runs/default/generat
 
 # 7. the model folder that `InfinityStarPipeline.from_pretrained()` loads by default (EMA weights)
 infinitystar export runs/default/generator src/infinitystar/weights/default \
-  --defaults "$(cat configs/default_model_defaults.json)"
+  --tokenizer runs/default/tokenizer_bitwise/model --defaults "$(cat configs/default_model_defaults.json)"

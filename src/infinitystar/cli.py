@@ -145,13 +145,10 @@ def _generate_infinity(args, out) -> int:
 
 def _load_pipeline(model: str, device: str, infinity: bool = False):
     """The pipeline of a model folder; `infinity`: an Infinity (text-to-image) folder is welcome too."""
-    import sys
-
     from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
     if model == "default" and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-        print("note: this version does not ship the trained default model yet; generating with a tiny "
-              "random-weight model of the same shape (the output is noise, every code path runs)", file=sys.stderr)
-        return InfinityStarPipeline.random_tiny(device=device)
+        raise SystemExit(f"error: the shipped default model is missing from this install ({DEFAULT_MODEL_DIR}); "
+                         f"reinstall the package, or pass --model DIR (scripts/train_default_model.sh trains it)")
     try:
         if infinity and _model_family(model) == "infinity":
             from infinitystar.pipelines.infinity import InfinityPipeline

@@ -1,0 +1,58 @@
+"""How much of Shapes World survives the tokenizer alone: encode, quantize with all scales, decode the rendered
+ground truth of `infinitystar eval shapes`' text-to-video (and text-to-image) prompts, and judge the round trip
+with the same decoder. This is the ceiling the generator can reach with that tokenizer.
+
+    python scripts/tokenizer_ceiling.py src/infinitystar/weights/default/tokenizer --n 200
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from infinitystar.config import PyramidConfig
+from infinitystar.shapes.benchmark import build_items
+from infinitystar.shapes.evaluate import aggregate, score_image, score_video
+from infinitystar.shapes.world import render
+from infinitystar.tokenizer.training_eval import frames_to_video, psnr, reconstruct, video_to_frames
+from infinitystar.tokenizer.video_vae import VideoVAE
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tokenizer", help="VideoVAE folder")
+    ap.add_argument("--pyramid", help="pyramid JSON (default: TOKENIZER/pyramid.json or the model_index.json next "
+                                      "to the folder)")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from pathlib import Path
+    d = Path(a.tokenizer)
+    if a.pyramid:
+        pyr = json.loads(Path(a.pyramid).read_text())
+    elif (d / "pyramid.json").is_file():
+        pyr = json.loads((d / "pyramid.json").read_text())
+    else:
+        pyr = json.loads((d.parent / "model_index.json").read_text())["pyramid"]
+    pyramid = PyramidConfig.from_dict(pyr)
+    model = VideoVAE.from_pretrained(d).eval()
+    scores, ps = [], []
+    for task in ("t2i", "t2v"):
+        for it in build_items(task, a.n, a.seed):
+            truth = render(it.spec, it.num_frames)
+            rec = video_to_frames(reconstruct(model, frames_to_video(truth), pyramid).clamp(-1, 1))[0]
+            ps.append(psnr(truth, rec))
+            scores.append(score_image(rec[0], it.prompts) if task == "t2i" else score_video(rec, it.prompts, task=task))
+    res = aggregate(scores)
+    out = {"psnr": float(np.mean(ps)), **{t: {s: res["by_task"][t][s] for s in ("seen", "heldout", "overall")}
+                                           for t in ("t2i", "t2v")}}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
