@@ -40,11 +40,10 @@ from infinitystar.tokenizer.training import (LossConfig, QuantConfig, TokenizerT
                                              TrainResult, bit_usage, clips_to_video, reconstruction_loss,
                                              resolve_device, sample_drop)
 from infinitystar.tokenizer.training_eval import psnr, ssim, video_to_frames
-from infinitystar.train.checkpoint import _atomic_write_text, find_latest, is_complete, list_checkpoints
+from infinitystar.train.checkpoint import find_latest, is_complete, list_checkpoints
 from infinitystar.train.config import (CheckpointConfig, ConfigError, LogConfig, OptimConfig, _build, _coerce,
                                        _unknown, set_dotted)
 from infinitystar.train.data import derive_seed
-from infinitystar.train.metrics import MetricsLogger
 from infinitystar.convert.strict import CheckpointError
 
 SCALES_FILE = "scales.json"       # next to the tokenizer's config.json: the image schedule it was trained with
@@ -396,27 +395,7 @@ class InfinityTokenizerTrainer(TokenizerTrainer):
         if start is None and cfg.calibrates():
             imgs = shapes_images(derive_seed(cfg.seed, "calibrate"), cfg.quant.calibration_clips)
             self.calibration = calibrate_latent(self.model, self._batch_of(imgs)[:, :, 0], self.scales)
-        frozen = tuple(f"{part}." for part in cfg.train.freeze)
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if name.startswith(frozen):
-                p.requires_grad_(False)
-                continue
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        self.params = decay + no_decay
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.logger = MetricsLogger(self.out / "metrics.jsonl")
-        if start is not None:
-            self._restore(start)
-            self.logger.truncate_after(self.step)
-        else:
-            if (self.out / "metrics.jsonl").exists():
-                (self.out / "metrics.jsonl").unlink()
-            _atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        self._init_optimization(tuple(f"{part}." for part in cfg.train.freeze), start)
         self.val_clips = shapes_images(cfg.data.val_seed, cfg.data.val_samples)
         self.last_checkpoint: Optional[Path] = start
 

@@ -541,9 +541,18 @@ class TokenizerTrainer:
         groups = {"encoder": ("encoder.",), "decoder": ("decoder.",), "proj": ("proj_down.", "proj_up."),
                   "scale": ("scale_learnable_parameters",)}
         frozen = tuple(p for part in cfg.train.freeze for p in groups[part])
+        self._init_optimization(UNUSED_PARAMS + frozen, start)
+        self.val_clips = self.source.clips(cfg.data.val_seed, cfg.data.val_samples)
+        self.last_checkpoint: Optional[Path] = start
+
+    # --- pieces -------------------------------------------------------------------------------------------
+    def _init_optimization(self, frozen: tuple[str, ...], start: Optional[Path]) -> None:
+        """AdamW over the parameters outside the `frozen` name prefixes (weight decay on matrices only), the JSONL
+        log, then either the checkpoint `start` restored or a fresh run folder (log cleared, config written)."""
+        cfg = self.config
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            if name.startswith(UNUSED_PARAMS) or name.startswith(frozen):
+            if name.startswith(frozen):
                 p.requires_grad_(False)
                 continue
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -552,7 +561,6 @@ class TokenizerTrainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-
         self.out.mkdir(parents=True, exist_ok=True)
         self.logger = MetricsLogger(self.out / "metrics.jsonl")
         if start is not None:
@@ -562,10 +570,7 @@ class TokenizerTrainer:
             if (self.out / "metrics.jsonl").exists():
                 (self.out / "metrics.jsonl").unlink()
             _atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
-        self.val_clips = self.source.clips(cfg.data.val_seed, cfg.data.val_samples)
-        self.last_checkpoint: Optional[Path] = start
 
-    # --- pieces -------------------------------------------------------------------------------------------
     def _batch_of(self, clips: list[np.ndarray]) -> torch.Tensor:
         return clips_to_video(clips, self.device)
 
