@@ -39,9 +39,10 @@ from infinitystar.quant.residual import MultiScaleQuant, quantize_multiscale
 from infinitystar.schedules.pyramid import Schedule
 from infinitystar.tokenizer.training_eval import psnr, reconstruct, ssim, video_to_frames
 from infinitystar.tokenizer.video_vae import CONFIG_NAME, PRESETS, VideoVAE, VideoVAEConfig
-from infinitystar.train.checkpoint import _atomic_write_text, find_latest, is_complete, list_checkpoints
-from infinitystar.train.config import (CheckpointConfig, ConfigError, LogConfig, OptimConfig, PyramidSection,
-                                       _build, _coerce, _unknown, set_dotted)
+from infinitystar.train.checkpoint import (_atomic_write_text, find_latest, is_complete, list_checkpoints,
+                                         load_optimizer_file, publish_checkpoint)
+from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig, LogConfig, OptimConfig,
+                                       PyramidSection, _build, _coerce, _unknown, set_dotted)
 from infinitystar.train.data import derive_seed
 from infinitystar.train.metrics import MetricsLogger, peak_memory_mb
 
@@ -116,7 +117,7 @@ class TokenizerTrainSection:
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(FileConfig):
     mode: Literal["continuous", "bitwise"] = "continuous"
     init: Optional[str] = None           # tokenizer folder to start from (bitwise: knowledge inheritance)
     output_dir: str = "runs/tokenizer"
@@ -208,15 +209,6 @@ class TokenizerTrainConfig:
             raise ConfigError(f"pyramid: the last scale {list(pyramid.spatial_scales()[-1])} must be the latent size "
                               f"{list(latent)} of {d.height}x{d.width} frames")
 
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        for name in ("model", "pyramid"):   # flatten overrides back to the file's shape
-            sec = out[name]
-            out[name] = {k: v for k, v in sec.items() if k != "overrides"} | sec["overrides"]
-        return out
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
 def _build_model_section(d: Any, where: str) -> VAESection:
@@ -670,17 +662,7 @@ class TokenizerTrainer:
         meta = {"step": self.step, "mode": self.config.mode, "calibration": self.calibration,
                 "has_optimizer": self.config.checkpoint.save_optimizer, "config": self.config.to_dict()}
         _atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=1))
-        if final.exists():   # re-saving a step after a resume
-            old = root / f".tmp-old-{final.name}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(root / "latest", final.name)
-        keep = self.config.checkpoint.keep_last
-        if keep > 0:
-            for p in list_checkpoints(root)[:-keep]:
-                if p != final:
-                    shutil.rmtree(p, ignore_errors=True)
+        publish_checkpoint(tmp, final, self.config.checkpoint.keep_last)
         self.last_checkpoint = final
         return final
 
@@ -689,10 +671,7 @@ class TokenizerTrainer:
         if meta.get("mode") != self.config.mode:
             raise CheckpointError(f"{path}: a {meta.get('mode')} checkpoint cannot resume a {self.config.mode} run")
         load_strict(self.model, read_tensors(path / "model.safetensors"), str(path / "model.safetensors"))
-        if not meta.get("has_optimizer") or not (path / "optimizer.pt").is_file():
-            raise CheckpointError(f"{path}: saved without optimizer state; cannot resume exactly")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
+        load_optimizer_file(path, meta, self.optimizer, self.device)
         self.step = int(meta["step"])
         self.calibration = meta.get("calibration")
 

@@ -166,6 +166,30 @@ def find_latest(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
+    """Move a completely written `tmp` folder to `final` (a re-saved step replaces the old folder), point
+    `latest` at it, and delete all but the newest `keep_last` complete checkpoints (0: keep all)."""
+    root = final.parent
+    if final.exists():   # re-saving a step (after a resume): move the old one aside first
+        old = root / f".tmp-old-{final.name}"
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write_text(root / "latest", final.name)
+    if keep_last > 0:
+        for p in list_checkpoints(root)[:-keep_last]:
+            if p != final:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_optimizer_file(path: Path, meta: dict, optimizer: torch.optim.Optimizer, device) -> None:
+    """Restore `path/optimizer.pt` (single-process trainers); a checkpoint without it cannot resume exactly."""
+    file = Path(path) / "optimizer.pt"
+    if not meta.get("has_optimizer") or not file.is_file():
+        raise CheckpointError(f"{path}: saved without optimizer state; cannot resume exactly")
+    optimizer.load_state_dict(torch.load(file, map_location=device, weights_only=True))
+
+
 class CheckpointManager:
     def __init__(self, root, info: DistInfo, keep_last: int = 3):
         self.root = Path(root)
@@ -204,23 +228,9 @@ class CheckpointManager:
             meta = dict(trainer_state, step=step, world_size=info.world_size, has_optimizer=optimizer is not None,
                         has_ema=ema is not None)
             _atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=1))
-            if final.exists():   # re-saving a step (after a resume): move the old one aside first
-                old = self.root / f".tmp-old-{final.name}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-            _atomic_write_text(self.root / "latest", final.name)
-            self._prune(final)
+            publish_checkpoint(tmp, final, self.keep_last)
         barrier(info)
         return final
-
-    def _prune(self, keep: Path) -> None:
-        if self.keep_last <= 0:
-            return
-        done = list_checkpoints(self.root)
-        for p in done[:-self.keep_last]:
-            if p != keep:
-                shutil.rmtree(p, ignore_errors=True)
 
     def load(self, path: Path, module: nn.Module, unwrapped: nn.Module, optimizer: Optional[torch.optim.Optimizer],
              ema: Optional[EMA]) -> tuple[dict, Optional[dict]]:

@@ -152,8 +152,23 @@ class LogConfig:
     tensorboard: bool = False            # also write TensorBoard events when tensorboard is installed
 
 
+class FileConfig:
+    """to_dict / to_yaml for a dataclass config whose `model` and `pyramid` sections are a preset plus
+    `overrides`: written back in the shape of the file it was read from."""
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("model", "pyramid"):   # flatten overrides back to the file's shape
+            sec = out[name]
+            out[name] = {k: v for k, v in sec.items() if k != "overrides"} | sec["overrides"]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(FileConfig):
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"                 # auto: cuda:LOCAL_RANK when available, else cpu
@@ -224,15 +239,6 @@ class RunConfig:
         p = self.pyramid.build()
         return self.data.duration_unit_frames or p.temporal_compression * p.frames_per_clip
 
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        for name in ("model", "pyramid"):   # flatten overrides back to the file's shape
-            sec = out[name]
-            out[name] = {k: v for k, v in sec.items() if k != "overrides"} | sec["overrides"]
-        return out
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
 # --------------------------------------------------------------------------------------------------

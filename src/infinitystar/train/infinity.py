@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 import yaml
 
@@ -44,10 +43,11 @@ from infinitystar.convert.strict import CheckpointError, load_strict, read_tenso
 from infinitystar.model.infinity import (InfinityConfig, InfinityTransformer, bitwise_self_correction,
                                          teacher_forcing, token_weights)
 from infinitystar.schedules.infinity_resolution import check_custom_scales
-from infinitystar.tokenizer.infinity_training import (SHAPES_SCALES, build_config, load_yaml, shapes_images,
+from infinitystar.tokenizer.infinity_training import (SHAPES_SCALES, build_config, load_yaml,
                                                       validate_scales)
 from infinitystar.tokenizer.training import STEP_DIR, clips_to_video, resolve_device
-from infinitystar.train.checkpoint import EMA, _atomic_write_text, find_latest, is_complete, list_checkpoints
+from infinitystar.train.checkpoint import (EMA, _atomic_write_text, find_latest, is_complete, list_checkpoints,
+                                         load_optimizer_file, publish_checkpoint)
 from infinitystar.train.config import CheckpointConfig, ConfigError, LogConfig, OptimConfig
 from infinitystar.train.data import derive_seed
 from infinitystar.train.metrics import MetricsLogger, peak_memory_mb
@@ -337,27 +337,14 @@ class InfinityTrainer:
         meta = {"step": self.step, "has_optimizer": self.config.checkpoint.save_optimizer,
                 "has_ema": self.ema is not None, "config": self.config.to_dict()}
         _atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=1))
-        if final.exists():   # re-saving a step after a resume
-            old = root / f".tmp-old-{final.name}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(root / "latest", final.name)
-        keep = self.config.checkpoint.keep_last
-        if keep > 0:
-            for p in list_checkpoints(root)[:-keep]:
-                if p != final:
-                    shutil.rmtree(p, ignore_errors=True)
+        publish_checkpoint(tmp, final, self.config.checkpoint.keep_last)
         self.last_checkpoint = final
         return final
 
     def _restore(self, path: Path) -> None:
         meta = json.loads((path / "trainer.json").read_text())
         load_strict(self.model, read_tensors(path / "model.safetensors"), str(path / "model.safetensors"))
-        if not meta.get("has_optimizer") or not (path / "optimizer.pt").is_file():
-            raise CheckpointError(f"{path}: saved without optimizer state; cannot resume exactly")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
+        load_optimizer_file(path, meta, self.optimizer, self.device)
         if self.ema is not None:
             if not (path / "ema.safetensors").is_file():
                 raise CheckpointError(f"{path}: no ema.safetensors, but train.ema_decay is set")
