@@ -1,0 +1,112 @@
+"""Where and how numbers are computed: device and precision, resolved once and checked before any work.
+
+Every entry point that computes (training, generation, reconstruction, benchmarks) takes a device spec and a
+precision spec and resolves them here, so the rules and the error messages exist in one place.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Literal
+
+import torch
+
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+class UserError(ValueError):
+    """A problem with what the user asked for; the CLI prints it as one line and exits with status 2."""
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(spec: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """"auto"/None: cuda (the local rank's GPU) when available, else cpu. An unknown or absent device is a
+    UserError naming what this machine has."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if spec is None or spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {spec!r}; available here: {', '.join(available_devices())}") from None
+    have = available_devices()
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {spec!r} asked for, but this torch has no CUDA device; available here: "
+                            f"{', '.join(have)}")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {spec!r} does not exist; available here: {', '.join(have)}")
+    elif dev.type == "mps":
+        if "mps" not in have:
+            raise UserError(f"device {spec!r} asked for, but MPS is not available; available here: {', '.join(have)}")
+    elif dev.type != "cpu":
+        raise UserError(f"device {spec!r} is not supported; available here: {', '.join(have)}")
+    return dev
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), read from the processor's flags."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    # No /proc/cpuinfo (macOS, Windows): ask oneDNN through torch's own capability string.
+    cap = str(getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")())
+    return "AMX" in cap.upper()
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype to compute in: torch.bfloat16 or torch.float32.
+
+    "auto" is bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere. "bf16" forced on a CPU without native
+    support is allowed (it is correct, only slow) with a warning; anything else is a UserError."""
+    if spec not in PRECISIONS:
+        raise UserError(f"precision {spec!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if spec == "fp32":
+        return torch.float32
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    if spec == "auto":
+        return torch.bfloat16 if native else torch.float32
+    if not native:
+        import warnings
+        warnings.warn(f"bf16 forced on {device.type} without native bf16 support: correct but slower than fp32",
+                      stacklevel=2)
+    return torch.bfloat16
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast on the device, or nothing for fp32. Code that must stay fp32 inside (bit heads, losses,
+    sign decisions) opens `fp32_region(device)`."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fp32_region(device: torch.device):
+    """Turn autocast off for a block that must compute in fp32; inputs must be cast with .float() by the caller."""
+    return torch.autocast(device_type=device.type, enabled=False)
