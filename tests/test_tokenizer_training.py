@@ -12,7 +12,7 @@ from infinitystar.quant.residual import encode_targets, quantize_multiscale
 from infinitystar.schedules.pyramid import Schedule
 from infinitystar.tokenizer.training import (DEFAULT_PYRAMID, TokenizerTrainer, calibrate_scale, config_from_dict,
                                              sample_drop, train)
-from infinitystar.tokenizer.training_cli import add_cli
+from infinitystar.cli.tokenizer import add_cli
 from infinitystar.tokenizer.training_eval import (PSNR_CAP_DB, fit_pyramid, psnr, psnr_per_frame, ssim,
                                                   ssim_per_frame)
 from infinitystar.tokenizer.video_vae import VideoVAE

@@ -499,7 +499,7 @@ def builtin_text_encoder(path: Path) -> Path:
 def test_add_cli_and_module_entry_point(tmp_path, dataset):
     import argparse
     import yaml
-    from infinitystar.train.cli import add_cli
+    from infinitystar.cli.train import add_cli
     from infinitystar.train.features import extract_features
     from infinitystar.train.trainer import spec_from_config
     p = argparse.ArgumentParser()
@@ -531,7 +531,7 @@ def test_extract_features_command_with_the_video_tokenizer(tmp_path, capsys):
     import argparse
     import yaml
     from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
-    from infinitystar.train.cli import add_cli
+    from infinitystar.cli.train import add_cli
     from infinitystar.train.data import read_manifests
     from infinitystar.train.features import cache_path, read_cached_latent
     from infinitystar.train.trainer import spec_from_config

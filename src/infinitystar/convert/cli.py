@@ -121,7 +121,7 @@ _SIGNATURES: dict[str, re.Pattern] = {
 }
 
 
-def _kinds_list() -> str:
+def kinds_list() -> str:
     return "; ".join(f"{k.name} ({k.description})" for k in KINDS.values())
 
 
@@ -133,7 +133,7 @@ def detect_kind(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoin
     sample = ", ".join(sorted(state_dict)[:6]) or "no tensors"
     if not found:
         raise CheckpointError(f"{source}: cannot tell which model these weights belong to (keys: {sample} ...); "
-                              f"pass --kind, one of: {_kinds_list()}")
+                              f"pass --kind, one of: {kinds_list()}")
     raise CheckpointError(f"{source}: the keys look like several models ({', '.join(found)}); pass --kind, one of: "
                           f"{', '.join(KINDS)}")
 
@@ -236,36 +236,4 @@ def load_converted(directory: PathLike, kind: Optional[str] = None, device=None)
     return KINDS[kind].load_converted(d, device=device)
 
 
-# --- command line ---------------------------------------------------------------------------------------------------
-def _cmd_convert(args) -> int:
-    try:
-        res = convert(args.src, args.dst, args.kind, text_maxlen=args.text_maxlen, preset=args.preset,
-                      dtype=None if args.dtype == "keep" else args.dtype, overwrite=args.force)
-    except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"converted {res.src} ({res.kind}, {res.num_params / 1e6:.2f} M parameters, "
-          f"{str(res.dtype).replace('torch.', '')}) -> {res.dst}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register `infinitystar convert` on the main command's subparsers."""
-    sp = subparsers.add_parser(
-        "convert", help="convert an official checkpoint to this package's folder layout",
-        description="Read an official checkpoint (.pth, .safetensors, or a folder of HF shards), load it strictly "
-                    "and write DST/config.json + DST/model.safetensors. Kinds: " + _kinds_list())
-    sp.add_argument("src", help="official file or HF-sharded folder")
-    sp.add_argument("dst", help="output folder")
-    sp.add_argument("--kind", choices=list(KINDS), default=None, help="what SRC holds (default: read from its keys)")
-    sp.add_argument("--text-maxlen", type=int, default=None,
-                    help="infinitystar-transformer only: RoPE offset of visual tokens (default 512, as released)")
-    sp.add_argument("--preset", default=None,
-                    help="architecture preset instead of inferring it: " + " | ".join(
-                        f"{k.name}: {k.presets}" for k in KINDS.values()))
-    sp.add_argument("--dtype", choices=["keep", *DTYPES], default="keep",
-                    help="dtype of the written tensors (default: the checkpoint's)")
-    sp.add_argument("--force", action="store_true", help="replace DST's existing config.json/model.safetensors")
-    sp.set_defaults(func=_cmd_convert)
-
-
-__all__ = ["KINDS", "Kind", "ConvertResult", "convert", "detect_kind", "read_official", "load_converted", "add_cli"]
+__all__ = ["KINDS", "Kind", "ConvertResult", "convert", "detect_kind", "read_official", "load_converted"]

@@ -752,13 +752,7 @@ def train(config: Union[TokenizerTrainConfig, str, Path], *, resume: Optional[st
     return TokenizerTrainer(config, resume=resume).fit(until=until)
 
 
-def add_cli(subparsers) -> None:
-    """Register `tokenizer train ...` and `tokenizer reconstruct ...` on the `infinitystar` command."""
-    from infinitystar.tokenizer.training_cli import add_cli as _add
-    _add(subparsers)
-
-
 __all__ = ["TokenizerTrainConfig", "TokenizerTrainer", "TrainResult", "VAESection", "TokenizerDataConfig",
            "LossConfig", "QuantConfig", "TokenizerTrainSection", "config_from_dict", "load_config", "train",
-           "add_cli", "calibrate_scale", "sample_drop", "kl_divergence", "bit_usage", "PYRAMID_FILE",
+           "calibrate_scale", "sample_drop", "kl_divergence", "bit_usage", "PYRAMID_FILE",
            "DEFAULT_PYRAMID"]

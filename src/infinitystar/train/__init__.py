@@ -1,10 +1,11 @@
 """Training the InfinityStar generator: manifests and media (`data`), the latent cache (`features`), packed
 targets and the loss (`targets`, `loss`), the trainer (`trainer`), distributed set-up (`distributed`),
-checkpoints (`checkpoint`), metrics (`metrics`), the config file (`config`) and the CLI (`cli.add_cli`).
+checkpoints (`checkpoint`), metrics (`metrics`), and the config file (`config`).
+The commands live in `infinitystar.cli.train`.
 
 Imports are lazy so `import infinitystar.train.loss` stays light."""
 
-__all__ = ["train", "Trainer", "load_config", "RunConfig", "extract_features", "add_cli"]
+__all__ = ["train", "Trainer", "load_config", "RunConfig", "extract_features"]
 
 
 def __getattr__(name):
@@ -17,7 +18,4 @@ def __getattr__(name):
     if name == "extract_features":
         from infinitystar.train.features import extract_features
         return extract_features
-    if name == "add_cli":
-        from infinitystar.train.cli import add_cli
-        return add_cli
     raise AttributeError(f"module 'infinitystar.train' has no attribute {name!r}")

@@ -76,24 +76,3 @@ def export_model(checkpoint: PathLike, out: PathLike, *, ema: bool = True, token
     pipe.save_pretrained(out)
     return ckpt
 
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder for the pipeline")
-    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("out", help="model folder to write")
-    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's tokenizer.path)")
-    p.add_argument("--text-encoder", help="text encoder folder (default: the run's text_encoder.path)")
-    p.add_argument("--defaults", help="generation defaults as JSON, e.g. '{\"guidance_scale\": 3}'")
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args) -> int:
-    try:
-        defaults = json.loads(args.defaults) if args.defaults else None
-        ckpt = export_model(args.checkpoint, args.out, ema=not args.raw, tokenizer=args.tokenizer,
-                            text_encoder=args.text_encoder, defaults=defaults)
-    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
-    print(f"exported {ckpt} -> {args.out}")
-    return 0

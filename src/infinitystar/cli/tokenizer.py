@@ -1,5 +1,4 @@
-"""`infinitystar tokenizer train ...` and `infinitystar tokenizer reconstruct IN OUT ...` (registered by
-`add_cli` on the main command's subparsers)."""
+"""`infinitystar tokenizer train ...` and `infinitystar tokenizer reconstruct IN OUT ...`."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +8,21 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+import infinitystar
+from infinitystar.config import PyramidConfig
+from infinitystar.convert.strict import CheckpointError
+from infinitystar.media import MediaError, export_to_video, load_image, load_video, save_image
+from infinitystar.tokenizer.training import DEFAULT_PYRAMID, PYRAMID_FILE, config_from_dict, load_config, train
+from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
+                                                  ssim_per_frame, video_to_frames)
+from infinitystar.tokenizer.video_vae import VideoVAE
+from infinitystar.train.config import ConfigError
+
 
 def default_tokenizer_dir() -> Path:
     """The built-in tokenizer shipped as package data."""
-    import infinitystar
     return Path(infinitystar.__file__).parent / "weights" / "default" / "tokenizer"
 
 
@@ -33,9 +43,6 @@ def _train_overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from infinitystar.convert.strict import CheckpointError
-    from infinitystar.tokenizer.training import config_from_dict, load_config, train
-    from infinitystar.train.config import ConfigError
     try:
         overrides = _train_overrides(args)
         cfg = load_config(args.config, overrides) if args.config else config_from_dict({}, overrides)
@@ -58,7 +65,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 def read_input(path: Path):
     """uint8 frames (T, H, W, 3) of a video (.mp4 and anything PyAV reads, .npy/.npz) or an image."""
-    from infinitystar.media import MediaError, load_image, load_video
     if not path.exists():
         raise SystemExit(f"error: input {path} does not exist")
     try:
@@ -82,10 +88,6 @@ def trim_frames(frames, temporal_stride: int, warn=None):
 
 def load_tokenizer_folder(model: Optional[str], device):
     """(VideoVAE, pyramid or None, folder) from a tokenizer folder; the default is the built-in one."""
-    from infinitystar.config import PyramidConfig
-    from infinitystar.convert.strict import CheckpointError
-    from infinitystar.tokenizer.training import DEFAULT_PYRAMID, PYRAMID_FILE
-    from infinitystar.tokenizer.video_vae import VideoVAE
     folder = Path(model) if model else default_tokenizer_dir()
     if not (folder / "config.json").is_file():
         hint = ("this version ships no built-in tokenizer; pass --model DIR (a folder written by "
@@ -102,7 +104,6 @@ def load_tokenizer_folder(model: Optional[str], device):
 
 
 def write_output(frames, out: Path, fps: int, lossless: bool) -> None:
-    from infinitystar.media import MediaError, export_to_video, save_image
     try:
         if out.suffix.lower() in IMAGE_SUFFIXES:
             if len(frames) != 1:
@@ -116,10 +117,6 @@ def write_output(frames, out: Path, fps: int, lossless: bool) -> None:
 
 
 def cmd_reconstruct(args) -> int:
-    import torch
-
-    from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
-                                                      ssim_per_frame, video_to_frames)
     t0 = time.perf_counter()
     src, out = Path(args.input), Path(args.output)
     if not out.parent.exists():
@@ -193,14 +190,3 @@ def add_cli(subparsers) -> None:
     p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 for an .mp4 output")
     p.set_defaults(func=cmd_reconstruct)
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m infinitystar.tokenizer.training_cli tokenizer ...` (until the main command registers it)."""
-    parser = argparse.ArgumentParser(prog="infinitystar")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 
+from infinitystar.convert.strict import CheckpointError
+from infinitystar.tokenizer import infinity_training
+from infinitystar.train import infinity as infinity_train
+from infinitystar.train.config import ConfigError
+
 
 def _overrides(args) -> list[str]:
     """Flags -> `key=value` overrides, applied after the config file (flags win)."""
@@ -14,11 +19,8 @@ def _overrides(args) -> list[str]:
 
 
 def _cmd_train_tokenizer(args) -> int:
-    from infinitystar.convert.strict import CheckpointError
-    from infinitystar.tokenizer.infinity_training import train
-    from infinitystar.train.config import ConfigError
     try:
-        r = train(args.config, resume=args.resume, overrides=_overrides(args), until=args.until)
+        r = infinity_training.train(args.config, resume=args.resume, overrides=_overrides(args), until=args.until)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     print(json.dumps({"step": r.step, "output_dir": str(r.output_dir), "model": str(r.model_dir) if r.model_dir
@@ -27,11 +29,8 @@ def _cmd_train_tokenizer(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from infinitystar.convert.strict import CheckpointError
-    from infinitystar.train.infinity import train
-    from infinitystar.train.config import ConfigError
     try:
-        r = train(args.config, resume=args.resume, overrides=_overrides(args), until=args.until)
+        r = infinity_train.train(args.config, resume=args.resume, overrides=_overrides(args), until=args.until)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     print(json.dumps({"step": r.step, "output_dir": str(r.output_dir), "model": str(r.model_dir) if r.model_dir
@@ -40,9 +39,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_swap_tokenizer(args) -> int:
-    from infinitystar.train.infinity import replace_tokenizer
     try:
-        out = replace_tokenizer(args.model, args.tokenizer, args.out)
+        out = infinity_train.replace_tokenizer(args.model, args.tokenizer, args.out)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(json.dumps({"model": str(out), "tokenizer": args.tokenizer}))

@@ -1,33 +1,26 @@
-"""The `infinitystar` command."""
+"""`infinitystar generate` (a video, or an image from an Infinity model) and `infinitystar eval shapes`: the
+commands that run a model folder."""
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import sys
+import time
+import warnings
+from pathlib import Path
 
+import torch
 
-def _cmd_parity(args) -> int:
-    from infinitystar.parity import main as parity_main
-    return parity_main(args.dir)
-
-
-def _cmd_bench(args) -> int:
-    if args.train:
-        from infinitystar.train.bench import run_train_bench
-        run_train_bench(device=args.device, as_json=args.json)
-        return 0
-    if args.model is not None:
-        from infinitystar.bench import run_model
-        run_model(args.model, num_frames=args.frames, device=args.device, as_json=args.json)
-        return 0
-    from infinitystar.bench import run
-    run(clips=tuple(args.clips), device=args.device, as_json=args.json)
-    return 0
+from infinitystar.media import export_to_video, save_image
+from infinitystar.pipelines.infinity import InfinityPipeline, model_family
+from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
+from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
 
 
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        from pathlib import Path
         path = Path(args.prompts_file)
         if not path.is_file():
             raise SystemExit(f"error: prompts file {path} does not exist")
@@ -39,12 +32,6 @@ def _read_prompts(args) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
-    import json
-    import time
-    from pathlib import Path
-
-    import torch
-
     out = Path(args.out)
     if not out.parent.exists():
         raise SystemExit(f"error: output folder {out.parent} does not exist")
@@ -60,7 +47,6 @@ def _cmd_generate(args) -> int:
     if not image_out and out.suffix.lower() != ".mp4":
         raise SystemExit(f"error: --out must end in .mp4 (video) or .png/.jpg (image), got {out.name}")
     prompts = _read_prompts(args)
-    from infinitystar.media import export_to_video, save_image
     t0 = time.perf_counter()
     pipe = _load_pipeline(args.model, args.device)
     load_s = time.perf_counter() - t0
@@ -84,9 +70,6 @@ def _cmd_generate(args) -> int:
 
 
 def _peak_memory_mb(pipe) -> float:
-    import resource
-
-    import torch
     if torch.cuda.is_available() and pipe.device.type == "cuda":
         return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -94,8 +77,6 @@ def _peak_memory_mb(pipe) -> float:
 
 def _model_family(model: str) -> str:
     """`family` of a model folder's model_index.json; "infinitystar" for the default model or no index."""
-    from infinitystar.pipelines.infinity import model_family
-    from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR
     try:
         return model_family(DEFAULT_MODEL_DIR if model == "default" else model) or "infinitystar"
     except ValueError as e:
@@ -104,13 +85,6 @@ def _model_family(model: str) -> str:
 
 def _generate_infinity(args, out) -> int:
     """`generate` with an Infinity (text-to-image) model folder: one prompt, one image."""
-    import json
-    import time
-    import warnings
-
-    import torch
-
-    from infinitystar.media import save_image
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise SystemExit(f"error: an Infinity model makes images: --out must end in .png or .jpg, got {out.name}")
     unused = [flag for flag, v in (("--image", args.image), ("--video", args.video)) if v is not None]
@@ -145,13 +119,11 @@ def _generate_infinity(args, out) -> int:
 
 def _load_pipeline(model: str, device: str, infinity: bool = False):
     """The pipeline of a model folder; `infinity`: an Infinity (text-to-image) folder is welcome too."""
-    from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
     if model == "default" and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         raise SystemExit(f"error: the shipped default model is missing from this install ({DEFAULT_MODEL_DIR}); "
                          f"reinstall the package, or pass --model DIR (scripts/train_default_model.sh trains it)")
     try:
         if infinity and _model_family(model) == "infinity":
-            from infinitystar.pipelines.infinity import InfinityPipeline
             return InfinityPipeline.from_pretrained(model, device=device)
         return InfinityStarPipeline.from_pretrained(model, device=device)
     except (FileNotFoundError, ValueError) as e:
@@ -159,10 +131,6 @@ def _load_pipeline(model: str, device: str, infinity: bool = False):
 
 
 def _cmd_eval(args) -> int:
-    import json
-    from pathlib import Path
-
-    from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
     if _model_family(args.model) == "infinity":   # a text-to-image model: the t2i task only
         bad = [t for t in args.tasks if t != "t2i"]
         if bad and args.tasks != EVAL_TASKS:
@@ -182,13 +150,9 @@ def _cmd_eval(args) -> int:
 EVAL_TASKS = ["t2i", "t2v", "i2v", "continuation", "long"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infinitystar", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("parity", help="check a fixture folder made by the official code against this implementation")
-    sp.add_argument("dir")
-    sp.set_defaults(func=_cmd_parity)
-    sp = sub.add_parser("generate", help="generate a video (.mp4) or an image (.png) from text")
+def add_cli(subparsers) -> None:
+    """Register `generate` and `eval`."""
+    sp = subparsers.add_parser("generate", help="generate a video (.mp4) or an image (.png) from text")
     sp.add_argument("--prompt", action="append", help="text prompt; repeat for a prompt per clip")
     sp.add_argument("--prompts-file", help="a file with one prompt per line (one per clip)")
     sp.add_argument("--out", required=True, help="output .mp4 (video) or .png (text-to-image)")
@@ -208,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="print a JSON summary line")
     sp.set_defaults(func=_cmd_generate)
-    sp = sub.add_parser("eval", help="evaluate a model on a synthetic world")
+    sp = subparsers.add_parser("eval", help="evaluate a model on a synthetic world")
     esub = sp.add_subparsers(dest="world", required=True)
     ep = esub.add_parser("shapes", help="Shapes World: five tasks, judged by the reference decoder")
     ep.add_argument("--model", default="default")
@@ -223,32 +187,3 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--out-dir", default="eval_shapes")
     ep.add_argument("--grid", type=int, default=6, help="samples per task in grid.png")
     ep.set_defaults(func=_cmd_eval)
-    sp = sub.add_parser("bench", help="generation speed and memory: sparse vs dense attention as videos grow")
-    sp.add_argument("--clips", type=int, nargs="+", default=[1, 2, 4, 8])
-    sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    sp.add_argument("--json", action="store_true", help="one JSON line per case")
-    sp.add_argument("--train", action="store_true", help="training throughput instead of generation")
-    sp.add_argument("--model", nargs="?", const="default", default=None,
-                    help="time real generations with a model folder instead (no value: the shipped default model)")
-    sp.add_argument("--frames", type=int, default=17, help="frames per video with --model")
-    sp.set_defaults(func=_cmd_bench)
-    from infinitystar.train.cli import add_cli as add_train_cli
-    add_train_cli(sub)
-    from infinitystar.train.export import add_cli as add_export_cli
-    add_export_cli(sub)
-    from infinitystar.tokenizer.training_cli import add_cli as add_tokenizer_cli
-    add_tokenizer_cli(sub)
-    from infinitystar.convert.cli import add_cli as add_convert_cli
-    add_convert_cli(sub)
-    from infinitystar.infinity_cli import add_cli as add_infinity_cli
-    add_infinity_cli(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Command-line entry points of the trainer: `infinitystar train`, `infinitystar extract-features` (registered by
-`add_cli` on the main parser) and `python -m infinitystar.train CONFIG` (what torchrun runs)."""
+"""The generator's training commands: `infinitystar train`, `infinitystar extract-features`, `infinitystar export`,
+and `python -m infinitystar.train CONFIG` (what torchrun runs)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,16 @@ import json
 import os
 import sys
 from typing import Optional
+
+import torch
+
+from infinitystar.cli.errors import run_command
+from infinitystar.convert.strict import CheckpointError
+from infinitystar.train.config import ConfigError, RunConfig, load_config
+from infinitystar.train.distributed import resolve_device
+from infinitystar.train.export import export_model
+from infinitystar.train.features import extract_features
+from infinitystar.train.trainer import load_tokenizer, spec_from_config, train
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -20,24 +30,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args) -> int:
-    from infinitystar.train.config import ConfigError
-    from infinitystar.train.trainer import train
-    try:
-        result = train(args.config, resume=args.resume, overrides=args.overrides, until=args.until)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}")
+    result = train(args.config, resume=args.resume, overrides=args.overrides, until=args.until)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: step {result.step}, loss {result.loss}, checkpoint {result.checkpoint}")
     return 0
 
 
 def _cmd_extract(args) -> int:
-    import torch
-
-    from infinitystar.train.config import ConfigError, RunConfig, load_config
-    from infinitystar.train.distributed import resolve_device
-    from infinitystar.train.features import extract_features
-    from infinitystar.train.trainer import load_tokenizer, spec_from_config
     try:
         cfg = load_config(args.config, args.overrides) if args.config else RunConfig()
         rank = int(os.environ.get("RANK", "0")) if args.rank is None else args.rank
@@ -69,8 +68,19 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    try:
+        defaults = json.loads(args.defaults) if args.defaults else None
+        ckpt = export_model(args.checkpoint, args.out, ema=not args.raw, tokenizer=args.tokenizer,
+                            text_encoder=args.text_encoder, defaults=defaults)
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"exported {ckpt} -> {args.out}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
-    """Register `train` and `extract-features` on the `infinitystar` command's subparsers."""
+    """Register `train`, `extract-features` and `export` on the `infinitystar` command's subparsers."""
     p = subparsers.add_parser("train", help="train the generator from a config file (torchrun: "
                                             "python -m infinitystar.train CONFIG)")
     _add_train_args(p)
@@ -87,10 +97,19 @@ def add_cli(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     p.add_argument("--json", action="store_true", help="print a JSON summary line")
     p.set_defaults(func=_cmd_extract)
+    p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder for the pipeline")
+    p.add_argument("checkpoint", help="checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out", help="model folder to write")
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the run's tokenizer.path)")
+    p.add_argument("--text-encoder", help="text encoder folder (default: the run's text_encoder.path)")
+    p.add_argument("--defaults", help="generation defaults as JSON, e.g. '{\"guidance_scale\": 3}'")
+    p.set_defaults(func=_cmd_export)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m infinitystar.train CONFIG [--resume] [--set k=v]` (the torchrun entry point)."""
     p = argparse.ArgumentParser(prog="python -m infinitystar.train", description="train the InfinityStar generator")
     _add_train_args(p)
-    return _cmd_train(p.parse_args(argv))
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    return run_command(_cmd_train, p.parse_args(argv))
