@@ -457,13 +457,13 @@ def test_interrupted_checkpoint_keeps_previous(tmp_path, dataset, monkeypatch):
     run_training(raw, until=2)
     root = tmp_path / "run" / "checkpoints"
     good = weights(root / "step_00000002")
-    import safetensors.torch
+    import infinitystar.train.checkpoint as checkpoint
 
     def crash(tensors, filename, metadata=None):   # dies half-way through writing the weights
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         run_training(raw, resume="latest")
     monkeypatch.undo()

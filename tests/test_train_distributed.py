@@ -85,7 +85,8 @@ def test_two_processes_match_one(tmp_path, parallel):
         # tiny fraction of its step; 1% of the largest movement is far above that and far below any real bug
         assert err_max < 0.01 * moved, (name, err_max, moved)
     meta = json.loads((ckpt2 / "trainer.json").read_text())
-    assert meta["world_size"] == 2 and (ckpt2 / "rank_00001.pt").is_file()
+    assert meta["world_size"] == 2 and (ckpt2 / "rank_00001.safetensors").is_file()
+    assert (ckpt2 / "optimizer" / "rank_00001.safetensors").is_file() == (parallel == "fsdp")   # FSDP2: 2 shards
     if parallel == "fsdp":
         # the sharded optimizer state reloads in one process (another world size); data restarts at a new epoch
         more = {**two, "train": {**two["train"], "max_steps": 4}}

@@ -40,10 +40,11 @@ from infinitystar.tokenizer.training import (LossConfig, QuantConfig, TokenizerT
                                              TrainResult, bit_usage, clips_to_video, reconstruction_loss,
                                              resolve_device, sample_drop)
 from infinitystar.tokenizer.training_eval import psnr, ssim, video_to_frames
-from infinitystar.train.checkpoint import find_latest, is_complete, list_checkpoints
+from infinitystar.train.checkpoint import find_resume, list_checkpoints
 from infinitystar.train.config import (CheckpointConfig, ConfigError, LogConfig, OptimConfig, _build, _coerce,
                                        _unknown, set_dotted)
 from infinitystar.train.data import derive_seed
+from infinitystar.train.lock import lock_run
 from infinitystar.convert.strict import CheckpointError
 
 SCALES_FILE = "scales.json"       # next to the tokenizer's config.json: the image schedule it was trained with
@@ -369,15 +370,14 @@ class InfinityTokenizerTrainer(TokenizerTrainer):
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.lock = lock_run(self.out)   # one run per output_dir while this trainer lives
         self.scales = cfg.scale_list()
         self.step = 0
         start = None
         if resume is not None:
-            start = find_latest(self.ckpt_root) if resume == "latest" else Path(resume)
+            start = find_resume(self.ckpt_root, resume)
             if start is None:
                 raise CheckpointError(f"--resume: no complete checkpoint in {self.ckpt_root}")
-            if not is_complete(start):
-                raise CheckpointError(f"--resume: {start} is not a complete checkpoint folder")
         elif list_checkpoints(self.ckpt_root):
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another "
                               f"output_dir")

@@ -39,11 +39,12 @@ from infinitystar.quant.residual import MultiScaleQuant, quantize_multiscale
 from infinitystar.schedules.pyramid import Schedule
 from infinitystar.tokenizer.training_eval import psnr, reconstruct, ssim, video_to_frames
 from infinitystar.tokenizer.video_vae import CONFIG_NAME, PRESETS, VideoVAE, VideoVAEConfig
-from infinitystar.train.checkpoint import (_atomic_write_text, find_latest, is_complete, list_checkpoints,
-                                         load_optimizer_file, publish_checkpoint)
+from infinitystar.train.checkpoint import (_atomic_write_text, find_resume, list_checkpoints, load_optimizer_file,
+                                         publish_checkpoint, read_meta, save_optimizer)
 from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig, LogConfig, OptimConfig,
                                        PyramidSection, _build, _coerce, _unknown, set_dotted)
 from infinitystar.train.data import derive_seed
+from infinitystar.train.lock import lock_run
 from infinitystar.train.metrics import MetricsLogger, peak_memory_mb
 
 PYRAMID_FILE = "pyramid.json"          # next to a tokenizer's config.json: the pyramid it was trained with
@@ -500,17 +501,16 @@ class TokenizerTrainer:
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.lock = lock_run(self.out)   # one run per output_dir while this trainer lives
         self.pyramid = cfg.pyramid.build()
         self.source = make_source(cfg)
         self.step = 0
 
         start = None
         if resume is not None:
-            start = find_latest(self.ckpt_root) if resume == "latest" else Path(resume)
+            start = find_resume(self.ckpt_root, resume)
             if start is None:
                 raise CheckpointError(f"--resume: no complete checkpoint in {self.ckpt_root}")
-            if not is_complete(start):
-                raise CheckpointError(f"--resume: {start} is not a complete checkpoint folder")
         elif list_checkpoints(self.ckpt_root):
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another "
                               f"output_dir")
@@ -658,7 +658,7 @@ class TokenizerTrainer:
         tmp.mkdir()
         self._write_model(tmp)
         if self.config.checkpoint.save_optimizer:
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_optimizer(tmp, self.optimizer)
         meta = {"step": self.step, "mode": self.config.mode, "calibration": self.calibration,
                 "has_optimizer": self.config.checkpoint.save_optimizer, "config": self.config.to_dict()}
         _atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=1))
@@ -667,7 +667,7 @@ class TokenizerTrainer:
         return final
 
     def _restore(self, path: Path) -> None:
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = read_meta(path)
         if meta.get("mode") != self.config.mode:
             raise CheckpointError(f"{path}: a {meta.get('mode')} checkpoint cannot resume a {self.config.mode} run")
         load_strict(self.model, read_tensors(path / "model.safetensors"), str(path / "model.safetensors"))

@@ -251,7 +251,9 @@ def read_video_frames(path: str, indices: Sequence[int], allow_short: bool = Fal
     want = list(indices)
     try:
         if path.endswith((".npy", ".npz")):
-            arr = np.load(path, mmap_mode="r") if path.endswith(".npy") else np.load(path)
+            # allow_pickle=False (numpy's default, stated): an object array in a data file is refused, never run
+            arr = np.load(path, mmap_mode="r", allow_pickle=False) if path.endswith(".npy") else \
+                np.load(path, allow_pickle=False)
             if hasattr(arr, "files"):
                 arr = arr[arr.files[0]]
             if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from infinitystar.convert.strict import CheckpointError, load_strict, read_tensors
-from infinitystar.train.checkpoint import TEXT_PREFIX, find_latest, is_complete
+from infinitystar.train.checkpoint import TEXT_PREFIX, find_resume, is_complete, read_json, read_meta
 from infinitystar.train.config import config_from_dict
 
 PathLike = Union[str, Path]
@@ -22,9 +22,9 @@ def resolve_checkpoint(path: PathLike) -> Path:
     """A checkpoint folder, or a run folder / its `checkpoints/` (-> the latest complete checkpoint)."""
     p = Path(path)
     if is_complete(p):
-        return p
+        return find_resume(p.parent, str(p))
     for root in (p / "checkpoints", p):
-        found = find_latest(root)
+        found = find_resume(root, "latest")
         if found is not None:
             return found
     raise CheckpointError(f"{p}: no complete training checkpoint (a step_* folder with trainer.json and "
@@ -41,14 +41,14 @@ def export_model(checkpoint: PathLike, out: PathLike, *, ema: bool = True, token
     from infinitystar.text import load_text_encoder
 
     ckpt = resolve_checkpoint(checkpoint)
-    meta = json.loads((ckpt / "trainer.json").read_text())
+    meta = read_meta(ckpt)
     run = config_from_dict(meta["config"])
     weights_file = ckpt / ("ema.safetensors" if ema and meta.get("has_ema") else "model.safetensors")
     sd = read_tensors(weights_file)
     text_sd = {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)}
     model_sd = {k: v for k, v in sd.items() if not k.startswith(TEXT_PREFIX)}
 
-    config_dict = json.loads((ckpt / "config.json").read_text())
+    config_dict = read_json(ckpt / "config.json")
     config_dict.pop("type", None)
     config = TransformerConfig.from_dict(config_dict)
     transformer = InfinityStarTransformer(config)

@@ -46,10 +46,11 @@ from infinitystar.schedules.infinity_resolution import check_custom_scales
 from infinitystar.tokenizer.infinity_training import (SHAPES_SCALES, build_config, load_yaml,
                                                       validate_scales)
 from infinitystar.tokenizer.training import STEP_DIR, clips_to_video, resolve_device
-from infinitystar.train.checkpoint import (EMA, _atomic_write_text, find_latest, is_complete, list_checkpoints,
-                                         load_optimizer_file, publish_checkpoint)
+from infinitystar.train.checkpoint import (EMA, _atomic_write_text, find_resume, list_checkpoints,
+                                         load_optimizer_file, publish_checkpoint, read_meta, save_optimizer)
 from infinitystar.train.config import CheckpointConfig, ConfigError, LogConfig, OptimConfig
 from infinitystar.train.data import derive_seed
+from infinitystar.train.lock import lock_run
 from infinitystar.train.metrics import MetricsLogger, peak_memory_mb
 from infinitystar.train.trainer import lr_at
 
@@ -221,16 +222,15 @@ class InfinityTrainer:
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.lock = lock_run(self.out)   # one run per output_dir while this trainer lives
         self.scales = cfg.scale_list()
         self.anchor = self.scales[-1]      # RoPE-2D anchored to the schedule's own last grid (as the pipeline)
         self.step = 0
         start = None
         if resume is not None:
-            start = find_latest(self.ckpt_root) if resume == "latest" else Path(resume)
+            start = find_resume(self.ckpt_root, resume)
             if start is None:
                 raise CheckpointError(f"--resume: no complete checkpoint in {self.ckpt_root}")
-            if not is_complete(start):
-                raise CheckpointError(f"--resume: {start} is not a complete checkpoint folder")
         elif list_checkpoints(self.ckpt_root):
             raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it or choose another "
                               f"output_dir")
@@ -333,7 +333,7 @@ class InfinityTrainer:
             save_file({k: v.contiguous() for k, v in self.ema.full_state_dict().items()},
                       str(tmp / "ema.safetensors"))
         if self.config.checkpoint.save_optimizer:
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_optimizer(tmp, self.optimizer)
         meta = {"step": self.step, "has_optimizer": self.config.checkpoint.save_optimizer,
                 "has_ema": self.ema is not None, "config": self.config.to_dict()}
         _atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=1))
@@ -342,7 +342,7 @@ class InfinityTrainer:
         return final
 
     def _restore(self, path: Path) -> None:
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = read_meta(path)
         load_strict(self.model, read_tensors(path / "model.safetensors"), str(path / "model.safetensors"))
         load_optimizer_file(path, meta, self.optimizer, self.device)
         if self.ema is not None:

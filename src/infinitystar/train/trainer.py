@@ -28,6 +28,7 @@ from infinitystar.train.data import (SampleLoader, SampleSpec, ShardedOrder, der
                                      SKIP_REASONS)
 from infinitystar.train.distributed import (all_reduce_sum, init_distributed, shutdown, wrap_model)
 from infinitystar.train.features import encode_pixels
+from infinitystar.train.lock import lock_run
 from infinitystar.train.metrics import MetricsLogger, ScaleAccuracy, peak_memory_mb
 from infinitystar.train.targets import PackedTrainModule, TextRow, pack_batch, packed_loss, prepare_sample
 
@@ -114,6 +115,7 @@ class Trainer:
         self.info = info = init_distributed(cfg.device)
         self.device = info.device
         self.out = Path(cfg.output_dir)
+        self.lock = lock_run(self.out, info)   # one run per output_dir, until close()
         if not cfg.data.manifests:
             raise ConfigError("data.manifests is empty: give at least one JSONL manifest (or folder of them)")
         if resume is None and list_checkpoints(self.out / "checkpoints"):
@@ -401,6 +403,7 @@ class Trainer:
         self.loader.close()
         if self.logger is not None:
             self.logger.close()
+        self.lock.release()
         shutdown(self.info)
 
 
