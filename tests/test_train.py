@@ -484,6 +484,28 @@ def test_interrupted_checkpoint_keeps_previous(tmp_path, dataset, monkeypatch):
     assert any(not torch.equal(good[k], weights(res.checkpoint)[k]) for k in good)
 
 
+def test_captions_cut_counts_the_text_encoders_own_limit(tmp_path, dataset):
+    """Captions of 5-7 words through a built-in encoder that reads 3 (max_len 4) are all counted as cut, although
+    the model's text_maxlen (64) is far away; with max_len 16 none are."""
+    from infinitystar.text.builtin import WordTextEncoder
+    from infinitystar.train.metrics import read_metrics
+    from infinitystar.train.trainer import Trainer
+    cut = {}
+    for max_len in (4, 16):
+        torch.manual_seed(0)
+        enc = WordTextEncoder("a red circle blue square number moving right 0 1 2 3 4 5".split(), width=32,
+                              depth=1, num_heads=2, max_len=max_len)
+        raw = tiny_config(tmp_path / f"run{max_len}", dataset, train={"max_steps": 1, "text_dropout": 0.0},
+                          checkpoint={"every": 0})
+        tr = Trainer(config_from_dict(raw), text_encoder=enc, tokenizer=LinearTokenizer())
+        try:
+            tr.fit()
+        finally:
+            tr.close()
+        cut[max_len] = read_metrics(tmp_path / f"run{max_len}" / "metrics.jsonl")[-1]["captions_cut"]
+    assert cut[4] >= 2 and cut[16] == 0   # micro_batch 2: at least one caption per sample
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------

@@ -65,6 +65,17 @@ class TextFeatures:
         yield self.mask
 
 
+class PromptCutWarning(UserWarning):
+    """A prompt was longer than the text encoder reads; the message says how much was cut. `generate
+    --strict-prompt` turns it into an error."""
+
+
+def prompt_overflow(encoder, prompts: Sequence[str]) -> list[int]:
+    """Tokens each prompt loses to the encoder's own length limit (zeros for encoders without `overflow`)."""
+    fn = getattr(encoder, "overflow", None)
+    return list(fn(prompts)) if fn is not None else [0] * len(prompts)
+
+
 def check_prompts(prompts: Sequence[str]) -> list[str]:
     """A non-empty list of non-blank strings (a single string is accepted as a batch of one)."""
     if isinstance(prompts, str):

@@ -1,12 +1,15 @@
 """The built-in text encoder of the default model: a word-level vocabulary and a small transformer encoder.
 
 It plays the role T5 plays for the released models (features plus a mask of real tokens, an end-of-text token
-counted in the length) but is small enough to train with the generator on a CPU. Words outside the vocabulary
-map to <unk> with a warning that names them and lists what the model understands.
+counted in the length) but is small enough to train with the generator on a CPU. Nothing in a prompt is dropped
+silently: words outside the vocabulary (non-ASCII ones included, read whole) map to <unk> with a warning that
+names them and lists what the model understands, and words beyond `max_len - 1` are cut with a
+`PromptCutWarning` that says how many (an error where the warning filter makes it one: `generate --strict-prompt`).
 """
 from __future__ import annotations
 
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -14,15 +17,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from infinitystar.text.base import TextEncoder, TextFeatures, check_prompts
+from infinitystar.text.base import PromptCutWarning, TextEncoder, TextFeatures, check_prompts
 
 SPECIAL = ("<pad>", "<eos>", "<unk>")
 PAD, EOS, UNK = 0, 1, 2
-_WORD = re.compile(r"[a-z0-9]+")
+# letters and digits of any script, or one other non-ASCII character (an emoji, a symbol); ASCII punctuation and
+# spaces separate words. On ASCII text this is exactly [a-z0-9]+ after lower-casing.
+_WORD = re.compile(r"[^\W_]+|[^\x00-\x7f\s]")
 
 
 def split_words(prompt: str) -> list[str]:
-    return _WORD.findall(prompt.lower())
+    """Lower-cased words; non-ASCII words stay whole (so they are named as unknown rather than half-read), and
+    non-ASCII punctuation (curly quotes, dashes) separates words like ASCII punctuation does."""
+    text = unicodedata.normalize("NFC", prompt).lower()
+    return [w for w in _WORD.findall(text) if not (len(w) == 1 and unicodedata.category(w).startswith(("P", "Z")))]
 
 
 class WordTextEncoder(nn.Module, TextEncoder):
@@ -49,19 +57,38 @@ class WordTextEncoder(nn.Module, TextEncoder):
     def channels(self) -> int:
         return self.config["width"]
 
-    def tokenize(self, prompts: Sequence[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, L) padded to the longest prompt, and the mask of real tokens (EOS included)."""
-        rows, unknown = [], []
+    def _words(self, prompts: Sequence[str]) -> list[list[str]]:
+        out = []
         for p in check_prompts(prompts):
             words = split_words(p)
             if not words:
                 raise ValueError(f"empty prompt {p!r}: describe what to generate, e.g. "
                                  f"'a large red circle moving right quickly on a black background'")
+            out.append(words)
+        return out
+
+    def overflow(self, prompts: Sequence[str]) -> list[int]:
+        """How many words of each prompt are beyond the encoder's length (max_len - 1 words, then EOS)."""
+        return [max(0, len(w) - (self.max_len - 1)) for w in self._words(prompts)]
+
+    def tokenize(self, prompts: Sequence[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) padded to the longest prompt, and the mask of real tokens (EOS included). Words beyond
+        max_len - 1 are cut with a PromptCutWarning (always: `warn` only silences the unknown-word warning)."""
+        keep = self.max_len - 1
+        rows, unknown = [], []
+        for i, words in enumerate(self._words(prompts)):
             unknown += [w for w in words if w not in self.index]
-            ids = [self.index.get(w, UNK) for w in words][: self.max_len - 1] + [EOS]
-            rows.append(ids)
+            if len(words) > keep:
+                cut = words[keep:]
+                warnings.warn(PromptCutWarning(
+                    f"prompt {i} has {len(words)} words; the built-in text encoder reads {keep}: {len(cut)} cut "
+                    f"({' '.join(cut[:8])}{' ...' if len(cut) > 8 else ''})"), stacklevel=3)
+            rows.append([self.index.get(w, UNK) for w in words][:keep] + [EOS])
         if unknown and warn:
-            warnings.warn(f"unknown word(s) {', '.join(sorted(set(unknown)))} ignored by the built-in text encoder; "
+            words = sorted(set(unknown))
+            foreign = [w for w in words if not w.isascii()]
+            note = f" (non-ASCII: {', '.join(foreign)})" if foreign else ""
+            warnings.warn(f"unknown word(s) {', '.join(words)}{note} ignored by the built-in text encoder; "
                           f"it understands: {' '.join(self.words)}", stacklevel=3)
         L = max(len(r) for r in rows)
         ids = torch.full((len(rows), L), PAD, dtype=torch.long)

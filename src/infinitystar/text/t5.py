@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from infinitystar.convert.strict import CheckpointError
-from infinitystar.text.base import TextEncoder, TextFeatures, check_prompts
+from infinitystar.text.base import PromptCutWarning, TextEncoder, TextFeatures, check_prompts
 
 MAX_LENGTH = 512
 REQUIRED_FILES = ("config.json", "model.safetensors (or model.safetensors.index.json and its shards)",
@@ -161,13 +161,16 @@ class T5TextEncoder(TextEncoder, nn.Module):
                              return_tensors="pt")
         ids, mask = tok["input_ids"], tok["attention_mask"].bool()
         full = [p for p, n in zip(prompts, mask.sum(1).tolist()) if n >= self.max_length]
-        if full:
-            lens = [len(x) for x in self.tokenizer(full, truncation=False)["input_ids"]]
-            cut = [n for n in lens if n > self.max_length]
-            if cut:
-                warnings.warn(f"{len(cut)} prompt(s) of up to {max(cut)} tokens truncated to {self.max_length} "
-                              f"tokens (as the reference does)", stacklevel=3)
+        cut = [n for n in self.overflow(full) if n > 0] if full else []
+        if cut:
+            warnings.warn(PromptCutWarning(f"{len(cut)} prompt(s) truncated to {self.max_length} tokens (as the "
+                                           f"reference does): up to {max(cut)} tokens cut"), stacklevel=3)
         return ids, mask
+
+    def overflow(self, prompts: Sequence[str]) -> list[int]:
+        """How many tokens of each prompt (EOS counted) are beyond max_length."""
+        lens = [len(x) for x in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+        return [max(0, n - self.max_length) for n in lens]
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], device=None) -> TextFeatures:

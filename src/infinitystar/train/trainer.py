@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from infinitystar.config import TransformerConfig
+from infinitystar.text.base import PromptCutWarning, prompt_overflow
 from infinitystar.train.checkpoint import EMA, CheckpointManager, list_checkpoints, rng_state, set_rng_state
 from infinitystar.train.config import ConfigError, OptimConfig, RunConfig, load_config
 from infinitystar.train.data import (SampleLoader, SampleSpec, ShardedOrder, derive_seed, read_manifests,
@@ -80,11 +81,19 @@ def load_tokenizer(path: str, device):
         raise ConfigError(f"tokenizer.path: {e}") from None
 
 
+def captions_cut(encoder, prompts: Sequence[str], lengths: Sequence[int], max_len: int) -> int:
+    """Captions cut by any limit: the encoder's own (words or tokens it does not read) or the transformer's
+    `max_len` text tokens. Counted in `captions_cut` of the metrics instead of a warning per batch."""
+    over = prompt_overflow(encoder, prompts)
+    return sum(o > 0 or int(n) > max_len for o, n in zip(over, lengths))
+
+
 def encode_texts(encoder, prompts: Sequence[str], device, max_len: int) -> tuple[list[torch.Tensor], int]:
     """Per-prompt features (L_i, C) with padding removed (length from the mask), cut to max_len tokens.
     Accepts encoders returning (features, mask) or an object with .features / .mask. Returns (features,
-    number of prompts that were cut)."""
-    with torch.no_grad():
+    number of prompts that were cut by the encoder or to max_len)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptCutWarning)
         out = encoder.encode(list(prompts), device)
     if isinstance(out, (tuple, list)):
         feats, mask = out[0], out[1] if len(out) > 1 else None
@@ -93,7 +102,7 @@ def encode_texts(encoder, prompts: Sequence[str], device, max_len: int) -> tuple
     if feats.dim() != 3 or feats.shape[0] != len(prompts):
         raise ValueError(f"text encoder returned features of shape {tuple(feats.shape)} for {len(prompts)} prompts")
     lengths = mask.sum(1).tolist() if mask is not None else [feats.shape[1]] * len(prompts)
-    cut = sum(int(n) > max_len for n in lengths)
+    cut = captions_cut(encoder, prompts, lengths, max_len)
     return [feats[i, :max(1, min(int(n), max_len))].float() for i, n in enumerate(lengths)], cut
 
 
@@ -235,10 +244,12 @@ class Trainer:
         prompts = [c for s in samples for c in s.captions]
         text_tokens = None
         if self.text_trainable:   # encoded inside the module, with gradients
-            ids, mask = self.text_encoder.tokenize(prompts)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PromptCutWarning)
+                ids, mask = self.text_encoder.tokenize(prompts)
             lengths = mask.sum(1).tolist()
             feats = [TextRow(i, min(int(n), self.text_max_len)) for i, n in enumerate(lengths)]
-            cut = sum(int(n) > self.text_max_len for n in lengths)
+            cut = captions_cut(self.text_encoder, prompts, lengths, self.text_max_len)
             text_tokens = (ids.to(self.device), mask.to(self.device))
         else:
             feats, cut = encode_texts(self.text_encoder, prompts, self.device, self.text_max_len)
