@@ -9,7 +9,7 @@ def test_every_command_group_is_registered():
     p = build_parser()
     sub = next(a for a in p._actions if a.dest == "command")
     assert set(sub.choices) >= {"parity", "generate", "eval", "bench", "train", "extract-features", "export",
-                                "tokenizer", "convert", "infinity"}
+                                "tokenizer", "convert", "infinity", "demo"}
 
 
 def test_a_user_error_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):

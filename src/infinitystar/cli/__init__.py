@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from infinitystar.cli import bench, convert, generate, infinity, parity, tokenizer, train
+from infinitystar.cli import bench, convert, demo, generate, infinity, parity, tokenizer, train
 from infinitystar.cli.errors import USER_ERRORS, run_command
 
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_cli(sub)
     convert.add_cli(sub)
     infinity.add_cli(sub)
+    demo.add_cli(sub)
     _add_debug_flag(p, top=True)
     return p
 

@@ -7,14 +7,13 @@ import json
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from infinitystar.media import export_to_video, save_image
-from infinitystar.pipelines.infinity import InfinityPipeline, model_family
-from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
+from infinitystar.generation import (IMAGE_SUFFIXES, generate_image, generate_video, load_pipeline, model_family,
+                                     save_result)
+from infinitystar.runtime import UserError
 from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
 
 
@@ -23,48 +22,46 @@ def _read_prompts(args) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise SystemExit(f"error: prompts file {path} does not exist")
+            raise UserError(f"prompts file {path} does not exist")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts or not all(p.strip() for p in prompts):
-        raise SystemExit("error: give a non-empty --prompt (several --prompt flags, or --prompts-file, make a long "
-                         "video whose prompt changes clip by clip)")
+        raise UserError("give a non-empty --prompt (several --prompt flags, or --prompts-file, make a long video "
+                        "whose prompt changes clip by clip)")
     return prompts
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:                    # e.g. unknown words, a snapped size: a note, not a traceback line
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _cmd_generate(args) -> int:
     out = Path(args.out)
     if not out.parent.exists():
-        raise SystemExit(f"error: output folder {out.parent} does not exist")
-    if _model_family(args.model) == "infinity":
+        raise UserError(f"output folder {out.parent} does not exist")
+    if model_family(args.model) == "infinity":
         return _generate_infinity(args, out)
     if args.aspect_ratio is not None or args.pn is not None:
-        raise SystemExit("error: --aspect-ratio and --pn apply to Infinity (text-to-image) models; this model's "
-                         "frame size is fixed")
-    image_out = out.suffix.lower() in (".png", ".jpg", ".jpeg")
+        raise UserError("--aspect-ratio and --pn apply to Infinity (text-to-image) models; this model's frame size "
+                        "is fixed")
+    image_out = out.suffix.lower() in IMAGE_SUFFIXES
     frames = args.frames if args.frames is not None else (1 if image_out else 17)
     if image_out and frames != 1:
-        raise SystemExit(f"error: {out} is an image; use an .mp4 output for {frames} frames")
+        raise UserError(f"{out} is an image; use an .mp4 output for {frames} frames")
     if not image_out and out.suffix.lower() != ".mp4":
-        raise SystemExit(f"error: --out must end in .mp4 (video) or .png/.jpg (image), got {out.name}")
+        raise UserError(f"--out must end in .mp4 (video) or .png/.jpg (image), got {out.name}")
     prompts = _read_prompts(args)
     t0 = time.perf_counter()
-    pipe = _load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device)
     load_s = time.perf_counter() - t0
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    try:
-        result = pipe([prompts], num_frames=frames, image=args.image, video=args.video, guidance_scale=args.cfg,
-                      temperature=args.tau, generator=generator, progress=not args.json)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    video = result.frames[0]
-    if image_out:
-        save_image(video[0], out)
-    else:
-        export_to_video(video, out, fps=pipe.defaults.fps)
-    summary = {"output": str(out), "prompts": prompts, "frames": int(video.shape[0]), "seed": args.seed,
+    result = generate_video(pipe, prompts, frames, image=args.image, video=args.video, guidance_scale=args.cfg,
+                            temperature=args.tau, seed=args.seed, progress=not args.json)
+    _print_notes(result.notes)
+    save_result(result.frames, out, fps=result.fps)
+    summary = {"output": str(out), "prompts": prompts, "frames": int(result.frames.shape[0]), "seed": args.seed,
                "load_s": round(load_s, 3), **{k: round(v, 3) for k, v in result.timings.items()},
                "peak_memory_mb": _peak_memory_mb(pipe), "device": str(pipe.device)}
-    print(json.dumps(summary) if args.json else f"wrote {out} ({video.shape[0]} frames, "
+    print(json.dumps(summary) if args.json else f"wrote {out} ({result.frames.shape[0]} frames, "
           f"{result.timings['total_s']:.2f} s)")
     return 0
 
@@ -75,39 +72,25 @@ def _peak_memory_mb(pipe) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _model_family(model: str) -> str:
-    """`family` of a model folder's model_index.json; "infinitystar" for the default model or no index."""
-    try:
-        return model_family(DEFAULT_MODEL_DIR if model == "default" else model) or "infinitystar"
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-
-
 def _generate_infinity(args, out) -> int:
     """`generate` with an Infinity (text-to-image) model folder: one prompt, one image."""
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise SystemExit(f"error: an Infinity model makes images: --out must end in .png or .jpg, got {out.name}")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"an Infinity model makes images: --out must end in .png or .jpg, got {out.name}")
     unused = [flag for flag, v in (("--image", args.image), ("--video", args.video)) if v is not None]
     if args.frames not in (None, 1):
         unused.append("--frames")
     if unused:
-        raise SystemExit(f"error: {', '.join(unused)} do not apply to an Infinity (text-to-image) model")
+        raise UserError(f"{', '.join(unused)} do not apply to an Infinity (text-to-image) model")
     prompts = _read_prompts(args)
     if len(prompts) != 1:
-        raise SystemExit(f"error: an Infinity model makes one image from one prompt; {len(prompts)} were given")
+        raise UserError(f"an Infinity model makes one image from one prompt; {len(prompts)} were given")
     t0 = time.perf_counter()
-    pipe = _load_pipeline(args.model, args.device, infinity=True)
+    pipe = load_pipeline(args.model, args.device)
     load_s = time.perf_counter() - t0
-    try:
-        with warnings.catch_warnings(record=True) as notes:   # e.g. the snapped size: a note, not a traceback line
-            warnings.simplefilter("always")
-            result = pipe(prompts[0], aspect_ratio=args.aspect_ratio, pn=args.pn, guidance_scale=args.cfg,
-                          temperature=args.tau, generator=torch.Generator(device="cpu").manual_seed(args.seed))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    for note in notes:
-        print(f"note: {note.message}", file=sys.stderr)
-    save_image(result.images[0], out)
+    result = generate_image(pipe, prompts[0], aspect_ratio=args.aspect_ratio, pn=args.pn, guidance_scale=args.cfg,
+                            temperature=args.tau, seed=args.seed)
+    _print_notes(result.notes)
+    save_result(result.image, out)
     summary = {"output": str(out), "prompts": prompts, "height": result.height, "width": result.width,
                "template_h_div_w": result.template, "pn": result.pn, "seed": args.seed, "load_s": round(load_s, 3),
                **{k: round(v, 3) for k, v in result.timings.items()}, "peak_memory_mb": _peak_memory_mb(pipe),
@@ -117,29 +100,14 @@ def _generate_infinity(args, out) -> int:
     return 0
 
 
-def _load_pipeline(model: str, device: str, infinity: bool = False):
-    """The pipeline of a model folder; `infinity`: an Infinity (text-to-image) folder is welcome too."""
-    if model == "default" and not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-        raise SystemExit(f"error: the shipped default model is missing from this install ({DEFAULT_MODEL_DIR}); "
-                         f"reinstall the package, or pass --model DIR (scripts/train_default_model.sh trains it)")
-    try:
-        if infinity and _model_family(model) == "infinity":
-            return InfinityPipeline.from_pretrained(model, device=device)
-        return InfinityStarPipeline.from_pretrained(model, device=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-
-
 def _cmd_eval(args) -> int:
-    if _model_family(args.model) == "infinity":   # a text-to-image model: the t2i task only
+    if model_family(args.model) == "infinity":   # a text-to-image model: the t2i task only
         bad = [t for t in args.tasks if t != "t2i"]
         if bad and args.tasks != EVAL_TASKS:
-            raise SystemExit(f"error: an Infinity (text-to-image) model has no {', '.join(bad)} task; use --tasks t2i")
-        pipe = _load_pipeline(args.model, args.device, infinity=True)
-        gen, tasks = infinity_generator(pipe, args.cfg, args.tau), ["t2i"]
+            raise UserError(f"an Infinity (text-to-image) model has no {', '.join(bad)} task; use --tasks t2i")
+        gen, tasks = infinity_generator(load_pipeline(args.model, args.device), args.cfg, args.tau), ["t2i"]
     else:
-        pipe = _load_pipeline(args.model, args.device)
-        gen, tasks = pipeline_generator(pipe, args.cfg), args.tasks
+        gen, tasks = pipeline_generator(load_pipeline(args.model, args.device), args.cfg), args.tasks
     res = evaluate(gen, n_per_task=args.n, seed=args.seed, tasks=tasks, batch_size=args.batch_size,
                    out_dir=Path(args.out_dir), grid_per_task=args.grid)
     print(json.dumps({t: {k: v.get("all_correct") for k, v in r.items()} for t, r in res["by_task"].items()}))

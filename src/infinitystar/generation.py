@@ -1,0 +1,143 @@
+"""One generation request against a model folder: load the folder by name, generate from prompts with a seed,
+and collect the notes a user should see (unknown words, a resized upload, a snapped image size).
+
+`infinitystar generate` and the web demo (`infinitystar demo`) both run through these functions, so a prompt, a
+seed and the same settings give the same frames in either. Every problem with the request is a `UserError` with
+a one-line message.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from infinitystar.media import MediaError, export_to_video, save_image
+from infinitystar.pipelines.infinity import InfinityPipeline, model_family as folder_family
+from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
+from infinitystar.runtime import UserError, resolve_device
+
+AnyPipeline = Union[InfinityStarPipeline, InfinityPipeline]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def model_path(model: Union[str, Path]) -> Path:
+    """The folder of a model name: "default" is the model shipped inside the package."""
+    return DEFAULT_MODEL_DIR if str(model) == "default" else Path(model)
+
+
+def model_family(model: Union[str, Path]) -> str:
+    """`family` of a model folder's model_index.json: "infinitystar" (also for a folder without an index, which
+    loading then reports) or "infinity"."""
+    try:
+        return folder_family(model_path(model)) or "infinitystar"
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load_pipeline(model: Union[str, Path], device: Union[str, torch.device, None] = "cpu") -> AnyPipeline:
+    """The pipeline of a model folder, InfinityStar or Infinity as its model_index.json says."""
+    d = model_path(model)
+    if d == DEFAULT_MODEL_DIR and not (d / "model_index.json").is_file():
+        raise UserError(f"the shipped default model is missing from this install ({d}); reinstall the package, or "
+                        f"pass --model DIR (scripts/train_default_model.sh trains it)")
+    dev = resolve_device(device)
+    cls = InfinityPipeline if model_family(model) == "infinity" else InfinityStarPipeline
+    try:
+        return cls.from_pretrained(d, device=dev)
+    except (FileNotFoundError, ValueError) as e:      # a missing part, a bad config, a strict-loading mismatch
+        raise UserError(str(e)) from None
+
+
+@contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """The UserWarnings raised inside the block, as messages (each once, in order): what the user should be told
+    (unknown words, a resized upload, a snapped size). Other warnings are passed on as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        notes: list[str] = []
+        yield notes
+    for w in caught:
+        if not issubclass(w.category, UserWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif str(w.message) not in notes:
+            notes.append(str(w.message))
+
+
+@dataclass
+class VideoResult:
+    frames: np.ndarray                     # (T, H, W, 3) uint8
+    seed: int
+    fps: int
+    notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class ImageResult:
+    image: np.ndarray                      # (H, W, 3) uint8
+    seed: int
+    height: int
+    width: int
+    template: float                        # h/w of the template used
+    pn: str
+    notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def generate_video(pipe: InfinityStarPipeline, prompts: Sequence[str], num_frames: int = 17, *, image=None,
+                   video=None, guidance_scale: Optional[float] = None, temperature: Optional[float] = None,
+                   seed: int = 0, progress: bool = False) -> VideoResult:
+    """Frames of one video (one frame: an image). prompts: one per clip (the last one carries on); image: a first
+    frame to animate; video: frames to continue (paths or arrays)."""
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise UserError("give a non-empty prompt describing what to generate")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    with collect_notes() as notes:
+        try:
+            out = pipe([list(prompts)], num_frames=num_frames, image=image, video=video,
+                       guidance_scale=guidance_scale, temperature=temperature, generator=generator,
+                       progress=progress)
+        except ValueError as e:                      # bad frames, too short a video, unreadable media, ...
+            raise UserError(str(e)) from None
+    return VideoResult(out.frames[0], int(seed), pipe.defaults.fps, notes, out.timings)
+
+
+def generate_image(pipe: InfinityPipeline, prompt: str, *, aspect_ratio: Union[float, str, None] = None,
+                   pn: Optional[str] = None, guidance_scale: Optional[float] = None,
+                   temperature: Optional[float] = None, seed: int = 0) -> ImageResult:
+    """One image from an Infinity (text-to-image) model; aspect_ratio h/w or 'W:H', snapped with a note."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("give a non-empty prompt describing the image")
+    with collect_notes() as notes:
+        try:
+            out = pipe(prompt, aspect_ratio=aspect_ratio, pn=pn, guidance_scale=guidance_scale,
+                       temperature=temperature, generator=torch.Generator(device="cpu").manual_seed(int(seed)))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    return ImageResult(out.images[0], int(seed), out.height, out.width, out.template, out.pn, notes, out.timings)
+
+
+def save_result(frames: np.ndarray, out: Union[str, Path], fps: int = 16) -> Path:
+    """Write frames to `out` atomically: an image path (.png/.jpg) takes one frame, an .mp4 a video."""
+    out = Path(out)
+    frames = np.asarray(frames)
+    try:
+        if out.suffix.lower() in IMAGE_SUFFIXES:
+            if frames.ndim == 4 and frames.shape[0] != 1:
+                raise UserError(f"{out} is an image; use an .mp4 output for {frames.shape[0]} frames")
+            return save_image(frames, out)
+        if out.suffix.lower() != ".mp4":
+            raise UserError(f"the output must end in .mp4 (video) or .png/.jpg (image), got {out.name}")
+        return export_to_video(frames, out, fps=fps)
+    except MediaError as e:
+        raise UserError(str(e)) from None
+
+
+__all__ = ["model_path", "model_family", "load_pipeline", "collect_notes", "generate_video", "generate_image",
+           "save_result", "VideoResult", "ImageResult", "IMAGE_SUFFIXES"]
