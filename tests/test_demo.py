@@ -129,7 +129,7 @@ def test_a_model_folder_that_does_not_load_is_a_message(tmp_path):
     (broken / "model_index.json").write_text('{"family": "infinitystar", "height": 64}')
     for folder in (tmp_path / "missing", broken):
         model = DemoModel(folder, out_dir=tmp_path / "out")
-        assert model.pipe is None and f"the model folder {folder} did not load" in model.error
+        assert model.pipe is None and model.error.startswith(f"the model did not load: {folder}")
         assert model.description.startswith("no model")
         for reply in (model.text_to_video(PROMPT, 17, **KNOBS), model.text_to_image(PROMPT, 0, False, None, ""),
                       model.interactive_submit(None, PROMPT, 0, False, None, "")[1]):
@@ -159,7 +159,8 @@ def test_vocabulary_note_and_examples(demo):
     note = demo.vocabulary_note()
     for pair in ("purple triangle", "yellow circle", "cyan square"):
         assert pair in note
-    assert f"knows these {len(world.vocabulary())} words" in note and "ignored" in note
+    assert f"knows these {len(world.vocabulary())} words and nothing else: {', '.join(world.vocabulary())}" in note
+    assert "Any other word is ignored" in note
     examples = h.image_examples() + h.video_examples() + h.interactive_examples()
     for caption in examples:
         world.parse_caption(caption)                            # every example is an exact Shapes World caption

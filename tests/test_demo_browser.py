@@ -1,7 +1,7 @@
 """End to end in a real browser: `infinitystar demo` on a free local port, driven by headless Chromium.
 
 Text-to-video: type a prompt, press generate, wait for a playable video, download it and decode it (17 frames of
-64x64). Interactive: two submits give one longer video. A screenshot of each step is saved as a test artifact
+64x64). Interactive: two submits give one longer video. Image-to-video: an unreadable upload is a message. A screenshot of each step is saved as a test artifact
 (INFINITYSTAR_TEST_ARTIFACTS, default test-artifacts/ at the repository root).
 
 Needs Chromium and its driver (Debian: `apt-get install -y chromium chromium-driver`) and the Python packages of
@@ -166,3 +166,11 @@ def test_text_to_video_then_interactive_in_chromium(server, browser, tmp_path):
     WebDriverWait(browser, 30).until(lambda d: "2 clip(s)" in d.find_element(By.ID, "interactive-status").text)
     _screenshot(browser, "demo_interactive.png")
     assert lengths == [17, 33]
+
+    # an unreadable upload is a message on the page (the app goes on serving)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    _open_tab(browser, "i2v", "i2v-prompt").send_keys("a large red circle moving right slowly on a black background")
+    browser.find_element(By.CSS_SELECTOR, "#i2v-input input[type=file]").send_keys(str(broken))
+    _click(browser, "i2v-generate")
+    WebDriverWait(browser, 60).until(lambda d: "Error: cannot read image" in d.find_element(By.ID, "i2v-status").text)

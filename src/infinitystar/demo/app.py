@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import gradio as gr
 
@@ -15,6 +15,7 @@ from infinitystar.runtime import UserError
 # Frames are 64x64 for the built-in model: show them large and sharp, not as a blur.
 CSS = """
 .result video, .result img { image-rendering: pixelated; }
+.result img { width: 100%; height: 100%; object-fit: contain; }
 .status-error { color: var(--error-text-color); }
 """
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -28,6 +29,13 @@ def _show(reply: Reply):
         gr.Warning(note)
     seed = gr.skip() if reply.seed is None else reply.seed
     return reply.path, seed, reply.message
+
+
+def _upload_path(value) -> Optional[str]:
+    """The file path of an upload as the event receives it unprocessed (a FileData dict), or as a plain path."""
+    if isinstance(value, dict):
+        value = value.get("path")
+    return str(value) if value else None
 
 
 def _seed_controls(prefix: str):
@@ -47,8 +55,8 @@ def _sampling_controls(prefix: str, guidance: float, temperature_default: str):
     return guidance, temperature
 
 
-def _frames_slider(prefix: str, value: int, minimum: int = 5):
-    return gr.Slider(minimum, 65, value=value, step=4, label="frames (1 + 4k; 16 per clip)",
+def _frames_slider(prefix: str, value: int):
+    return gr.Slider(5, 65, value=value, step=4, label="frames (1 + 4k; 16 per clip)",
                      elem_id=f"{prefix}-frames")
 
 
@@ -56,105 +64,66 @@ def _status(prefix: str):
     return gr.Markdown(elem_id=f"{prefix}-status")
 
 
+def _task_tab(key: str, label: str, run: Callable[..., Reply], guidance: float, tau: str, *, examples: list,
+              examples_label: str, frames: Optional[int] = None, media: Optional[Callable] = None,
+              prompt_label: str = "prompt", result_label: Optional[str] = None) -> None:
+    """A one-shot task: [an upload], a prompt, Generate, [frames], seed and sampling knobs, examples | the result
+    (a video, or an image without `frames`) and its status line. `run(prompt, upload, frames, seed, randomize,
+    guidance, temperature)` is the handler."""
+    with gr.Tab(label, id=key, elem_id=f"tab-{key}"):
+        with gr.Row():
+            with gr.Column():
+                upload = media() if media is not None else gr.State(None)
+                prompt = gr.Textbox(label=prompt_label, lines=2, elem_id=f"{key}-prompt")
+                button = gr.Button("Generate", variant="primary", elem_id=f"{key}-generate")
+                count = _frames_slider(key, frames) if frames is not None else gr.State(1)
+                seed, randomize = _seed_controls(key)
+                guidance_box, temperature = _sampling_controls(key, guidance, tau)
+                gr.Examples(examples, inputs=[prompt, upload] if media is not None else [prompt], label=examples_label)
+            with gr.Column():
+                if frames is None:
+                    out = gr.Image(label=result_label or "image", type="filepath", format="png", interactive=False,
+                                   buttons=["download"], height=320, elem_id=f"{key}-image", elem_classes="result")
+                else:
+                    out = gr.Video(label=result_label or "video", interactive=False, buttons=["download"],
+                                   height=320, loop=True, autoplay=True, elem_id=f"{key}-video",
+                                   elem_classes="result")
+                status = _status(key)
+
+        def generate(prompt, upload, frames, seed, randomize, guidance, temperature,
+                     progress=gr.Progress(track_tqdm=True)):     # progress: Gradio follows the sampler's tqdm bar
+            return _show(run(prompt, _upload_path(upload), frames, seed, randomize, guidance, temperature))
+
+        # Uploads reach the handler unopened (preprocess=False): an unreadable file is then the handler's message,
+        # not a failure inside Gradio's image decoding.
+        gr.on([button.click, prompt.submit], generate,
+              [prompt, upload, count, seed, randomize, guidance_box, temperature], [out, seed, status],
+              concurrency_id=GENERATE, preprocess=media is None)
+
+
 def _infinitystar_tabs(model: DemoModel) -> None:
     d = model.pipe.defaults if model.pipe is not None else None
     guidance = d.guidance_scale if d is not None else 3.0
     tau = f"{d.tau_image} first frame, {d.tau_video} video" if d is not None else "the model's"
-    images, videos, media = h.image_examples(), h.video_examples(), h.write_example_media(model.out_dir / "examples")
+    media = h.write_example_media(model.out_dir / "examples")
 
-    with gr.Tab("Text to image", id="t2i", elem_id="tab-t2i"):
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="prompt", lines=2, elem_id="t2i-prompt")
-                button = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
-                seed, randomize = _seed_controls("t2i")
-                guidance_box, temperature = _sampling_controls("t2i", guidance, tau)
-                gr.Examples(images, inputs=[prompt], label="Shapes World prompts (the last three: held-out pairs)")
-            with gr.Column():
-                out = gr.Image(label="image", type="filepath", format="png", interactive=False,
-                               buttons=["download"], height=320, elem_id="t2i-image", elem_classes="result")
-                status = _status("t2i")
-
-        def text_to_image(prompt, seed, randomize, guidance, temperature, progress=gr.Progress(track_tqdm=True)):
-            return _show(model.text_to_image(prompt, seed, randomize, guidance, temperature, progress=True))
-
-        gr.on([button.click, prompt.submit], text_to_image,
-              [prompt, seed, randomize, guidance_box, temperature], [out, seed, status], concurrency_id=GENERATE)
-
-    with gr.Tab("Text to video", id="t2v", elem_id="tab-t2v"):
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="prompt", lines=2, elem_id="t2v-prompt")
-                button = gr.Button("Generate", variant="primary", elem_id="t2v-generate")
-                frames = _frames_slider("t2v", 17)
-                seed, randomize = _seed_controls("t2v")
-                guidance_box, temperature = _sampling_controls("t2v", guidance, tau)
-                gr.Examples(videos, inputs=[prompt], label="Shapes World prompts (the last three: held-out pairs)")
-            with gr.Column():
-                out = gr.Video(label="video", interactive=False, buttons=["download"], height=320, loop=True,
-                               autoplay=True, elem_id="t2v-video", elem_classes="result")
-                status = _status("t2v")
-
-        def text_to_video(prompt, frames, seed, randomize, guidance, temperature,
-                          progress=gr.Progress(track_tqdm=True)):
-            return _show(model.text_to_video(prompt, frames, seed, randomize, guidance, temperature, progress=True))
-
-        gr.on([button.click, prompt.submit], text_to_video,
-              [prompt, frames, seed, randomize, guidance_box, temperature], [out, seed, status],
-              concurrency_id=GENERATE)
-
-    with gr.Tab("Image to video", id="i2v", elem_id="tab-i2v"):
-        with gr.Row():
-            with gr.Column():
-                image = gr.Image(label="first frame (upload an image)", type="filepath", sources=["upload"],
-                                 height=200, elem_id="i2v-image", elem_classes="result")
-                prompt = gr.Textbox(label="prompt (how it moves on)", lines=2, elem_id="i2v-prompt")
-                button = gr.Button("Generate", variant="primary", elem_id="i2v-generate")
-                frames = _frames_slider("i2v", 17)
-                seed, randomize = _seed_controls("i2v")
-                guidance_box, temperature = _sampling_controls("i2v", guidance, tau)
-                gr.Examples([[p, img] for p, img, _ in media], inputs=[prompt, image],
-                            label="Rendered Shapes World first frames (the last three: held-out pairs)")
-            with gr.Column():
-                out = gr.Video(label="video", interactive=False, buttons=["download"], height=320, loop=True,
-                               autoplay=True, elem_id="i2v-video", elem_classes="result")
-                status = _status("i2v")
-
-        def image_to_video(prompt, image, frames, seed, randomize, guidance, temperature,
-                           progress=gr.Progress(track_tqdm=True)):
-            return _show(model.image_to_video(prompt, image, frames, seed, randomize, guidance, temperature,
-                                              progress=True))
-
-        gr.on([button.click, prompt.submit], image_to_video,
-              [prompt, image, frames, seed, randomize, guidance_box, temperature], [out, seed, status],
-              concurrency_id=GENERATE)
-
-    with gr.Tab("Continuation", id="continue", elem_id="tab-continue"):
-        with gr.Row():
-            with gr.Column():
-                video = gr.Video(label="video to continue (at least 17 frames)", sources=["upload"],
-                                 include_audio=True, height=200, elem_id="continue-input", elem_classes="result")
-                prompt = gr.Textbox(label="prompt (how it goes on)", lines=2, elem_id="continue-prompt")
-                button = gr.Button("Generate", variant="primary", elem_id="continue-generate")
-                frames = _frames_slider("continue", 33, minimum=21)
-                seed, randomize = _seed_controls("continue")
-                guidance_box, temperature = _sampling_controls("continue", guidance, tau)
-                gr.Examples([[p, vid] for p, _, vid in media], inputs=[prompt, video],
-                            label="Rendered Shapes World clips (the last three: held-out pairs)")
-            with gr.Column():
-                out = gr.Video(label="the whole video (given frames first)", interactive=False,
-                               buttons=["download"], height=320, loop=True, autoplay=True,
-                               elem_id="continue-video", elem_classes="result")
-                status = _status("continue")
-
-        def continuation(prompt, video, frames, seed, randomize, guidance, temperature,
-                         progress=gr.Progress(track_tqdm=True)):
-            return _show(model.continuation(prompt, video, frames, seed, randomize, guidance, temperature,
-                                            progress=True))
-
-        gr.on([button.click, prompt.submit], continuation,
-              [prompt, video, frames, seed, randomize, guidance_box, temperature], [out, seed, status],
-              concurrency_id=GENERATE)
+    held = "(the last three: held-out pairs)"
+    _task_tab("t2i", "Text to image", lambda p, _media, _frames, *knobs: model.text_to_image(p, *knobs, progress=True),
+              guidance, tau, examples=h.image_examples(), examples_label=f"Shapes World prompts {held}")
+    _task_tab("t2v", "Text to video", lambda p, _media, *rest: model.text_to_video(p, *rest, progress=True),
+              guidance, tau, frames=17, examples=h.video_examples(), examples_label=f"Shapes World prompts {held}")
+    _task_tab("i2v", "Image to video", lambda *args: model.image_to_video(*args, progress=True), guidance, tau,
+              frames=17, media=lambda: gr.Image(label="first frame (upload an image)", type="filepath",
+                                                sources=["upload"], height=200, elem_id="i2v-input",
+                                                elem_classes="result"),
+              examples=[[p, img] for p, img, _ in media],
+              examples_label=f"Rendered Shapes World first frames {held}", prompt_label="prompt (how it moves on)")
+    _task_tab("continue", "Continuation", lambda *args: model.continuation(*args, progress=True), guidance, tau,
+              frames=33, media=lambda: gr.Video(label="video to continue (at least 17 frames)", sources=["upload"],
+                                                include_audio=True, height=200, elem_id="continue-input",
+                                                elem_classes="result"),
+              examples=[[p, vid] for p, _, vid in media], examples_label=f"Rendered Shapes World clips {held}",
+              prompt_label="prompt (how it goes on)", result_label="the whole video (given frames first)")
 
     with gr.Tab("Interactive", id="interactive", elem_id="tab-interactive"):
         gr.Markdown("Type a prompt and press *Add clip*: the video goes on by one clip (16 frames) with that "
@@ -254,7 +223,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 7860, dev
     try:
         _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
                                ssr_mode=False, share=False, allowed_paths=[str(Path(demo_model.out_dir))],
-                               css=CSS, footer_links=["gradio"])
+                               css=CSS, footer_links=["gradio"], show_error=True)
     except OSError as e:
         demo_model.close()
         raise UserError(f"cannot serve on {host}:{port}: {e}") from None

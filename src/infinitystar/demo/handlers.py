@@ -18,8 +18,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from infinitystar.generation import (generate_image, generate_video, load_pipeline, model_family, model_path,
-                                     save_result)
+from infinitystar.generation import generate_image, generate_video, load_pipeline, model_family, save_result
 from infinitystar.media import export_to_video, save_image
 from infinitystar.runtime import UserError
 from infinitystar.shapes import world
@@ -154,7 +153,7 @@ class DemoModel:
             self.pipe = load_pipeline(model, device)
         except UserError as e:
             self.family = "infinitystar"
-            self.error = f"the model folder {model_path(model)} did not load: {e}"
+            self.error = f"the model did not load: {e}"
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -179,12 +178,12 @@ class DemoModel:
             return ("This model reads prompts with T5, so free text is understood as far as its training data "
                     "covered it." if self.pipe is not None else "")
         heldout = ", ".join(f"{c} {s}" for c, s in world.HELDOUT_PAIRS_SORTED)
-        return (f"This model was trained on Shapes World only: one coloured shape on a "
-                f"plain background, with captions like *{world.MOVING_TEMPLATE}*, "
-                f"*{world.STILL_TEMPLATE}* (videos) and *{world.IMAGE_TEMPLATE}* (images). Its text encoder "
-                f"knows these {len(words)} words and nothing else: {', '.join(words)}. Any other word is ignored, "
-                f"and the page names it in a warning. Three colour-shape pairs were held out of training "
-                f"({heldout}): try them to see whether the model composes what it learned separately.")
+        return (f"Prompts are read by the built-in word encoder, which knows these {len(words)} words and nothing "
+                f"else: {', '.join(words)}. Any other word is ignored, and the page names it in a warning. The "
+                f"built-in model was trained on Shapes World captions (one coloured shape on a plain background): "
+                f"*{world.MOVING_TEMPLATE}* and *{world.STILL_TEMPLATE}* for videos, *{world.IMAGE_TEMPLATE}* for "
+                f"images. Three colour-shape pairs were held out of its training ({heldout}): try them to see "
+                f"whether it composes what it learned separately.")
 
     def new_path(self, task: str, seed: int, suffix: str) -> Path:
         return self.out_dir / f"{task}-seed{seed}-{uuid.uuid4().hex[:8]}{suffix}"
