@@ -1,5 +1,8 @@
 """The web demo's handlers, called directly (no browser, no server): results, seeds, notes, and every bad input as
-a message. The page itself is built (not served) when gradio is installed; tests/test_demo_browser.py serves it."""
+a message. With gradio installed the page is also built, and a port in use refused; tests/test_demo_browser.py
+serves it to a browser."""
+import socket
+
 import numpy as np
 import pytest
 
@@ -183,3 +186,15 @@ def test_the_page_builds_for_each_kind_of_model(demo, tmp_path):
     InfinityPipeline.random_tiny(seed=0).save_pretrained(tmp_path / "t2i")
     infinity = ids(build_app(DemoModel(tmp_path / "t2i", out_dir=tmp_path / "out2")))
     assert {"tab-infinity-t2i", "infinity-ratio"} <= infinity and "tab-t2v" not in infinity
+
+
+def test_a_port_in_use_is_a_user_error():
+    pytest.importorskip("gradio", reason="the page needs the demo extra: pip install -e '.[demo]'")
+    from infinitystar.demo.app import serve
+    from infinitystar.runtime import UserError
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}"):
+            serve("default", port=port)

@@ -182,8 +182,7 @@ def _infinity_tab(model: DemoModel) -> None:
                                buttons=["download"], height=384, elem_id="infinity-image", elem_classes="result")
                 status = _status("infinity")
 
-        def infinity_image(prompt, ratio, pn, seed, randomize, guidance, temperature,
-                           progress=gr.Progress(track_tqdm=True)):
+        def infinity_image(prompt, ratio, pn, seed, randomize, guidance, temperature):
             return _show(model.infinity_image(prompt, ratio, pn, seed, randomize, guidance, temperature))
 
         gr.on([button.click, prompt.submit], infinity_image,
@@ -212,11 +211,10 @@ def build_app(model: DemoModel) -> gr.Blocks:
     return app
 
 
-def serve(model: str = "default", host: str = "127.0.0.1", port: int = 7860, device: str = "cpu",
-          out_dir: Optional[str] = None) -> int:
+def serve(model: str = "default", host: str = "127.0.0.1", port: int = 7860, device: str = "cpu") -> int:
     """Load the model, serve the page until interrupted. A model that does not load still gets a page (that says
     why); a port in use is a UserError."""
-    demo_model = DemoModel(model, device, out_dir)
+    demo_model = DemoModel(model, device)
     if demo_model.error:
         print(f"warning: {demo_model.error}; the page says so", file=sys.stderr)
     app = build_app(demo_model)
