@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -137,14 +138,28 @@ def run_checks(path: str | Path) -> Iterator[Record]:
         yield from checker(fx)
 
 
-def main(path: str, out=print) -> int:
-    """Print one JSON line per compared tensor; return 0 (all within tolerance), 1 (some exceed) or 2 (bad folder)."""
+# What interpreting a fixture's config and files raises when they are malformed (an ill-typed or missing field, a
+# weights file that does not match the config: CheckpointError is a ValueError).
+MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
+def main(path: str, out=print, debug: bool = False) -> int:
+    """Print one JSON line per compared tensor; return 0 (all within tolerance), 1 (some exceed) or 2 (bad folder:
+    unreadable, of an unknown kind, or with a config or weights this version cannot interpret; `debug` re-raises
+    the latter with its traceback)."""
     failed = 0
     try:
         for rec in run_checks(path):
             out(rec.to_json())
             failed += not rec.ok
     except FixtureError as e:
-        out(json.dumps({"error": str(e)}))
-        return 2
-    return 1 if failed else 0
+        error = str(e)
+    except MALFORMED as e:
+        if debug:
+            raise
+        error = f"{path}: malformed fixture ({type(e).__name__}: {e}); --debug shows where"
+    else:
+        return 1 if failed else 0
+    out(json.dumps({"error": error}))
+    print(f"error: {error}", file=sys.stderr)
+    return 2
