@@ -2,9 +2,10 @@
 KV cache (generation).
 
 The pattern (official "spacetime sparse attention"): tokens of a scale attend to every token of their own scale,
-to the caption of their clip, and to the scales `Schedule.refs` lists (sparse: the previous clip's last scale;
-dense: every earlier scale). Captions attend to themselves only. `visible_context` is the single definition;
-the mask builder and the generation loop both read it.
+to the caption of their clip, to the scales `Schedule.refs` lists (sparse: the previous clip's last scale;
+dense: every earlier scale) and, in an interactive segment, to every condition block of the schedule. Captions
+and condition blocks attend to themselves only. `visible_context` is the single definition; the mask builder and
+the generation loop both read it.
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ import torch.nn.functional as F
 from infinitystar.schedules.pyramid import Schedule
 
 
-def visible_context(schedule: Schedule, scale_index: int, caption_of_clip: Sequence[int]) -> tuple[list[int], int]:
-    """(earlier scales, caption index) that the tokens of a scale may attend to, besides their own scale."""
-    return schedule.refs(scale_index), caption_of_clip[schedule.scales[scale_index].clip]
+def visible_context(schedule: Schedule, scale_index: int,
+                    caption_of_clip: Sequence[int]) -> tuple[list[int], int, list[str]]:
+    """(earlier scales, caption index, condition block names) that the tokens of a scale may attend to, besides
+    their own scale. Captions and condition blocks see only themselves."""
+    return (schedule.refs(scale_index), caption_of_clip[schedule.scales[scale_index].clip],
+            [c.name for c in schedule.conditions])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,8 +52,8 @@ def flex_block_mask(document_id: torch.Tensor, segment_table: torch.Tensor, bloc
 # ---------------------------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Per-layer key/value entries keyed by scale index or ("text", caption index); keys are stored after RoPE
-    and before the grouped-query repeat. An entry may carry a key mask (B, L) for padded captions."""
+    """Per-layer key/value entries keyed by scale index, ("text", caption index) or ("condition", name); keys are
+    stored after RoPE and before the grouped-query repeat. An entry may carry a key mask (B, L) for padded captions."""
 
     def __init__(self, depth: int):
         self.layers: list[dict[Hashable, tuple[torch.Tensor, torch.Tensor]]] = [dict() for _ in range(depth)]

@@ -87,7 +87,9 @@ def pack_sequence(samples: Sequence[PackSample], text_maxlen: int, pad_multiple:
     n_seg = len(lengths) + 1
     table = torch.zeros(n_seg, n_seg, dtype=torch.bool)
     for i, (b, st) in enumerate(vis):
-        refs, caption = visible_context(samples[b].schedule, st.scale.index, samples[b].caption_index())
+        refs, caption, conditions = visible_context(samples[b].schedule, st.scale.index, samples[b].caption_index())
+        if conditions:
+            raise NotImplementedError("packing condition blocks")
         table[i, i] = True
         if (b, caption) not in seg_of_text:
             raise ValueError(f"sample {b}: clip {st.scale.clip} uses caption {caption}, which is not given")

@@ -7,13 +7,15 @@ Positions (the rules both training and generation use):
   * text token j of a caption: (j, 0, 0, 0);
   * a visual token of global step s, latent frame f, row i, column j of an (h, w) scale:
     (text_maxlen + s, f, round(i * H / h), round(j * W / w)), (H, W) the largest scale of the schedule, rounding
-    half to even as torch.round does.
+    half to even as torch.round does;
+  * a condition block of the interactive model: (text_maxlen + its position (800, 801), its frames, rows and
+    columns as above).
 """
 from __future__ import annotations
 
 import torch
 
-from infinitystar.schedules.pyramid import Step
+from infinitystar.schedules.pyramid import ConditionBlock, Step
 
 
 def text_positions(length: int, device=None) -> torch.Tensor:
@@ -22,16 +24,30 @@ def text_positions(length: int, device=None) -> torch.Tensor:
     return pos
 
 
-def visual_positions(step: Step, full_hw: tuple[int, int], text_maxlen: int, device=None) -> torch.Tensor:
-    """(t*h*w, 4) positions of one step's tokens in (t, h, w) row-major order."""
-    t, h, w = step.scale.shape
+def _grid_positions(scale_position: int, frames: torch.Tensor, h: int, w: int, full_hw: tuple[int, int],
+                    device=None) -> torch.Tensor:
+    """(len(frames)*h*w, 4) positions of an (h, w) grid over the given latent frames, (t, h, w) row-major."""
     H, W = full_hw
     rows = (torch.arange(h, dtype=torch.float32, device=device) * (H / h)).round().long()
     cols = (torch.arange(w, dtype=torch.float32, device=device) * (W / w)).round().long()
-    frames = torch.arange(step.scale.frame_start, step.scale.frame_start + t, device=device)
     f, r, c = torch.meshgrid(frames, rows, cols, indexing="ij")
-    s = torch.full_like(f, text_maxlen + step.index)
+    s = torch.full_like(f, scale_position)
     return torch.stack([s, f, r, c], dim=-1).reshape(-1, 4)
+
+
+def visual_positions(step: Step, full_hw: tuple[int, int], text_maxlen: int, device=None) -> torch.Tensor:
+    """(t*h*w, 4) positions of one step's tokens in (t, h, w) row-major order."""
+    t, h, w = step.scale.shape
+    frames = torch.arange(step.scale.frame_start, step.scale.frame_start + t, device=device)
+    return _grid_positions(text_maxlen + step.index, frames, h, w, full_hw, device)
+
+
+def condition_positions(block: ConditionBlock, full_hw: tuple[int, int], text_maxlen: int,
+                        device=None) -> torch.Tensor:
+    """(t*h*w, 4) positions of a condition block (interactive model): scale axis text_maxlen + block.position,
+    its own frame list, and the same height/width rule as the generated scales."""
+    frames = torch.tensor(block.frames, dtype=torch.long, device=device)
+    return _grid_positions(text_maxlen + block.position, frames, block.h, block.w, full_hw, device)
 
 
 class Rope4D(torch.nn.Module):

@@ -21,6 +21,7 @@ CHECKERS: dict[str, str] = {
     "infinitystar/quantizer": "infinitystar.parity.infinitystar:check_quantizer",
     "infinitystar/transformer": "infinitystar.parity.infinitystar:check_transformer",
     "infinitystar/apg": "infinitystar.parity.infinitystar:check_apg",
+    "infinitystar/interact": "infinitystar.parity.interact:check_interact",
     "infinitystar/vae": "infinitystar.parity.video_vae:check_vae",
     "infinity/vae": "infinitystar.parity.infinity:check_vae",
     "infinity/bsq": "infinitystar.parity.infinity_model:check_bsq",

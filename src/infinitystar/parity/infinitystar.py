@@ -192,6 +192,40 @@ def _transformer_config(fx: Fixture) -> TransformerConfig:
         norm_eps=float(kw.get("norm_eps", 1e-6)))
 
 
+def rope_table_records(fx: Fixture, model, io: str) -> Iterator[Record]:
+    """Our RoPE angles (computed from positions on the fly) against the reference's per-axis tables."""
+    config = model.config
+    q = config.head_dim // 8
+    for axis, name, offset in ((0, "scales", config.text_maxlen), (1, "frames", 0), (2, "height", 0), (3, "width", 0)):
+        key = f"rope/freqs_{name}"
+        if key in fx.tensors(io):
+            ref = fx.tensor(io, key)
+            pos = torch.zeros(ref.shape[1], 4, dtype=torch.long)
+            pos[:, axis] = torch.arange(ref.shape[1]) + offset
+            cos, sin = model.rope.cos_sin(pos)
+            yield compare(key, torch.stack([cos, sin])[:, :, axis * q:(axis + 1) * q], ref)
+    if "rope/freqs_text" in fx.tensors(io):
+        ref = fx.tensor(io, "rope/freqs_text")
+        cos, sin = model.rope.cos_sin(text_positions(ref.shape[-2]))
+        yield compare("rope/freqs_text", torch.stack([cos, sin]).reshape(ref.shape), ref)
+
+
+def greedy_mismatch_record(name: str, guided_logits: list[torch.Tensor], stored: list[torch.Tensor],
+                           near_ties: list[dict]) -> Record:
+    """Our argmax bits (under the stored bits forced at every step) against the stored greedy bits; bits listed as
+    near ties in the fixture may differ."""
+    ties = {(t["step"], t["token"], t["bit"]) for t in near_ties}
+    mismatches, tie_mismatches = 0, 0
+    for i, (logits, bits) in enumerate(zip(guided_logits, stored)):
+        ours = logits.softmax(-1).argmax(-1).to(torch.uint8)
+        for tok, bit in (ours != bits).nonzero().tolist():
+            if (i, tok, bit) in ties:
+                tie_mismatches += 1
+            else:
+                mismatches += 1
+    return Record(name, float(mismatches), 0.0, f"{tie_mismatches} listed near ties differ (allowed)")
+
+
 def check_transformer(fx: Fixture) -> Iterator[Record]:
     c, io = fx.config, "io.safetensors"
     config = _transformer_config(fx)
@@ -208,21 +242,7 @@ def check_transformer(fx: Fixture) -> Iterator[Record]:
     yield _exact("schedule", [list(s.shape) for s in schedule.scales], c["schedule"])
     n = len(schedule.steps)
 
-    # RoPE tables: ours are computed from positions on the fly; compare against the reference's tables
-    rope = model.rope
-    q = config.head_dim // 8
-    for axis, name, offset in ((0, "scales", config.text_maxlen), (1, "frames", 0), (2, "height", 0), (3, "width", 0)):
-        key = f"rope/freqs_{name}"
-        if key in fx.tensors(io):
-            ref = fx.tensor(io, key)
-            pos = torch.zeros(ref.shape[1], 4, dtype=torch.long)
-            pos[:, axis] = torch.arange(ref.shape[1]) + offset
-            cos, sin = rope.cos_sin(pos)
-            yield compare(key, torch.stack([cos, sin])[:, :, axis * q:(axis + 1) * q], ref)
-    if "rope/freqs_text" in fx.tensors(io):
-        ref = fx.tensor(io, "rope/freqs_text")
-        cos, sin = rope.cos_sin(text_positions(ref.shape[-2]))
-        yield compare("rope/freqs_text", torch.stack([cos, sin]).reshape(ref.shape), ref)
+    yield from rope_table_records(fx, model, io)
 
     text = fx.tensor(io, "text/kv_compact")
     if "text/cfg_uncond_rows" in fx.tensors(io):
@@ -249,17 +269,8 @@ def check_transformer(fx: Fixture) -> Iterator[Record]:
     out = generate(model, schedule, caption, guidance_scale=float(g["cfg"]), guidance="apg",
                    apg_norm_threshold=float(g.get("apg_norm_threshold", 0.05)), apg_eta=float(g.get("eta", 0.0)),
                    tau=tau, prefix_bits=stored, record_logits=True)
-    ties = {(t["step"], t["token"], t["bit"]) for t in g.get("near_ties", [])}
-    mismatches, tie_mismatches = 0, 0
-    for i in range(n):
-        ours = out.logits[i]["guided"][0].softmax(-1).argmax(-1).to(torch.uint8)
-        for tok, bit in (ours != stored[i]).nonzero().tolist():
-            if (i, tok, bit) in ties:
-                tie_mismatches += 1
-            else:
-                mismatches += 1
-    yield Record("greedy_apg/argmax_mismatches_outside_near_ties", float(mismatches), 0.0,
-                 f"{tie_mismatches} listed near ties differ (allowed)")
+    yield greedy_mismatch_record("greedy_apg/argmax_mismatches_outside_near_ties",
+                                 [out.logits[i]["guided"][0] for i in range(n)], stored, g.get("near_ties", []))
     yield compare("greedy_apg/summed_codes", out.codes, fx.tensor(io, "greedy_apg/summed_codes"))
 
     # (c) packed training forward

@@ -3,7 +3,8 @@
 One `Schedule` answers every ordering question the generator, the quantizer, the trainer and the attention
 pattern ask: which scales exist (global index over all clips), their (t, h, w), clip and latent-frame range,
 bits per token (one rule: a scale with fewer than `detail_min_tokens` spatial tokens is "semantic"), the step
-order (scale after scale, each repeated), and which earlier scales a scale may attend to.
+order (scale after scale, each repeated), which earlier scales a scale may attend to, and the condition blocks
+(interactive model) every scale attends to.
 """
 from __future__ import annotations
 
@@ -50,6 +51,29 @@ class Scale:
 
 
 @dataclass(frozen=True)
+class ConditionBlock:
+    """Tokens made from the previous segment of an interactive video, attended to by every scale of the new one.
+
+    They are not generated: their (t, h, w) map is given (see `infinitystar.sampling.interact`). Each block is run
+    through the transformer once, attending only to itself, and its keys/values are cached.
+    """
+    name: str                 # "semantic" or "detail"
+    t: int
+    h: int
+    w: int
+    frames: tuple[int, ...]   # RoPE latent frame of each of its t frames
+    position: int             # RoPE scale-axis position after the text (the official 800 / 801)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.t, self.h, self.w)
+
+    @property
+    def tokens(self) -> int:
+        return self.t * self.h * self.w
+
+
+@dataclass(frozen=True)
 class Step:
     index: int          # global step counter (the RoPE scale axis counts these)
     scale: Scale
@@ -74,6 +98,9 @@ class Schedule:
             otherwise semantic (`semantic_bits`). The same rule picks the codebook and the head.
         attention: "sparse" (official: each clip scale sees the previous clip's last scale) or "dense"
             (block-causal: every earlier scale).
+        first_clip_frames: latent frames of clip 0: 1 is the image pyramid (text-to-video); an interactive
+            segment is one clip of `frames_per_clip` frames starting at frame 0 (the official interactive model).
+        conditions: condition blocks every scale attends to (interactive segments); none by default.
     """
 
     def __init__(
@@ -87,6 +114,8 @@ class Schedule:
         semantic_bits: int = 16,
         detail_bits: int = 64,
         attention: AttentionPattern = "sparse",
+        first_clip_frames: int = 1,
+        conditions: Sequence[ConditionBlock] = (),
     ):
         spatial = [tuple(int(v) for v in hw) for hw in spatial]
         if not spatial or any(len(hw) != 2 or min(hw) < 1 for hw in spatial):
@@ -95,8 +124,10 @@ class Schedule:
         for name, reps in (("image_repetition", image_repetition), ("video_repetition", video_repetition)):
             if len(reps) != n or any(int(r) < 1 for r in reps):
                 raise ValueError(f"{name} must list {n} positive counts (one per scale), got {list(reps)}")
-        if num_latent_frames < 1 or frames_per_clip < 1:
-            raise ValueError("num_latent_frames and frames_per_clip must be positive")
+        if num_latent_frames < 1 or frames_per_clip < 1 or first_clip_frames < 1:
+            raise ValueError("num_latent_frames, frames_per_clip and first_clip_frames must be positive")
+        if first_clip_frames > num_latent_frames:
+            raise ValueError(f"first_clip_frames {first_clip_frames} exceeds num_latent_frames {num_latent_frames}")
         if attention not in ("sparse", "dense"):
             raise ValueError(f"attention must be 'sparse' or 'dense', got {attention!r}")
         self.spatial = spatial
@@ -108,10 +139,14 @@ class Schedule:
         self.semantic_bits = semantic_bits
         self.detail_bits = detail_bits
         self.attention = attention
+        self.conditions: tuple[ConditionBlock, ...] = tuple(conditions)
+        names = [c.name for c in self.conditions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"condition block names must be unique, got {names}")
 
         # clips: (frame_start, t)
-        clips = [(0, 1)]
-        start = 1
+        clips = [(0, first_clip_frames)]
+        start = first_clip_frames
         while start < num_latent_frames:
             t = min(frames_per_clip, num_latent_frames - start)
             clips.append((start, t))
@@ -177,5 +212,6 @@ class Schedule:
         return last
 
     def __repr__(self) -> str:
+        cond = f", conditions={[c.name for c in self.conditions]}" if self.conditions else ""
         return (f"Schedule({self.num_clips} clips, {len(self.scales)} scales, {len(self.steps)} steps, "
-                f"full {self.full_hw}, T_lat {self.num_latent_frames}, attention={self.attention})")
+                f"full {self.full_hw}, T_lat {self.num_latent_frames}, attention={self.attention}{cond})")
