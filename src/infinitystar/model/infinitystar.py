@@ -97,18 +97,24 @@ class InfinityStarTransformer(nn.Module):
 
     # --- training: one packed sequence ----------------------------------------------------------------------
     def forward_packed(self, x_visual: torch.Tensor, captions: Sequence[torch.Tensor], packed: PackedSequence,
-                       backend: str = "sdpa") -> list[torch.Tensor]:
+                       backend: str = "sdpa", conditions: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
         """Teacher-forced forward of a packed sequence.
 
         x_visual: (L_visual, latent_channels) step inputs in packed order; captions: text features (L_i, Ct)
-        in the order of `packed.text_segments`. Returns the logits (tokens, bits, 2) of every visual segment.
+        in the order of `packed.text_segments`; conditions: the condition blocks' latent tokens (L_j,
+        latent_channels), (t, h, w) row-major, in the order of `packed.condition_segments` (interactive segments).
+        Returns the logits (tokens, bits, 2) of every visual segment.
         """
         if x_visual.shape[0] != packed.num_visual:
             raise ValueError(f"x_visual has {x_visual.shape[0]} tokens, the pack has {packed.num_visual}")
         if len(captions) != len(packed.text_segments):
             raise ValueError(f"{len(captions)} captions given, the pack has {len(packed.text_segments)}")
-        tokens = [self.word_embed(x_visual)] + [self.text_proj(c) for c in captions]
-        pad = packed.length - packed.num_visual - packed.num_text
+        if [c.shape[0] for c in conditions] != [b.tokens for _, b in packed.condition_segments]:
+            raise ValueError(f"condition tokens {[tuple(c.shape) for c in conditions]} do not match the pack's "
+                             f"condition blocks {[(b.name, b.tokens) for _, b in packed.condition_segments]}")
+        tokens = ([self.word_embed(x_visual)] + [self.word_embed(c) for c in conditions]
+                  + [self.text_proj(c) for c in captions])
+        pad = packed.length - packed.num_visual - packed.num_condition - packed.num_text
         tokens.append(x_visual.new_zeros(pad, self.config.width))
         x = torch.cat(tokens)[None]
         table = packed.attention_table()

@@ -1,5 +1,6 @@
-"""Packed training sequences: the visual tokens of the selected steps of every sample, then every caption,
-then padding, with a segment table that encodes the attention pattern and the 4-D RoPE positions."""
+"""Packed training sequences: the visual tokens of the selected steps of every sample, then the condition blocks
+of interactive segments, then every caption, then padding, with a segment table that encodes the attention
+pattern and the 4-D RoPE positions."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,8 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from infinitystar.model.attention import visible_context
-from infinitystar.model.rope import text_positions, visual_positions
-from infinitystar.schedules.pyramid import Schedule, Step
+from infinitystar.model.rope import condition_positions, text_positions, visual_positions
+from infinitystar.schedules.pyramid import ConditionBlock, Schedule, Step
 
 
 def select_steps(schedule: Schedule, scale_indices: Optional[Sequence[int]] = None,
@@ -50,11 +51,13 @@ class PackedSequence:
     samples: list[PackSample]
     segment_lengths: list[int]
     visual_segments: list[tuple[int, Step]]    # (sample, step) for segments 0..S-1
+    condition_segments: list[tuple[int, ConditionBlock]]   # (sample, block) for the next segments
     text_segments: list[tuple[int, int]]       # (sample, caption) for the following segments
     document_id: torch.Tensor                  # (L,) segment of every token
     segment_table: torch.Tensor                # (n_seg, n_seg) bool, official semantics (padding sees nothing)
     positions: torch.Tensor                    # (L, 4) RoPE positions (padding rows 0)
-    num_visual: int
+    num_visual: int                            # tokens of the generated steps
+    num_condition: int                         # tokens of the condition blocks (they follow the visual tokens)
     num_text: int
 
     @property
@@ -78,32 +81,37 @@ class PackedSequence:
 
 def pack_sequence(samples: Sequence[PackSample], text_maxlen: int, pad_multiple: int = 128) -> PackedSequence:
     vis: list[tuple[int, Step]] = [(b, st) for b, s in enumerate(samples) for st in s.steps]
+    cond: list[tuple[int, ConditionBlock]] = [(b, c) for b, s in enumerate(samples) for c in s.schedule.conditions]
     txt: list[tuple[int, int]] = [(b, c) for b, s in enumerate(samples) for c in range(len(s.caption_lengths))]
     seg_of_scale = {(b, st.scale.index): i for i, (b, st) in enumerate(vis)}
-    seg_of_text = {key: len(vis) + i for i, key in enumerate(txt)}
-    lengths = [st.scale.tokens for _, st in vis] + [samples[b].caption_lengths[c] for b, c in txt]
+    seg_of_cond = {(b, c.name): len(vis) + i for i, (b, c) in enumerate(cond)}
+    seg_of_text = {key: len(vis) + len(cond) + i for i, key in enumerate(txt)}
+    lengths = ([st.scale.tokens for _, st in vis] + [c.tokens for _, c in cond]
+               + [samples[b].caption_lengths[c] for b, c in txt])
     n_real = sum(lengths)
     pad = (-n_real) % pad_multiple if pad_multiple > 1 else 0
     n_seg = len(lengths) + 1
     table = torch.zeros(n_seg, n_seg, dtype=torch.bool)
     for i, (b, st) in enumerate(vis):
         refs, caption, conditions = visible_context(samples[b].schedule, st.scale.index, samples[b].caption_index())
-        if conditions:
-            raise NotImplementedError("packing condition blocks")
         table[i, i] = True
         if (b, caption) not in seg_of_text:
             raise ValueError(f"sample {b}: clip {st.scale.clip} uses caption {caption}, which is not given")
         table[i, seg_of_text[(b, caption)]] = True
+        for name in conditions:
+            table[i, seg_of_cond[(b, name)]] = True
         for r in refs:
             if (b, r) not in seg_of_scale:
                 raise ValueError(f"sample {b}: scale {st.scale.index} attends to scale {r}, which is not packed; "
                                  "every selected scale's reference scales must be selected too")
             table[i, seg_of_scale[(b, r)]] = True
-    for key, j in seg_of_text.items():
+    for j in [*seg_of_cond.values(), *seg_of_text.values()]:
         table[j, j] = True
     document_id = torch.repeat_interleave(torch.arange(n_seg), torch.tensor(lengths + [pad]))
     pos = [visual_positions(st, samples[b].schedule.full_hw, text_maxlen) for b, st in vis]
+    pos += [condition_positions(c, samples[b].schedule.full_hw, text_maxlen) for b, c in cond]
     pos += [text_positions(samples[b].caption_lengths[c]) for b, c in txt]
     pos.append(torch.zeros(pad, 4, dtype=torch.long))
-    return PackedSequence(list(samples), lengths + [pad], vis, txt, document_id, table, torch.cat(pos),
-                          sum(lengths[:len(vis)]), sum(lengths[len(vis):]))
+    n_vis, n_cond = len(vis), len(cond)
+    return PackedSequence(list(samples), lengths + [pad], vis, cond, txt, document_id, table, torch.cat(pos),
+                          sum(lengths[:n_vis]), sum(lengths[n_vis:n_vis + n_cond]), sum(lengths[n_vis + n_cond:]))

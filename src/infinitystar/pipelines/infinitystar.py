@@ -1,8 +1,10 @@
 """`InfinityStarPipeline`: prompt(s) in, frames out (text-to-image, text-to-video, image-to-video, continuation,
-and long videos whose prompt changes clip by clip).
+long videos whose prompt changes clip by clip, and clip-by-clip streaming with `start` / `extend`).
 
-A model folder holds `model_index.json` (pyramid, defaults, frame size) and three sub-folders, each loadable on
-its own: `transformer/`, `tokenizer/` (the video VAE) and `text_encoder/` (the built-in word encoder or a T5).
+A model folder holds `model_index.json` (pyramid, defaults, frame size, and `inference`: "clips" for text-to-video
+models, "interact" for InfinityStar-Interact models, with optional `interact` settings) and three sub-folders, each
+loadable on its own: `transformer/`, `tokenizer/` (the video VAE) and `text_encoder/` (the built-in word encoder or
+a T5).
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from typing import Optional, Protocol, Sequence, Union
 import numpy as np
 import torch
 
-from infinitystar.config import PyramidConfig, TransformerConfig
+from infinitystar.config import InteractConfig, PyramidConfig, TransformerConfig
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.quant.residual import encode_targets
+from infinitystar.pipelines import stream as streaming
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.text import load_text_encoder
 
@@ -59,14 +62,31 @@ def _load_tokenizer(d: Path, device):
 
 
 class InfinityStarPipeline:
+    """Text (and optionally a first frame or a video) to frames.
+
+    `pipe(prompt, num_frames=...)` generates a whole video at once; `pipe.start(prompt)` starts a video that grows
+    clip by clip (`stream.extend(next_prompt)`, `stream.video()`; see `infinitystar.pipelines.stream`).
+    `interact` (an `InteractConfig`) makes an InfinityStar-Interact pipeline: its videos grow by interactive
+    segments (model_index.json "inference": "interact").
+    """
+
     def __init__(self, transformer: InfinityStarTransformer, tokenizer, text_encoder, pyramid: PyramidConfig,
-                 height: int, width: int, defaults: Optional[GenerationDefaults] = None):
+                 height: int, width: int, defaults: Optional[GenerationDefaults] = None,
+                 interact: Optional[InteractConfig] = None):
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.pyramid = pyramid
         self.height, self.width = height, width
         self.defaults = defaults or GenerationDefaults()
+        if interact is not None:
+            interact.check(pyramid)
+        self.interact = interact
+
+    @property
+    def inference(self) -> str:
+        """The inference path the model needs: "interact" (InfinityStar-Interact) or "clips"."""
+        return "clips" if self.interact is None else "interact"
 
     @property
     def device(self) -> torch.device:
@@ -85,10 +105,17 @@ class InfinityStarPipeline:
         meta = json.loads(index.read_text())
         if meta.get("family", "infinitystar") != "infinitystar":
             raise ValueError(f"{d} holds a {meta.get('family')!r} model; use the matching pipeline")
+        inference = meta.get("inference", "clips")
+        if inference not in streaming.INFERENCE_KINDS:
+            raise ValueError(f"{index}: unknown inference {inference!r}; choose one of "
+                             f"{', '.join(streaming.INFERENCE_KINDS)}")
+        if "interact" in meta and inference != "interact":
+            raise ValueError(f"{index}: \"interact\" settings need \"inference\": \"interact\"")
+        interact = InteractConfig.from_dict(meta.get("interact", {})) if inference == "interact" else None
         device = torch.device(device or "cpu")
         return cls(InfinityStarTransformer.from_pretrained(d / "transformer", device), _load_tokenizer(d / "tokenizer", device),
                    load_text_encoder(d / "text_encoder", device), PyramidConfig.from_dict(meta["pyramid"]),
-                   int(meta["height"]), int(meta["width"]), GenerationDefaults(**meta.get("defaults", {})))
+                   int(meta["height"]), int(meta["width"]), GenerationDefaults(**meta.get("defaults", {})), interact)
 
     def save_pretrained(self, path: Union[str, Path]) -> None:
         d = Path(path)
@@ -97,7 +124,9 @@ class InfinityStarPipeline:
         self.tokenizer.save_pretrained(d / "tokenizer")
         self.text_encoder.save_pretrained(d / "text_encoder")
         meta = {"family": "infinitystar", "pyramid": self.pyramid.to_dict(), "height": self.height,
-                "width": self.width, "defaults": self.defaults.__dict__}
+                "width": self.width, "defaults": self.defaults.__dict__, "inference": self.inference}
+        if self.interact is not None:
+            meta["interact"] = self.interact.to_dict()
         (d / "model_index.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -192,6 +221,25 @@ class InfinityStarPipeline:
             return encode_targets(self.tokenizer.encode(x), schedule, num_clips=clips).bits
 
     # --- generation -------------------------------------------------------------------------------------------
+    def start(self, prompt: str, *, inference: Optional[str] = None, image=None, video=None,
+              guidance_scale: Optional[float] = None, temperature: Optional[float] = None,
+              generator: Optional[torch.Generator] = None) -> "streaming.VideoStream":
+        """Start a video that grows clip by clip; the returned stream's `clips[0]` holds its first frames.
+
+            stream = pipe.start("a red circle moving right slowly on a black background")
+            clip = stream.extend("a red circle moving up slowly on a black background")  # next clip's frames
+            video = stream.video()                                                       # all frames so far
+
+        Each `extend` costs the same however long the video is. prompt: the text of the first clip (with `video=`:
+        the text of that video). image: the first frame (image-to-video). video: the start of the video (a path or
+        frames); the stream continues after it. inference: "clips" or "interact" (default: the model folder's);
+        "interact" needs an InfinityStar-Interact model. guidance_scale / temperature override the model's
+        defaults for the whole stream; generator seeds the sampling (a CPU generator reproduces across devices).
+        Batch size 1. See `infinitystar.pipelines.stream` for what each kind keeps between calls.
+        """
+        return streaming.start(self, prompt, inference=inference, image=image, video=video,
+                               guidance_scale=guidance_scale, temperature=temperature, generator=generator)
+
     @torch.no_grad()
     def __call__(self, prompt: PromptInput, num_frames: int = 17, image=None, video=None,
                  guidance_scale: Optional[float] = None, temperature: Optional[float] = None,
@@ -206,6 +254,8 @@ class InfinityStarPipeline:
         """
         t0 = time.perf_counter()
         grid = self._prompt_grid(prompt)
+        if self.interact is not None:
+            return self._interact_video(grid, num_frames, image, video, guidance_scale, temperature, generator, t0)
         schedule = self.pyramid.build(num_frames)
         d = self.defaults
         cfg_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -225,8 +275,30 @@ class InfinityStarPipeline:
                        guidance_scale=cfg_scale, guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold,
                        tau=tau, generator=generator, prefix_bits=prefix, progress=progress)
         t2 = time.perf_counter()
-        video_out = self.tokenizer.decode(out.codes)
-        frames = ((video_out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+        frames = streaming.to_frames(self.tokenizer.decode(out.codes))
         t3 = time.perf_counter()
         return PipelineOutput([f for f in frames], out.codes,
                               {"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0})
+
+    def _interact_video(self, grid, num_frames, image, video, guidance_scale, temperature, generator,
+                        t0) -> PipelineOutput:
+        """An InfinityStar-Interact model makes a whole video by streaming it: the first clip, then one
+        interactive segment per further clip (clip k uses the k-th text of its prompt list)."""
+        per_clip = self.pyramid.frames_per_clip * self.pyramid.temporal_compression
+        if num_frames < 1 + per_clip or (num_frames - 1) % per_clip:
+            raise ValueError(f"an interactive model makes 1 + {per_clip}k frames (k >= 1 clips), got {num_frames}")
+        if video is not None:
+            raise ValueError("an interactive model starts from a video with pipe.start(prompt, video=...)")
+        clips = (num_frames - 1) // per_clip
+        frames, codes = [], []
+        for seg in grid:
+            texts = seg + [seg[-1]] * (clips - len(seg))
+            stream = self.start(texts[0], image=image, guidance_scale=guidance_scale, temperature=temperature,
+                                generator=generator)
+            latents = [stream.last_codes]
+            for text in texts[1:clips]:
+                stream.extend(text)
+                latents.append(stream.last_codes)
+            frames.append(stream.video())
+            codes.append(torch.cat(latents, dim=2))
+        return PipelineOutput(frames, torch.cat(codes), {"total_s": time.perf_counter() - t0})

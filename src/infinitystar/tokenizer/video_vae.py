@@ -712,6 +712,16 @@ class VideoVAE(nn.Module):
     def decode(self, z: torch.Tensor, chunked: bool = True) -> torch.Tensor:
         """Latent (B, 64, T_lat, h, w) -> video (B, 3, 1 + 4(T_lat-1), 16h, 16w) (released strides), roughly in
         [-1, 1] (not clamped), in the input's dtype. Any T_lat >= 1 works. `chunked=False` runs one pass."""
+        self._check_latent(z)
+        zq = unpatchify(self.project_up(self._prepare(z, "latent")))
+        if chunked:
+            out = self._decode_chunks(zq, {}, decode_chunks(zq.shape[2]))
+        else:
+            # one pass: an even count's first frame still is the clip's lone first frame
+            out = self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
+        return out.to(z.dtype)
+
+    def _check_latent(self, z: torch.Tensor) -> None:
         cfg = self.config
         if not isinstance(z, torch.Tensor) or z.dim() != 5:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
@@ -720,18 +730,17 @@ class VideoVAE(nn.Module):
             raise ValueError(f"latent has {z.shape[1]} channels, the tokenizer's latent has {cfg.codebook_dim}")
         if min(z.shape[2:]) < 1:
             raise ValueError(f"latent has an empty dimension: {tuple(z.shape)}")
-        zq = unpatchify(self.project_up(self._prepare(z, "latent")))
-        if chunked:
-            cache: dict = {}
-            parts, start = [], 0
-            for n, split_first in decode_chunks(zq.shape[2]):
-                parts.append(self.decoder(zq[:, :, start:start + n], cache, split_first))
-                start += n
-            out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        else:
-            # one pass: an even count's first frame still is the clip's lone first frame
-            out = self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
-        return out.to(z.dtype)
+
+    def _decode_chunks(self, zq: torch.Tensor, cache: dict, plan: list[tuple[int, bool]]) -> torch.Tensor:
+        parts, start = [], 0
+        for n, split_first in plan:
+            parts.append(self.decoder(zq[:, :, start:start + n], cache, split_first))
+            start += n
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def decode_stream(self) -> "DecodeStream":
+        """A decoder for a latent video that arrives piece by piece (clip-by-clip generation)."""
+        return DecodeStream(self)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the posterior mean."""
@@ -770,6 +779,33 @@ class VideoVAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+class DecodeStream:
+    """Decodes a latent video piece by piece, keeping the decoder's causal state (the last frames each temporal
+    conv saw) between pieces, so the frames of all pieces equal one chunked `VideoVAE.decode` of their
+    concatenation, at a cost per piece that does not grow with the video. The first piece may have any number of
+    latent frames; the later ones an even number (whole 2-latent decoder chunks: a 20- or 4-frame clip)."""
+
+    def __init__(self, vae: VideoVAE):
+        self.vae = vae
+        self.cache: dict = {}
+        self.latent_frames = 0
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The frames of the next latent piece (B, C, n, h, w): 1 + 4(n - 1) frames for the first piece, 4n after."""
+        vae = self.vae
+        vae._check_latent(z)
+        n = z.shape[2]
+        if self.latent_frames and n % DECODE_CHUNK_LATENTS:
+            raise ValueError(f"a continuing piece must have a multiple of {DECODE_CHUNK_LATENTS} latent frames "
+                             f"(whole decoder chunks), got {n}")
+        plan = decode_chunks(n) if not self.latent_frames else [(DECODE_CHUNK_LATENTS, False)] * (
+            n // DECODE_CHUNK_LATENTS)
+        zq = unpatchify(vae.project_up(vae._prepare(z, "latent")))
+        out = vae._decode_chunks(zq, self.cache, plan)
+        self.latent_frames += n
+        return out.to(z.dtype)
+
+
 def read_official_video_vae(path: PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a released tokenizer file: the `'vae'` entry of a `.pth` if it has one, else the flat dict."""
     return read_state_dict(path, (("vae",),))

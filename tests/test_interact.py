@@ -1,0 +1,128 @@
+"""Interactive long video (InfinityStar-Interact): the official fixture, condition blocks, their positions and
+attention pattern, and the segment loop's latent bookkeeping."""
+import pytest
+import torch
+
+from infinitystar.config import InteractConfig, PyramidConfig, TransformerConfig
+from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.packing import PackSample, pack_sequence, select_steps
+from infinitystar.model.rope import condition_positions
+from infinitystar.parity import run_checks
+from infinitystar.quant.residual import encode_targets
+from infinitystar.sampling.generate import Caption, generate
+from infinitystar.schedules.interact import condition_maps, decode_window, next_previous, segment_schedule
+
+TINY = TransformerConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, text_channels=16, text_maxlen=16,
+                         null_text_len=32)
+PYRAMID = PyramidConfig(pn=None, custom_scales=[[1, 1], [2, 3], [3, 5], [6, 10]], frames_per_clip=3,
+                        image_repetition=[2, 1, 1, 1], video_repetition=[2, 2, 1, 1], detail_min_tokens=15)
+INTERACT = InteractConfig(semantic_scale=2, detail_frames=2)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = InfinityStarTransformer(TINY).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _latents(seed, frames, hw=(6, 10)):
+    return torch.randn(1, 64, frames, *hw, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.slow
+def test_official_interact_fixture_passes(fixtures_dir):
+    records = list(run_checks(fixtures_dir / "infinitystar" / "interact"))
+    bad = [r for r in records if not r.ok]
+    assert len(records) > 40 and not bad, bad[:5]
+    names = {r.tensor for r in records}
+    assert {"cond/semantic/positions", "cond/detail/tokens", "greedy/new_clip_codes",
+            "teacher_forced/step013/logits_uncond"} <= names
+    assert max(r.max_abs_err for r in records if r.tol > 0) < 1e-5
+
+
+def test_segment_schedule_blocks_and_positions():
+    s = segment_schedule(PYRAMID, INTERACT)
+    assert s.num_clips == 1 and s.clips == [(0, 3)]
+    assert [x.shape for x in s.scales] == [(3, 1, 1), (3, 2, 3), (3, 3, 5), (3, 6, 10)]
+    assert [x.repetitions for x in s.scales] == [2, 2, 1, 1] and s.steps[0].index == 0
+    assert [x.bits for x in s.scales] == [16, 16, 64, 64]
+    sem, det = s.conditions
+    assert (sem.name, sem.shape, sem.frames, sem.position) == ("semantic", (3, 3, 5), (1, 2, 3), 800)
+    assert (det.name, det.shape, det.frames, det.position) == ("detail", (3, 6, 10), (0, 2, 3), 801)
+    pos = condition_positions(sem, s.full_hw, TINY.text_maxlen).view(3, 3, 5, 4)
+    assert pos[..., 0].unique().tolist() == [16 + 800]
+    assert pos[:, 0, 0, 1].tolist() == [1, 2, 3]
+    assert pos[0, :, 0, 2].tolist() == [0, 2, 4]                  # round(i * 6 / 3)
+    assert pos[0, 0, :, 3].tolist() == [0, 2, 4, 6, 8]
+    # rows of a 4-row block on 6 rows: 1.5 -> 2 and 4.5 -> 4 (round half to even)
+    odd = segment_schedule(PyramidConfig(**{**PYRAMID.to_dict(), "custom_scales": [[1, 1], [4, 4], [6, 10]],
+                                            "image_repetition": [1] * 3, "video_repetition": [1] * 3}),
+                           InteractConfig(semantic_scale=1))
+    rows = condition_positions(odd.conditions[0], odd.full_hw, 0).view(3, 4, 4, 4)[0, :, 0, 2]
+    assert rows.tolist() == [0, 2, 3, 4]
+    with pytest.raises(ValueError, match="semantic_scale 4 is not a scale"):
+        segment_schedule(PYRAMID, InteractConfig(semantic_scale=4))
+    with pytest.raises(ValueError, match="detail_frames 4 exceeds"):
+        segment_schedule(PYRAMID, InteractConfig(semantic_scale=1, detail_frames=4))
+
+
+def test_condition_maps_and_segment_bookkeeping():
+    s = segment_schedule(PYRAMID, INTERACT)
+    prev, first = _latents(1, 4), _latents(2, 1)
+    maps = condition_maps(prev, first, s)
+    # semantic: P[1:] (frame 0 dropped) area-pooled to 3x5; each output cell averages its adaptive window
+    assert maps["semantic"].shape == (1, 64, 3, 3, 5)
+    assert torch.allclose(maps["semantic"][:, :, :, 0, 0], prev[:, :, 1:, 0:2, 0:2].mean((-1, -2)), atol=1e-6)
+    assert torch.equal(maps["detail"], torch.cat([first, prev[:, :, 2:4]], dim=2))
+    new = _latents(3, 3)
+    assert torch.equal(decode_window(prev, new), torch.cat([prev[:, :, 1:], new], dim=2))
+    assert torch.equal(next_previous(prev, new), torch.cat([prev[:, :, 3:], new], dim=2))
+    with pytest.raises(ValueError, match=r"previous segment latents must be \(B, C, 4, 6, 10\)"):
+        condition_maps(prev[:, :, 1:], first, s)
+    noisy = condition_maps(prev, first, s, noise={"semantic": 0.3, "detail": 0.3},
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noisy["detail"][:, :, :1], first)          # the session's first latent stays clean
+    diff = (noisy["semantic"] - maps["semantic"]).std() / maps["semantic"].std()
+    assert 0.2 < diff < 0.4
+
+
+def test_attention_pattern_of_condition_blocks():
+    s = segment_schedule(PYRAMID, INTERACT)
+    steps = select_steps(s, repetition="last")
+    packed = pack_sequence([PackSample(s, steps, [5])], TINY.text_maxlen, pad_multiple=1)
+    n_vis, table = len(steps), packed.segment_table
+    sem, det, text, pad = n_vis, n_vis + 1, n_vis + 2, n_vis + 3
+    for i in range(n_vis):   # own scale, caption, both conditions; no earlier scale of the segment
+        assert table[i].nonzero().flatten().tolist() == [i, sem, det, text]
+    for j in (sem, det, text):
+        assert table[j].nonzero().flatten().tolist() == [j]
+    assert not table[pad].any()
+
+
+def test_kv_cached_segment_equals_packed_forward_and_conditions_matter():
+    """The KV-cached segment (condition passes cached, every step reading caption + conditions) gives the logits
+    of one packed forward with the condition segments; different conditions change them."""
+    model = _model()
+    s = segment_schedule(PYRAMID, INTERACT)
+    maps = condition_maps(_latents(1, 4), _latents(2, 1), s)
+    targets = encode_targets(_latents(4, 3), s)
+    text = torch.randn(5, 16, generator=torch.Generator().manual_seed(5))
+    out = generate(model, s, Caption(text[None]), conditions=maps, prefix_bits=targets.bits, record_logits=True)
+    assert torch.equal(out.codes, targets.codes)
+    steps = select_steps(s, repetition="last")
+    packed = pack_sequence([PackSample(s, steps, [5])], TINY.text_maxlen, pad_multiple=32)
+    x = torch.cat([targets.inputs[st.index][0] for st in steps])
+    cond_tokens = [maps[b.name][0].flatten(1).T for _, b in packed.condition_segments]
+    logits = model.forward_packed(x, [text], packed, conditions=cond_tokens)
+    for st, lg in zip(steps, logits):
+        assert torch.allclose(lg, out.logits[st.index]["cond"][0], atol=2e-5), st
+    other = condition_maps(_latents(7, 4), _latents(2, 1), s)
+    again = generate(model, s, Caption(text[None]), conditions=other, prefix_bits=targets.bits, record_logits=True)
+    assert not torch.allclose(again.logits[0]["cond"], out.logits[0]["cond"], atol=1e-4)
+    with pytest.raises(ValueError, match="condition maps"):
+        generate(model, s, Caption(text[None]), conditions={"semantic": maps["semantic"]})
+    with pytest.raises(ValueError, match="condition 'detail' has shape"):
+        generate(model, s, Caption(text[None]), conditions={**maps, "detail": maps["detail"][:, :, :2]})
