@@ -1,13 +1,20 @@
 """Interactive long video (InfinityStar-Interact): the official fixture, condition blocks, their positions and
 attention pattern, and the segment loop's latent bookkeeping."""
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from infinitystar.cli import main as cli_main
 from infinitystar.config import InteractConfig, PyramidConfig, TransformerConfig
+from infinitystar.convert.cli import load_converted
+from infinitystar.convert.official import load_official_transformer
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.packing import PackSample, pack_sequence, select_steps
 from infinitystar.model.rope import condition_positions
 from infinitystar.parity import run_checks
+from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.schedules.interact import condition_maps, decode_window, next_previous, segment_schedule
@@ -126,3 +133,28 @@ def test_kv_cached_segment_equals_packed_forward_and_conditions_matter():
         generate(model, s, Caption(text[None]), conditions={"semantic": maps["semantic"]})
     with pytest.raises(ValueError, match="condition 'detail' has shape"):
         generate(model, s, Caption(text[None]), conditions={**maps, "detail": maps["detail"][:, :, :2]})
+
+
+def test_interact_checkpoint_converts_strictly_into_an_interact_model_folder(fixtures_dir, tmp_path, capsys):
+    src = fixtures_dir / "infinitystar" / "interact" / "weights.safetensors"
+    assert cli_main(["convert", str(src), str(tmp_path / "transformer"), "--text-maxlen", "64"]) == 0
+    model = load_converted(tmp_path / "transformer")
+    direct = load_official_transformer(str(src), text_maxlen=64)
+    assert model.config == direct.config and model.config.text_maxlen == 64
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in model.state_dict().items())
+    broken = load_file(str(src))
+    del broken["block_chunks.1.module.1.mlp.up_proj.weight"]
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(SystemExit, match="missing keys: blocks.3.mlp.up_proj.weight"):
+        cli_main(["convert", str(tmp_path / "broken.safetensors"), str(tmp_path / "t2"), "--text-maxlen", "64"])
+    # a model folder around it says it needs the interactive path and gets the official script's defaults
+    pipe = InfinityStarPipeline.random_tiny(interact=InteractConfig(semantic_scale=2))
+    pipe.transformer = model
+    pipe.save_pretrained(tmp_path / "model")
+    meta = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    del meta["defaults"]
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(meta))
+    again = InfinityStarPipeline.from_pretrained(tmp_path / "model")
+    assert again.inference == "interact" and again.interact == InteractConfig(semantic_scale=2)
+    assert again.defaults == GenerationDefaults.interact()
+    assert (again.defaults.guidance, again.defaults.guidance_scale, again.defaults.tau_video) == ("cfg", 3.0, 0.5)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from infinitystar.cli import interactive
 from infinitystar.generation import (IMAGE_SUFFIXES, generate_image, generate_video, load_pipeline, model_family,
                                      save_result)
 from infinitystar.runtime import UserError
@@ -44,6 +45,10 @@ def _cmd_generate(args) -> int:
     if args.aspect_ratio is not None or args.pn is not None:
         raise UserError("--aspect-ratio and --pn apply to Infinity (text-to-image) models; this model's frame size "
                         "is fixed")
+    if args.interactive:
+        return _generate_interactive(args, out)
+    if args.inference is not None:
+        raise UserError("--inference applies to --interactive (a whole video follows the model folder's own path)")
     image_out = out.suffix.lower() in IMAGE_SUFFIXES
     frames = args.frames if args.frames is not None else (1 if image_out else 17)
     if image_out and frames != 1:
@@ -64,6 +69,20 @@ def _cmd_generate(args) -> int:
     print(json.dumps(summary) if args.json else f"wrote {out} ({result.frames.shape[0]} frames, "
           f"{result.timings['total_s']:.2f} s)")
     return 0
+
+
+def _generate_interactive(args, out: Path) -> int:
+    """`generate --interactive`: prompts from standard input, one clip each (see cli/interactive.py)."""
+    given = [flag for flag, v in (("--prompt", args.prompt), ("--prompts-file", args.prompts_file),
+                                  ("--frames", args.frames)) if v is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be used with --interactive: the prompts come from standard input, "
+                        "one line per clip")
+    if out.suffix.lower() != ".mp4":
+        raise UserError(f"--interactive writes a video: --out must end in .mp4, got {out.name}")
+    pipe = load_pipeline(args.model, args.device)
+    return interactive.run(pipe, out, seed=args.seed, guidance_scale=args.cfg, temperature=args.tau,
+                           inference=args.inference, image=args.image, video=args.video, as_json=args.json)
 
 
 def _peak_memory_mb(pipe) -> float:
@@ -139,6 +158,12 @@ def add_cli(subparsers) -> None:
                          "model)")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="print a JSON summary line")
+    sp.add_argument("--interactive", action="store_true",
+                    help="read one prompt per line from standard input and add a clip for each: after every clip "
+                         "--out holds the whole video and OUT_clipNNN.mp4 the new clip")
+    sp.add_argument("--inference", choices=["clips", "interact"], default=None,
+                    help="with --interactive: how clips continue (default: the model folder's; 'interact' needs an "
+                         "InfinityStar-Interact model)")
     sp.set_defaults(func=_cmd_generate)
     sp = subparsers.add_parser("eval", help="evaluate a model on a synthetic world")
     esub = sp.add_subparsers(dest="world", required=True)

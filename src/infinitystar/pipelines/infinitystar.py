@@ -43,6 +43,12 @@ class GenerationDefaults:
     tau_video: float = 0.4                # temperature of video clips' scales
     fps: int = 16
 
+    @classmethod
+    def interact(cls) -> "GenerationDefaults":
+        """The settings of the official interactive script (`tools/infer_interact_480p.py`): plain CFG 3, tau 0.5
+        on every scale. An interact model folder starts from these; its model_index.json "defaults" override."""
+        return cls(guidance_scale=3.0, guidance="cfg", tau_image=0.5, tau_video=0.5, fps=16)
+
 
 @dataclass
 class PipelineOutput:
@@ -78,7 +84,7 @@ class InfinityStarPipeline:
         self.text_encoder = text_encoder
         self.pyramid = pyramid
         self.height, self.width = height, width
-        self.defaults = defaults or GenerationDefaults()
+        self.defaults = defaults or (GenerationDefaults.interact() if interact else GenerationDefaults())
         if interact is not None:
             interact.check(pyramid)
         self.interact = interact
@@ -112,10 +118,12 @@ class InfinityStarPipeline:
         if "interact" in meta and inference != "interact":
             raise ValueError(f"{index}: \"interact\" settings need \"inference\": \"interact\"")
         interact = InteractConfig.from_dict(meta.get("interact", {})) if inference == "interact" else None
+        base = GenerationDefaults.interact() if interact else GenerationDefaults()
+        defaults = GenerationDefaults(**{**base.__dict__, **meta.get("defaults", {})})
         device = torch.device(device or "cpu")
         return cls(InfinityStarTransformer.from_pretrained(d / "transformer", device), _load_tokenizer(d / "tokenizer", device),
                    load_text_encoder(d / "text_encoder", device), PyramidConfig.from_dict(meta["pyramid"]),
-                   int(meta["height"]), int(meta["width"]), GenerationDefaults(**meta.get("defaults", {})), interact)
+                   int(meta["height"]), int(meta["width"]), defaults, interact)
 
     def save_pretrained(self, path: Union[str, Path]) -> None:
         d = Path(path)
@@ -130,9 +138,11 @@ class InfinityStarPipeline:
         (d / "model_index.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def random_tiny(cls, seed: int = 0, device=None) -> "InfinityStarPipeline":
+    def random_tiny(cls, seed: int = 0, device=None, interact: Optional[InteractConfig] = None
+                    ) -> "InfinityStarPipeline":
         """A tiny random-weight pipeline with the default model's shapes (64x64 frames, 8x8 latents, Shapes World
-        vocabulary): it runs every code path, but its outputs are noise. For tests and demos."""
+        vocabulary): it runs every code path, but its outputs are noise. For tests and demos. `interact` makes it
+        an InfinityStar-Interact pipeline (e.g. InteractConfig(semantic_scale=2))."""
         from infinitystar.shapes.world import vocabulary
         from infinitystar.text.builtin import WordTextEncoder
         from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
@@ -144,7 +154,7 @@ class InfinityStarPipeline:
             latent_channels=vae_cfg.codebook_dim, semantic_bits=vae_cfg.semantic_scale_dim)).eval()
         pyramid = PyramidConfig(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]], frames_per_clip=4,
                                 temporal_compression=vae_cfg.temporal_stride, detail_min_tokens=36)
-        pipe = cls(transformer, VideoVAE(vae_cfg).eval(), text, pyramid, 64, 64)
+        pipe = cls(transformer, VideoVAE(vae_cfg).eval(), text, pyramid, 64, 64, interact=interact)
         return pipe.to(device) if device is not None else pipe
 
     def to(self, device) -> "InfinityStarPipeline":

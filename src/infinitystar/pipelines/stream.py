@@ -220,8 +220,9 @@ def start(pipe: "InfinityStarPipeline", prompt: str, *, inference: Optional[str]
     if inference not in INFERENCE_KINDS:
         raise UserError(f"unknown inference {inference!r}; choose one of {', '.join(INFERENCE_KINDS)}")
     if inference == "interact" and pipe.interact is None:
-        raise UserError(f"this model has no interactive mode (model_index.json \"inference\" is {pipe.inference!r}, "
-                        "no \"interact\" settings); use inference=\"clips\" or an InfinityStar-Interact model folder")
+        raise UserError(f"this model has no interactive mode (its model_index.json \"inference\" is "
+                        f"{pipe.inference!r}, without \"interact\" settings); use the \"clips\" inference or an "
+                        "InfinityStar-Interact model folder")
     if image is not None and video is not None:
         raise UserError("give either image (the first frame) or video (the start of the video), not both")
     cls = InteractStream if inference == "interact" else ClipStream
