@@ -25,8 +25,23 @@ def latent_frames(num_frames: int, temporal_compression: int = 4) -> int:
     return 1 + (num_frames - 1) // temporal_compression
 
 
+class _TokenGrid:
+    """shape and token count of a (t, h, w) grid of tokens (for dataclasses with t, h, w fields)."""
+    t: int
+    h: int
+    w: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.t, self.h, self.w)
+
+    @property
+    def tokens(self) -> int:
+        return self.t * self.h * self.w
+
+
 @dataclass(frozen=True)
-class Scale:
+class Scale(_TokenGrid):
     index: int          # global index over the whole schedule
     clip: int           # 0 = image pyramid, k >= 1 = video clip k
     in_clip: int        # index inside the clip's pyramid
@@ -38,23 +53,15 @@ class Scale:
     repetitions: int
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.t, self.h, self.w)
-
-    @property
-    def tokens(self) -> int:
-        return self.t * self.h * self.w
-
-    @property
     def frame_end(self) -> int:
         return self.frame_start + self.t
 
 
 @dataclass(frozen=True)
-class ConditionBlock:
+class ConditionBlock(_TokenGrid):
     """Tokens made from the previous segment of an interactive video, attended to by every scale of the new one.
 
-    They are not generated: their (t, h, w) map is given (see `infinitystar.sampling.interact`). Each block is run
+    They are not generated: their (t, h, w) map is given (see `infinitystar.schedules.interact`). Each block is run
     through the transformer once, attending only to itself, and its keys/values are cached.
     """
     name: str                 # "semantic" or "detail"
@@ -63,14 +70,6 @@ class ConditionBlock:
     w: int
     frames: tuple[int, ...]   # RoPE latent frame of each of its t frames
     position: int             # RoPE scale-axis position after the text (the official 800 / 801)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.t, self.h, self.w)
-
-    @property
-    def tokens(self) -> int:
-        return self.t * self.h * self.w
 
 
 @dataclass(frozen=True)
