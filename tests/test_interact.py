@@ -158,3 +158,91 @@ def test_interact_checkpoint_converts_strictly_into_an_interact_model_folder(fix
     assert again.inference == "interact" and again.interact == InteractConfig(semantic_scale=2)
     assert again.defaults == GenerationDefaults.interact()
     assert (again.defaults.guidance, again.defaults.guidance_scale, again.defaults.tau_video) == ("cfg", 3.0, 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training the interactive mode
+# --------------------------------------------------------------------------------------------------
+
+def test_interact_training_targets_pack_conditions_and_match_kv_cached_inference():
+    """Training samples in the interactive layout: the segment's packed forward (conditions in the pack, no
+    condition noise) gives the logits of the KV-cached inference on the same segment."""
+    from infinitystar.train.config import ScaleSubsetConfig
+    from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_interact_samples
+    model = _model()
+    T = PYRAMID.frames_per_clip
+    z = _latents(11, 1 + 3 * T)[0]                                   # three whole clips
+    clean = InteractConfig(semantic_scale=2, condition_noise=[0.0])
+    gen = torch.Generator().manual_seed(0)
+    first, seg = prepare_interact_samples(z, PYRAMID, 1 + 4 * 3 * T, clean, ["c0", "c1", "c2", "c3"],
+                                          [0, 0, 1, 2], gen, subset=ScaleSubsetConfig(), bsc_strength=0.0)
+    assert first.schedule.num_clips == 2 and not first.conditions and first.captions == ["c0"]
+    assert seg.schedule.conditions and len(seg.steps) == len(seg.schedule.scales)
+    k = {"c1": 2, "c2": 3}[seg.captions[0]]                          # the drawn clip of the video
+    start = 1 + (k - 1) * T
+    s = segment_schedule(PYRAMID, clean)
+    maps = condition_maps(z[None, :, start - 1 - T:start], z[None, :, :1], s)
+    assert [c.shape for c in seg.conditions] == [(45, 64), (180, 64)]
+    assert torch.equal(seg.conditions[0], maps["semantic"][0].flatten(1).T)
+    text = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    batch = pack_batch([first, seg], [[text], [text]], TINY.text_maxlen, 32, "cpu")
+    assert batch.tokens == batch.packed.num_visual + 225 + 8
+    logits, anchor = PackedTrainModule(model)(batch.x_visual, batch.captions, batch.packed, "sdpa", None,
+                                              batch.conditions)
+    teacher = encode_targets(z[None, :, start:start + T], s)
+    out = generate(model, s, Caption(text[None]), conditions=maps, prefix_bits=teacher.bits, record_logits=True)
+    seg_logits = [lg for (b, _), lg in zip(batch.packed.visual_segments, logits) if b == 1]
+    for st, lg in zip(seg.steps, seg_logits):
+        if st.is_last_repetition:                                   # inference caches the last repetition
+            assert torch.allclose(lg, out.logits[st.index]["cond"][0], atol=2e-5), st
+    loss = packed_loss(logits, batch, anchor).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.word_embed.weight.grad.abs().sum() > 0
+    # a video of one clip trains in the text-to-video layout; condition noise changes the blocks
+    (only,) = prepare_interact_samples(z[:, :1 + T], PYRAMID, 1 + 4 * T, clean, ["c0"], [0, 0], gen,
+                                       subset=ScaleSubsetConfig())
+    assert not only.schedule.conditions
+    noisy = prepare_interact_samples(z, PYRAMID, 1 + 12 * T, InteractConfig(semantic_scale=2, condition_noise=[0.3]),
+                                     ["c0", "c1", "c2", "c3"], [0, 0, 1, 2], torch.Generator().manual_seed(0),
+                                     first_segment=False, subset=ScaleSubsetConfig(), bsc_strength=0.0)
+    assert len(noisy) == 1 and noisy[0].captions == seg.captions
+    assert not torch.equal(noisy[0].conditions[0], seg.conditions[0])
+    assert torch.equal(noisy[0].conditions[1][:60], seg.conditions[1][:60])   # latent 0 of the detail block
+
+
+@pytest.mark.slow
+def test_interact_training_run_learns_and_exports_an_interact_model(tmp_path):
+    from test_train import losses, run_training, tiny_config, write_dataset
+    from infinitystar.train.config import ConfigError, config_from_dict
+    from infinitystar.train.export import export_model
+    manifest = write_dataset(tmp_path / "data", n_videos=4, n_images=0, frames=33)
+    raw = tiny_config(tmp_path / "run", manifest, interact={"semantic_scale": 2},
+                      data={"max_frames": 33},
+                      train={"max_steps": 10, "micro_batch": 1, "bsc_strength": 0.1, "text_dropout": 0.0},
+                      optim={"lr": 3e-3, "warmup_steps": 1, "decay": "constant"}, checkpoint={"every": 0})
+    res = run_training(raw)
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 10 and all(map(torch.isfinite, torch.tensor(ls)))
+    assert sum(ls[-3:]) < sum(ls[:3])
+    from infinitystar.train.metrics import read_metrics
+    last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert "acc_video_s3" in last and "acc_image_s3" in last
+    with pytest.raises(ConfigError, match="interact training needs videos of two clips"):
+        config_from_dict({**raw, "data": {**raw["data"], "max_frames": 17}})
+    with pytest.raises(ConfigError, match="interact: InteractConfig.semantic_scale 9 is not a scale"):
+        config_from_dict({**raw, "interact": {"semantic_scale": 9}})
+    with pytest.raises(ConfigError, match="interact: InteractConfig.condition_noise must list non-negative"):
+        config_from_dict({**raw, "interact": {"condition_noise": [-1.0]}})
+    # the exported model folder runs the interactive path
+    pipe_dir = tmp_path / "model"
+    tok = tmp_path / "tok"
+    from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
+    VideoVAE(VideoVAEConfig(block_out_channels=(4, 8, 8, 8), spatial_compression_list=(2, 2),
+                            temporal_compression_list=(2, 2))).save_pretrained(tok)
+    from infinitystar.shapes.world import vocabulary
+    from infinitystar.text.builtin import WordTextEncoder
+    WordTextEncoder(vocabulary(), width=32, depth=1, num_heads=2).save_pretrained(tmp_path / "text")
+    export_model(res.checkpoint, pipe_dir, tokenizer=tok, text_encoder=tmp_path / "text")
+    meta = json.loads((pipe_dir / "model_index.json").read_text())
+    assert meta["inference"] == "interact" and meta["interact"]["semantic_scale"] == 2
+    assert meta["defaults"]["tau_video"] == 0.5

@@ -16,8 +16,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
-from infinitystar.config import (PYRAMID_PRESETS, TRANSFORMER_PRESETS, PyramidConfig, TransformerConfig,
-                                  pyramid_preset, transformer_preset)
+from infinitystar.config import (PYRAMID_PRESETS, TRANSFORMER_PRESETS, InteractConfig, PyramidConfig,
+                                  TransformerConfig, pyramid_preset, transformer_preset)
 
 
 class ConfigError(ValueError):
@@ -136,6 +136,7 @@ class TrainSection:
     reweight_by_scale: float = 4.0       # per-scale loss weight min(max_reweight, (Vmax/V)^(1/(1+k))) * V
     max_reweight: float = 40.0
     scale_subset: ScaleSubsetConfig = field(default_factory=ScaleSubsetConfig)
+    interact_first_segment: bool = True  # with `interact`: also pack the first clip in the text-to-video layout
 
 
 @dataclass
@@ -181,6 +182,7 @@ class RunConfig(FileConfig):
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    interact: Optional[InteractConfig] = None   # set: train the interactive mode (InfinityStar-Interact)
 
     def __post_init__(self):
         self.validate()
@@ -233,6 +235,15 @@ class RunConfig(FileConfig):
         if model.latent_channels != pyramid.detail_bits or model.semantic_bits != pyramid.semantic_bits:
             raise ConfigError(f"model bits ({model.semantic_bits}/{model.detail_bits}) do not match the pyramid's "
                               f"({pyramid.semantic_bits}/{pyramid.detail_bits})")
+        if self.interact is not None:
+            try:
+                self.interact.check(pyramid)
+            except ValueError as e:
+                raise ConfigError(f"interact: {e}") from None
+            two_clips = 1 + 2 * tc * pyramid.frames_per_clip
+            if d.max_frames < two_clips:
+                raise ConfigError(f"interact training needs videos of two clips: data.max_frames must be at least "
+                                  f"{two_clips}, got {d.max_frames}")
 
     # --- convenience ------------------------------------------------------------------------------------------
     def duration_unit(self) -> int:
@@ -274,9 +285,10 @@ def _coerce(value, tp, key: str):
             if type(None) in args:
                 return None
             raise bad
-        for a in args:
-            if a is type(None):
-                continue
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):   # an optional section: its own errors name
+            return _coerce(value, inner[0], key)                     # the inner key
+        for a in inner:
             try:
                 return _coerce(value, a, key)
             except ConfigError:
@@ -364,7 +376,10 @@ def _build(cls, d: dict, where: str = ""):
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in d.items()}
     if cls is RunConfig:
         return kwargs   # RunConfig validates ranges in __post_init__; the caller builds it
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:   # a config dataclass's own checks (e.g. InteractConfig)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def set_dotted(d: dict, dotted: str, value) -> None:

@@ -1,5 +1,6 @@
 """`infinitystar export CHECKPOINT OUT`: a training checkpoint -> a model folder that
-`InfinityStarPipeline.from_pretrained(OUT)` loads (transformer, tokenizer, text encoder, model_index.json).
+`InfinityStarPipeline.from_pretrained(OUT)` loads (transformer, tokenizer, text encoder, model_index.json; a run
+that trained the interactive mode exports an "interact" model folder).
 
 The transformer takes the checkpoint's EMA weights when it has them (`ema=False`: the raw weights). A text encoder
 trained with the generator is stored in the checkpoint under `text_encoder.*`: its architecture comes from the
@@ -71,8 +72,10 @@ def export_model(checkpoint: PathLike, out: PathLike, *, ema: bool = True, token
     pyramid = run.pyramid.build()
     h, w = pyramid.spatial_scales()[-1]
     px = run.data.pixels_per_latent
+    base = GenerationDefaults.interact() if run.interact else GenerationDefaults()
     pipe = InfinityStarPipeline(transformer.eval(), _load_tokenizer(Path(tok_path), "cpu"), text.eval(), pyramid,
-                                h * px, w * px, GenerationDefaults(**(defaults or {})))
+                                h * px, w * px, GenerationDefaults(**{**base.__dict__, **(defaults or {})}),
+                                interact=run.interact)
     pipe.save_pretrained(out)
     return ckpt
 

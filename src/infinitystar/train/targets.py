@@ -1,15 +1,18 @@
 """From a continuous latent to one packed training sequence: scale subsets, residual targets with bitwise
-self-correction, one repetition per scale, text dropout, the packed forward and the per-scale weighted loss."""
+self-correction, one repetition per scale, text dropout, the packed forward and the per-scale weighted loss.
+`prepare_interact_samples` lays a video out for the interactive mode (a segment with its condition blocks)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from infinitystar.config import InteractConfig, PyramidConfig
 from infinitystar.model.packing import PackSample, PackedSequence, pack_sequence, select_steps
 from infinitystar.quant.residual import BitwiseSelfCorrection, encode_targets
+from infinitystar.schedules.interact import condition_maps, segment_schedule
 from infinitystar.schedules.pyramid import Schedule, Step
 from infinitystar.train.config import ScaleSubsetConfig
 from infinitystar.train.loss import bitwise_loss, scale_loss_weights
@@ -62,6 +65,8 @@ class PreparedSample:
     captions: list[str]
     caption_of_clip: list[int]
     drop_text: bool                      # captions replaced by the null text (guidance training)
+    conditions: list[torch.Tensor] = field(default_factory=list)   # (tokens, C) per condition block of the
+                                                                   # schedule, in its order (interactive)
 
 
 def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str], caption_of_clip: Sequence[int],
@@ -71,22 +76,69 @@ def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str],
     """Targets of one sample. z: (C, T_lat, h, w) latent of the schedule's size. Every random draw comes from
     `generator` in a fixed order, so a sample's targets depend only on its seed."""
     scales = choose_scales(schedule, subset, generator)
-    flip = BitwiseSelfCorrection(schedule, bsc_strength, generator) if bsc_strength > 0 else None
     last_clip = schedule.scales[scales[-1]].clip
-    with torch.no_grad():
-        targets = encode_targets(z[None].float(), schedule, flip, num_clips=last_clip + 1)
-    steps = select_steps(schedule, scales, repetition, generator)
-    where = {st.index: i for i, st in enumerate(targets.steps)}
-    inputs = torch.cat([targets.inputs[where[st.index]][0] for st in steps])
-    bits = [targets.bits[where[st.index]][0].reshape(-1, st.scale.bits) for st in steps]
-    weights = scale_loss_weights([st.scale.tokens for st in steps], schedule.scales[-1].tokens,
-                                 reweight_by_scale, max_reweight).to(z.device)
+    steps, inputs, bits, weights = _targets(z, schedule, scales, last_clip + 1, generator, bsc_strength, repetition,
+                                            reweight_by_scale, max_reweight)
     drop = text_dropout > 0 and float(torch.rand((), generator=generator)) < text_dropout
     # keep only the captions of the packed clips (a long video cut to its first clips needs fewer captions)
     used = sorted({caption_of_clip[c] for c in range(last_clip + 1)})
     remap = {old: new for new, old in enumerate(used)}
     of_clip = [remap.get(c, 0) for c in caption_of_clip]
     return PreparedSample(schedule, steps, inputs, bits, weights, [captions[i] for i in used], of_clip, drop)
+
+
+def _targets(z: torch.Tensor, schedule: Schedule, scales: Sequence[int], num_clips: int, generator: torch.Generator,
+             bsc_strength: float, repetition: str, reweight_by_scale: float, max_reweight: float):
+    """Steps (one repetition per packed scale), their inputs and labels under BSC, and the loss weights."""
+    flip = BitwiseSelfCorrection(schedule, bsc_strength, generator) if bsc_strength > 0 else None
+    with torch.no_grad():
+        targets = encode_targets(z[None].float(), schedule, flip, num_clips=num_clips)
+    steps = select_steps(schedule, scales, repetition, generator)
+    where = {st.index: i for i, st in enumerate(targets.steps)}
+    inputs = torch.cat([targets.inputs[where[st.index]][0] for st in steps])
+    bits = [targets.bits[where[st.index]][0].reshape(-1, st.scale.bits) for st in steps]
+    weights = scale_loss_weights([st.scale.tokens for st in steps], schedule.scales[-1].tokens,
+                                 reweight_by_scale, max_reweight).to(z.device)
+    return steps, inputs, bits, weights
+
+
+def prepare_interact_samples(z: torch.Tensor, pyramid: PyramidConfig, num_frames: int, interact: InteractConfig,
+                             captions: Sequence[str], caption_of_clip: Sequence[int], generator: torch.Generator, *,
+                             first_segment: bool = True, subset: ScaleSubsetConfig, bsc_strength: float = 0.3,
+                             repetition: str = "random", text_dropout: float = 0.0, reweight_by_scale: float = 4.0,
+                             max_reweight: float = 40.0) -> list[PreparedSample]:
+    """Targets of one video in the interactive layout (what InfinityStar-Interact's inference runs).
+
+    A segment: video clip k >= 2 (drawn uniformly among the video's whole clips), laid out as a lone clip
+    (`segment_schedule`: frames 0..T-1, steps from 0), with the two condition blocks made from the continuous
+    latents before it (the previous 1 + T latents and latent 0), each noised with a strength drawn from
+    `interact.condition_noise` (the reference's training noise). Every scale is packed, one repetition each, with
+    BSC, as the reference's interactive `video_encode` does. With `first_segment`, the first 1 + T latents (image
+    + clip 1) are added as a second sample in the text-to-video layout (all scales). A video with fewer than two
+    whole clips trains in the text-to-video layout only (`prepare_sample`)."""
+    T = pyramid.frames_per_clip
+    clips = (z.shape[1] - 1) // T
+    common = dict(bsc_strength=bsc_strength, repetition=repetition, text_dropout=text_dropout,
+                  reweight_by_scale=reweight_by_scale, max_reweight=max_reweight)
+    if clips < 2:
+        return [prepare_sample(z, pyramid.build(num_frames), captions, caption_of_clip, generator, subset=subset,
+                               **common)]
+    k = int(torch.randint(2, clips + 1, (), generator=generator))
+    seg = segment_schedule(pyramid, interact)
+    start = 1 + (k - 1) * T
+    steps, inputs, bits, weights = _targets(z[:, start:start + T], seg, range(len(seg.scales)), 1, generator,
+                                            bsc_strength, repetition, reweight_by_scale, max_reweight)
+    choices = interact.condition_noise
+    noise = {c.name: choices[int(torch.randint(len(choices), (), generator=generator))] for c in seg.conditions}
+    maps = condition_maps(z[None, :, start - 1 - T:start].float(), z[None, :, :1].float(), seg, noise, generator)
+    drop = text_dropout > 0 and float(torch.rand((), generator=generator)) < text_dropout
+    out = [PreparedSample(seg, steps, inputs, bits, weights, [captions[caption_of_clip[k]]], [0], drop,
+                          [maps[c.name][0].flatten(1).T for c in seg.conditions])]
+    if first_segment:
+        tc = pyramid.temporal_compression
+        out.insert(0, prepare_sample(z[:, :1 + T], pyramid.build(1 + tc * T), captions, caption_of_clip[:2],
+                                     generator, subset=ScaleSubsetConfig(mode="all"), **common))
+    return out
 
 
 @dataclass(frozen=True)
@@ -115,8 +167,8 @@ class PackedTrainModule(nn.Module):
 
     def forward(self, x_visual: torch.Tensor, captions: Sequence[Union[torch.Tensor, int, TextRow]],
                 packed: PackedSequence, backend: str = "sdpa",
-                text_tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                text_tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                conditions: Sequence[torch.Tensor] = ()) -> tuple[list[torch.Tensor], torch.Tensor]:
         t = self.transformer
         encoded = self.text_encoder(*text_tokens) if text_tokens is not None else None
         feats = []
@@ -127,7 +179,7 @@ class PackedTrainModule(nn.Module):
                 feats.append(encoded[c.row, :c.length])
             else:
                 feats.append(c)
-        logits = t.forward_packed(x_visual, feats, packed, backend=backend)
+        logits = t.forward_packed(x_visual, feats, packed, backend=backend, conditions=conditions)
         in_blocks = {id(p) for p in t.blocks.parameters()}
         anchor = sum(p.sum() for p in self.parameters() if p.requires_grad and id(p) not in in_blocks) * 0.0
         # clone: FSDP2 warns about views returned from a wrapped module (in-place ops on them skip its hooks)
@@ -141,10 +193,11 @@ class PackedBatch:
     captions: list[Union[torch.Tensor, int, TextRow]]   # features (L, Ct); an int L: the null text of that
                                                         # length; a TextRow: encoded inside the module
     samples: list[PreparedSample]
+    conditions: list[torch.Tensor] = field(default_factory=list)   # in packed.condition_segments order
 
     @property
     def tokens(self) -> int:
-        return self.packed.num_visual + self.packed.num_text
+        return self.packed.num_visual + self.packed.num_condition + self.packed.num_text
 
 
 def _caption_length(f: Union[torch.Tensor, TextRow]) -> int:
@@ -165,7 +218,9 @@ def pack_batch(samples: Sequence[PreparedSample], text_features: Sequence[Sequen
         else:
             captions.append(f if isinstance(f, TextRow) else f.to(device))
     x = torch.cat([s.inputs for s in samples]).to(device)
-    return PackedBatch(packed, x, captions, list(samples))
+    conditions = [samples[b].conditions[samples[b].schedule.conditions.index(block)].to(device)
+                  for b, block in packed.condition_segments]
+    return PackedBatch(packed, x, captions, list(samples), conditions)
 
 
 @dataclass

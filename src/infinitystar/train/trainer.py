@@ -31,7 +31,8 @@ from infinitystar.train.distributed import (all_reduce_sum, init_distributed, sh
 from infinitystar.train.features import encode_pixels
 from infinitystar.train.lock import lock_run
 from infinitystar.train.metrics import MetricsLogger, ScaleAccuracy, peak_memory_mb
-from infinitystar.train.targets import PackedTrainModule, TextRow, pack_batch, packed_loss, prepare_sample
+from infinitystar.train.targets import (PackedTrainModule, TextRow, pack_batch, packed_loss,
+                                        prepare_interact_samples, prepare_sample)
 
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -237,10 +238,16 @@ class Trainer:
         for raw in raws:
             z = self._latent(raw)
             gen = torch.Generator().manual_seed(derive_seed(raw.seed, "targets"))
-            samples.append(prepare_sample(
-                z, raw.pyramid.build(raw.num_frames), raw.captions, raw.caption_of_clip, gen,
-                subset=t.scale_subset, bsc_strength=t.bsc_strength, repetition=t.repetition,
-                text_dropout=t.text_dropout, reweight_by_scale=t.reweight_by_scale, max_reweight=t.max_reweight))
+            common = dict(subset=t.scale_subset, bsc_strength=t.bsc_strength, repetition=t.repetition,
+                          text_dropout=t.text_dropout, reweight_by_scale=t.reweight_by_scale,
+                          max_reweight=t.max_reweight)
+            if self.config.interact is not None:
+                samples += prepare_interact_samples(z, raw.pyramid, raw.num_frames, self.config.interact,
+                                                    raw.captions, raw.caption_of_clip, gen,
+                                                    first_segment=t.interact_first_segment, **common)
+            else:
+                samples.append(prepare_sample(z, raw.pyramid.build(raw.num_frames), raw.captions,
+                                              raw.caption_of_clip, gen, **common))
         prompts = [c for s in samples for c in s.captions]
         text_tokens = None
         if self.text_trainable:   # encoded inside the module, with gradients
@@ -260,11 +267,12 @@ class Trainer:
             i += len(s.captions)
         batch = pack_batch(samples, per_sample, self.model_config.text_maxlen, t.pad_multiple, self.device)
         with self._autocast():
-            logits, anchor = self.module(batch.x_visual, batch.captions, batch.packed, self.backend, text_tokens)
+            logits, anchor = self.module(batch.x_visual, batch.captions, batch.packed, self.backend, text_tokens,
+                                         batch.conditions)
         out = packed_loss(logits, batch, anchor)
         (out.loss * scale).backward()
-        for step, acc in out.scale_acc:
-            self.scale_acc.add(step.scale.clip > 0, step.scale.in_clip, acc)
+        for step, acc in out.scale_acc:   # image scales have t == 1 in clip 0; an interactive segment's t > 1
+            self.scale_acc.add(step.scale.clip > 0 or step.scale.t > 1, step.scale.in_clip, acc)
         return out.loss.detach(), batch.tokens, len(samples)
 
     def train_step(self) -> dict:
