@@ -11,6 +11,7 @@ from typing import Iterable, Optional, TextIO
 
 import torch
 
+from infinitystar.generation import collect_notes
 from infinitystar.media import export_to_video
 from infinitystar.runtime import UserError
 
@@ -41,12 +42,20 @@ def run(pipe, out: Path, *, seed: int, guidance_scale: Optional[float], temperat
         if not prompt.strip():
             kept = f"; the {k - 1} clip(s) written so far are kept in {out}" if k > 1 else ""
             raise UserError(f"line {k} of the input is empty: give one non-empty prompt per line{kept}")
-        if stream is None:
-            stream = pipe.start(prompt, inference=inference, image=image, video=video,
-                                guidance_scale=guidance_scale, temperature=temperature, generator=generator)
-            clip = stream.clips[-1]
-        else:
-            clip = stream.extend(prompt)
+        with collect_notes() as notes:
+            try:
+                if stream is None:
+                    stream = pipe.start(prompt, inference=inference, image=image, video=video,
+                                        guidance_scale=guidance_scale, temperature=temperature, generator=generator)
+                    clip = stream.clips[-1]
+                else:
+                    clip = stream.extend(prompt)
+            except UserError:
+                raise
+            except ValueError as e:          # unreadable or unusable image / video
+                raise UserError(str(e)) from None
+        for note in notes:                   # e.g. an unknown word
+            print(f"note: clip {k}: {note}", file=sys.stderr)
         path = clip_path(out, k)
         export_to_video(clip, path, fps=pipe.defaults.fps)
         whole = stream.video()
