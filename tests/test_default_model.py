@@ -60,3 +60,22 @@ def test_text_to_image_and_image_to_video(pipe):
     kept = [score_video(frames, prompt, condition_frames=first[None]) for frames in video.frames]
     assert all(frames.shape == (17, 64, 64, 3) for frames in video.frames)
     assert sum(s.correct["condition"] for s in kept) >= 3          # the first frame is kept: 4 of 4 measured
+
+
+def test_interactive_stream_of_three_prompts(pipe, tmp_path):
+    """`generate --interactive` on the shipped model: three prompt lines give 1 + 3 x 16 = 49 frames, equal to one
+    batch generation of the same story with the same seed."""
+    import io
+
+    from infinitystar.cli.interactive import run
+    from infinitystar.media import load_video
+    lines = "\n".join(SEEN_VIDEO_PROMPTS) + "\n"
+    out = tmp_path / "story.mp4"
+    assert run(pipe, out, seed=7, guidance_scale=None, temperature=None, inference=None, image=None, video=None,
+               as_json=True, stdin=io.StringIO(lines)) == 0
+    assert load_video(out).shape == (49, 64, 64, 3)
+    stream = pipe.start(SEEN_VIDEO_PROMPTS[0], generator=torch.Generator().manual_seed(7))
+    for p in SEEN_VIDEO_PROMPTS[1:]:
+        stream.extend(p)
+    batch = pipe([SEEN_VIDEO_PROMPTS], num_frames=49, generator=torch.Generator().manual_seed(7))
+    assert np.array_equal(stream.video(), batch.frames[0])
