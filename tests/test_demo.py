@@ -9,6 +9,7 @@ import pytest
 from infinitystar.cli import main as cli_main
 from infinitystar.demo import handlers as h
 from infinitystar.demo.handlers import DemoModel
+from infinitystar.generation import generate_video
 from infinitystar.media import export_to_video, load_image, load_video
 from infinitystar.pipelines.infinity import InfinityPipeline
 from infinitystar.shapes import world
@@ -112,18 +113,22 @@ def test_interactive_adds_a_clip_per_submit(demo, monkeypatch):
     shown = session.stream.video().copy()
     # a failed submit keeps the video and says why
     session, empty = demo.interactive_submit(session, "", 5, False, None, "")
-    assert "type a prompt" in empty.error and session.clips == 1
+    assert "type a prompt" in empty.error and session.clips == 1 and empty.seed == 5
     # later submits keep the first clip's seed, whatever the seed box says now
-    session, second = demo.interactive_submit(session, prompts[1], 99, True, None, "")
+    session, second = demo.interactive_submit(session, prompts[1] + " zzz", 99, True, None, "")
     assert second.error is None and second.seed == 5 and session.clips == 2
     assert load_video(second.path).shape == (33, 64, 64, 3)
     assert np.array_equal(session.stream.video()[:17], shown)           # the clips already shown stay as they were
     assert "2 clip(s), 33 frames of 64x64 so far" in second.message and prompts[1] in second.message
+    assert any("unknown word(s) zzz" in n for n in second.notes)
+    # the streaming API gives what the pipeline's prompt-per-clip call gives (the path `generate` takes)
+    batch = generate_video(demo.pipe, [prompts[0], prompts[1] + " zzz"], 33, seed=5)
+    assert np.array_equal(session.stream.video(), batch.frames)
     monkeypatch.setattr(h, "MAX_INTERACTIVE_CLIPS", 2)
     session, capped = demo.interactive_submit(session, prompts[2], 5, False, None, "")
     assert "press reset" in capped.error and session.clips == 2
     fresh = demo.interactive_reset()
-    assert fresh.clips == 0
+    assert fresh.clips == 0 and fresh.seed is None
 
 
 def test_a_model_folder_that_does_not_load_is_a_message(tmp_path):

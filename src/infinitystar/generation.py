@@ -7,7 +7,6 @@ a one-line message.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from infinitystar.media import MediaError, export_to_video, save_image
 from infinitystar.pipelines.infinity import InfinityPipeline, model_family as folder_family
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
+from infinitystar.pipelines.stream import VideoStream
 from infinitystar.runtime import UserError, resolve_device
 
 AnyPipeline = Union[InfinityStarPipeline, InfinityPipeline]
@@ -123,6 +123,34 @@ def generate_image(pipe: InfinityPipeline, prompt: str, *, aspect_ratio: Union[f
     return ImageResult(out.images[0], int(seed), out.height, out.width, out.template, out.pn, notes, out.timings)
 
 
+def _stream_step(call):
+    """Run one stream call, returning its result and notes; a bad prompt or unusable media is a UserError."""
+    with collect_notes() as notes:
+        try:
+            result = call()
+        except UserError:
+            raise
+        except ValueError as e:                      # unreadable or unusable image / video, a prompt without words
+            raise UserError(str(e)) from None
+    return result, notes
+
+
+def start_stream(pipe: InfinityStarPipeline, prompt: str, *, inference: Optional[str] = None, image=None,
+                 video=None, guidance_scale: Optional[float] = None, temperature: Optional[float] = None,
+                 seed: int = 0) -> tuple[VideoStream, list[str]]:
+    """Start a video that grows clip by clip (`InfinityStarPipeline.start`): the stream (its first frames in
+    `stream.clips[0]`) and the notes of its first clip."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return _stream_step(lambda: pipe.start(prompt, inference=inference, image=image, video=video,
+                                           guidance_scale=guidance_scale, temperature=temperature,
+                                           generator=generator))
+
+
+def extend_stream(stream: VideoStream, prompt: str) -> tuple[np.ndarray, list[str]]:
+    """Add one clip to a stream: its frames and notes. On an error the stream is left as it was."""
+    return _stream_step(lambda: stream.extend(prompt))
+
+
 def save_result(frames: np.ndarray, out: Union[str, Path], fps: int = 16) -> Path:
     """Write frames to `out` atomically: an image path (.png/.jpg) takes one frame, an .mp4 a video."""
     out = Path(out)
@@ -140,4 +168,4 @@ def save_result(frames: np.ndarray, out: Union[str, Path], fps: int = 16) -> Pat
 
 
 __all__ = ["model_path", "model_family", "load_pipeline", "collect_notes", "generate_video", "generate_image",
-           "save_result", "VideoResult", "ImageResult", "IMAGE_SUFFIXES"]
+           "start_stream", "extend_stream", "save_result", "VideoResult", "ImageResult", "IMAGE_SUFFIXES"]

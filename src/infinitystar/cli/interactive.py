@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, TextIO
 
-import torch
-
-from infinitystar.generation import collect_notes
+from infinitystar.generation import extend_stream, start_stream
 from infinitystar.media import export_to_video
 from infinitystar.runtime import UserError
 
@@ -36,24 +34,17 @@ def run(pipe, out: Path, *, seed: int, guidance_scale: Optional[float], temperat
         inference: Optional[str], image: Optional[str], video: Optional[str], as_json: bool,
         stdin: Optional[TextIO] = None) -> int:
     stdin = stdin or sys.stdin
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     stream = None
     for k, prompt in enumerate(_lines(stdin, ask=stdin.isatty()), 1):
         if not prompt.strip():
             kept = f"; the {k - 1} clip(s) written so far are kept in {out}" if k > 1 else ""
             raise UserError(f"line {k} of the input is empty: give one non-empty prompt per line{kept}")
-        with collect_notes() as notes:
-            try:
-                if stream is None:
-                    stream = pipe.start(prompt, inference=inference, image=image, video=video,
-                                        guidance_scale=guidance_scale, temperature=temperature, generator=generator)
-                    clip = stream.clips[-1]
-                else:
-                    clip = stream.extend(prompt)
-            except UserError:
-                raise
-            except ValueError as e:          # unreadable or unusable image / video
-                raise UserError(str(e)) from None
+        if stream is None:
+            stream, notes = start_stream(pipe, prompt, inference=inference, image=image, video=video,
+                                         guidance_scale=guidance_scale, temperature=temperature, seed=seed)
+            clip = stream.clips[-1]
+        else:
+            clip, notes = extend_stream(stream, prompt)
         for note in notes:                   # e.g. an unknown word
             print(f"note: clip {k}: {note}", file=sys.stderr)
         path = clip_path(out, k)

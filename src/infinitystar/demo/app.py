@@ -127,8 +127,9 @@ def _infinitystar_tabs(model: DemoModel) -> None:
 
     with gr.Tab("Interactive", id="interactive", elem_id="tab-interactive"):
         gr.Markdown("Type a prompt and press *Add clip*: the video goes on by one clip (16 frames) with that "
-                    "prompt, and the page shows the whole video so far. Seed, guidance and temperature are those "
-                    f"of the first clip until *Reset* (at most {h.MAX_INTERACTIVE_CLIPS} clips).")
+                    "prompt, from where it stopped, and the page shows the whole video so far. Every clip takes "
+                    "about as long as the first, however long the video is. Seed, guidance and temperature are "
+                    f"those of the first clip until *Reset* (at most {h.MAX_INTERACTIVE_CLIPS} clips).")
         session = gr.State(None, time_to_live=3600)
         with gr.Row():
             with gr.Column():
@@ -145,10 +146,8 @@ def _infinitystar_tabs(model: DemoModel) -> None:
                                loop=True, autoplay=True, elem_id="interactive-video", elem_classes="result")
                 status = _status("interactive")
 
-        def interactive(session, prompt, seed, randomize, guidance, temperature,
-                        progress=gr.Progress(track_tqdm=True)):
-            session, reply = model.interactive_submit(session, prompt, seed, randomize, guidance, temperature,
-                                                      progress=True)
+        def interactive(session, prompt, seed, randomize, guidance, temperature):
+            session, reply = model.interactive_submit(session, prompt, seed, randomize, guidance, temperature)
             path, seed, message = _show(reply)
             # keep the video so far on screen when a submit fails, and the prompt to fix
             return (session, gr.skip() if path is None else path, seed, message,

@@ -18,13 +18,15 @@ from typing import Optional, Union
 
 import numpy as np
 
-from infinitystar.generation import generate_image, generate_video, load_pipeline, model_family, save_result
+from infinitystar.generation import (extend_stream, generate_image, generate_video, load_pipeline, model_family,
+                                     save_result, start_stream)
 from infinitystar.media import export_to_video, save_image
+from infinitystar.pipelines.stream import VideoStream
 from infinitystar.runtime import UserError
 from infinitystar.shapes import world
 
 MAX_SEED = 2 ** 31 - 1
-MAX_INTERACTIVE_CLIPS = 16        # each submit regenerates the whole video (see RegeneratingStream): keep it short
+MAX_INTERACTIVE_CLIPS = 64        # a page's video is kept in memory: 1 + 64 x 16 frames at most
 DEFAULT_CHOICE = "model default"
 ASPECT_RATIOS = (DEFAULT_CHOICE, "1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16")
 PIXEL_BUDGETS = (DEFAULT_CHOICE, "0.06M", "0.25M", "0.60M", "1M")
@@ -92,43 +94,12 @@ def _frames(frames: Number) -> int:
     return int(frames)
 
 
-class RegeneratingStream:
-    """Clip-by-clip generation over the pipeline's prompt-per-clip call, with the surface of the streaming API
-    (`start` / `extend` / `video`): it keeps the prompts and regenerates the whole video with the same seed on
-    every extension. Sampling and decoding are causal, so the clips already shown come out identical (tested);
-    the cost grows with the video, which is why the page caps the number of clips."""
-
-    def __init__(self, pipe, prompt: str, *, guidance_scale: Optional[float], temperature: Optional[float],
-                 seed: int, progress: bool = False):
-        self.pipe = pipe
-        self.settings = dict(guidance_scale=guidance_scale, temperature=temperature, seed=seed)
-        self.prompts: list[str] = []
-        self.notes: list[str] = []
-        self._frames: Optional[np.ndarray] = None
-        self.extend(prompt, progress=progress)
-
-    @property
-    def frames_per_clip(self) -> int:
-        return self.pipe.pyramid.temporal_compression * self.pipe.pyramid.frames_per_clip
-
-    def extend(self, prompt: str, progress: bool = False) -> np.ndarray:
-        """Add one clip with this prompt; returns the new clip's frames (the first call: the first frame too)."""
-        prompts = self.prompts + [prompt]
-        done = 0 if self._frames is None else self._frames.shape[0]
-        result = generate_video(self.pipe, prompts, 1 + len(prompts) * self.frames_per_clip, progress=progress,
-                                **self.settings)
-        self.prompts, self._frames, self.notes = prompts, result.frames, result.notes
-        return result.frames[done:]
-
-    def video(self) -> np.ndarray:
-        """The whole video so far, (T, H, W, 3) uint8."""
-        return self._frames
-
-
 @dataclass
 class InteractiveSession:
-    """One visitor's interactive video: None until the first prompt, then the stream that holds it."""
-    stream: Optional[RegeneratingStream] = None
+    """One visitor's interactive video: no stream until the first prompt, then the stream that holds it (its KV
+    cache and decoder state: each clip costs the same however long the video is) and its seed."""
+    stream: Optional[VideoStream] = None
+    seed: Optional[int] = None
 
     @property
     def clips(self) -> int:
@@ -251,31 +222,33 @@ class DemoModel:
                         f"{result.timings['total_s']:.2f} s")
 
     def interactive_submit(self, session: Optional[InteractiveSession], prompt, seed, randomize, guidance,
-                           temperature, progress=False) -> tuple[InteractiveSession, Reply]:
+                           temperature) -> tuple[InteractiveSession, Reply]:
         """Add one clip with this prompt (the first submit starts the video with the seed and settings given,
-        later ones keep them) and write the whole video so far."""
+        later ones keep them) and write the whole video so far. A failed submit leaves the video as it was."""
         session = session if session is not None else InteractiveSession()
-        used = None if session.stream is None else session.stream.settings["seed"]
         try:
             self._check_model("infinitystar")
             text = _prompt(prompt)
             if session.stream is None:
                 used = pick_seed(seed, randomize)
-                session.stream = RegeneratingStream(
-                    self.pipe, text, guidance_scale=_optional_float(guidance, "guidance"),
-                    temperature=_optional_float(temperature, "temperature"), seed=used, progress=progress)
+                stream, notes = start_stream(self.pipe, text, guidance_scale=_optional_float(guidance, "guidance"),
+                                             temperature=_optional_float(temperature, "temperature"), seed=used)
+                session = InteractiveSession(stream, used)
             elif session.clips >= MAX_INTERACTIVE_CLIPS:
                 raise UserError(f"this video has {session.clips} clips, the most this page makes; press reset to "
                                 f"start a new one")
             else:
-                session.stream.extend(text, progress=progress)
+                _, notes = extend_stream(session.stream, text)
             frames = session.stream.video()
-            path = save_result(frames, self.new_path("interactive", used, ".mp4"), fps=self.pipe.defaults.fps)
+            path = save_result(frames, self.new_path("interactive", session.seed, ".mp4"),
+                               fps=self.pipe.defaults.fps)
         except UserError as e:
-            return session, _error(str(e), used)
+            return session, _error(str(e), session.seed)
         prompts = "".join(f"\n{i + 1}. {p}" for i, p in enumerate(session.stream.prompts))
-        return session, _success(path, used, frames, session.stream.notes,
-                                 f"{session.clips} clip(s), {_size(frames)} so far\n{prompts}")
+        seconds = session.stream.timings[-1]["seconds"]
+        return session, _success(path, session.seed, frames, notes,
+                                 f"{session.clips} clip(s), {_size(frames)} so far · last clip {seconds:.2f} s\n"
+                                 f"{prompts}")
 
     @staticmethod
     def interactive_reset() -> InteractiveSession:
