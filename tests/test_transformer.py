@@ -4,11 +4,12 @@ import torch
 from infinitystar.config import PyramidConfig, TransformerConfig
 from infinitystar.convert.official import load_official_transformer, official_to_ours, ours_to_official
 from infinitystar.convert.strict import CheckpointError
-from infinitystar.model.attention import dense_mask
+from infinitystar.model.attention import dense_mask, segment_groups
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.packing import PackSample, pack_sequence, select_steps
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
+from infinitystar.train.targets import reference_closure
 
 TINY = TransformerConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, text_channels=16, text_maxlen=16,
                          null_text_len=32)
@@ -85,6 +86,7 @@ def test_segment_mask_hand_checked():
 
 
 def test_padding_rows_never_produce_nan_and_flex_equals_sdpa():
+    # (flex runs eagerly here: it materialises the scores, fine at this size)
     model = _model()
     schedule = _pyramid().build(9)
     steps = select_steps(schedule, repetition="last")
@@ -102,6 +104,52 @@ def test_padding_rows_never_produce_nan_and_flex_equals_sdpa():
         a = model.forward_packed(x, [text], packed, backend="sdpa")
         b = model.forward_packed(x, [text], packed, backend="flex")
     assert max((u - v).abs().max().item() for u, v in zip(a, b)) < 1e-5
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_grouped_attention_equals_the_dense_mask_forward_and_backward(attention):
+    """Several samples of different lengths, caption lengths, scale subsets and a padded tail: the grouped
+    execution (no masked pair computed) gives the dense-mask logits and parameter gradients."""
+    model = _model().train()
+    pyr = _pyramid(attention=attention)
+    g = torch.Generator().manual_seed(3)
+    samples, x, texts = [], [], []
+    for frames, scales, cap_lens in [(17, None, [5, 3]), (9, [0, 1, 2, 4], [2]), (1, [0, 2], [7]), (1, [0, 2], [7])]:
+        schedule = pyr.build(frames)
+        steps = select_steps(schedule, scales and reference_closure(schedule, scales), generator=g)
+        of_clip = [0, 0, 1] if len(cap_lens) == 2 else None
+        samples.append(PackSample(schedule, steps, cap_lens, of_clip))
+        x += [torch.randn(st.scale.tokens, 64, generator=g) for st in steps]
+        texts += [torch.randn(n, 16, generator=g) for n in cap_lens]
+    packed = pack_sequence(samples, TINY.text_maxlen, pad_multiple=64)
+    assert packed.length > packed.num_visual + packed.num_text
+    groups = packed.attention_groups()
+    assert sum(len(gr.queries) for gr in groups.groups) == len(packed.segment_lengths) - 1   # all but padding
+    assert len(groups.groups) < len(packed.segment_lengths) - 1                              # some are stacked
+    x = torch.cat(x)
+    results = {}
+    for backend in ("sdpa", "grouped"):
+        model.zero_grad()
+        logits = model.forward_packed(x, texts, packed, backend=backend)
+        sum((lg * torch.linspace(-1, 1, lg.numel()).view_as(lg)).sum() for lg in logits).backward()
+        results[backend] = (logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (la, ga), (lb, gb) = results["sdpa"], results["grouped"]
+    assert max((u - v).abs().max().item() for u, v in zip(la, lb)) < 1e-5
+    assert ga.keys() == gb.keys()
+    for n in ga:   # fp32 sums in another order: equal to ~1e-5 of the gradient's scale
+        assert (ga[n] - gb[n]).abs().max() <= 1e-5 * ga[n].abs().max(), n
+
+
+def test_segment_groups_follow_the_table():
+    table = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    sg = segment_groups([3, 3, 2, 5], table)
+    # segments 0 and 1 both have 3 queries and 3 + 2 keys: one group; the caption alone; padding in none
+    assert [(gr.q_len, gr.kv_len, gr.queries, gr.keys) for gr in sg.groups] == [(3, 5, [0, 1], [0, 2, 1, 2]),
+                                                                               (2, 2, [2], [2])]
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        _model().forward_packed(torch.randn(1, 64), [torch.randn(2, 16)],
+                                pack_sequence([PackSample(_pyramid().build(1), select_steps(_pyramid().build(1), [0]),
+                                                          [2])], 16), backend="dense")
 
 
 def test_caption_per_clip_only_affects_its_clips():

@@ -1,11 +1,17 @@
-"""The spacetime attention pattern and its two executions: a packed segment mask (training) and a per-scale
-KV cache (generation).
+"""The spacetime attention pattern and its executions: packed sequences (training) and a per-scale KV cache
+(generation).
 
 The pattern (official "spacetime sparse attention"): tokens of a scale attend to every token of their own scale,
 to the caption of their clip, to the scales `Schedule.refs` lists (sparse: the previous clip's last scale;
 dense: every earlier scale) and, in an interactive segment, to every condition block of the schedule. Captions
-and condition blocks attend to themselves only. `visible_context` is the single definition; the mask builder and
-the generation loop both read it.
+and condition blocks attend to themselves only. `visible_context` is the single definition; the packed segment
+table (model/packing.py) and the generation loop both read it.
+
+A packed sequence runs with one of three backends that compute the same function:
+  * "grouped": every query segment attends to its visible segments' keys, gathered; segments with the same
+    (query, key) lengths are stacked into one SDPA call. No masked pair is computed (the CPU default).
+  * "sdpa": one SDPA over the whole packed length with the dense (L, L) segment mask (for comparison).
+  * "flex": FlexAttention with a block mask (compiled on CUDA; the CUDA default).
 """
 from __future__ import annotations
 
@@ -30,6 +36,71 @@ def visible_context(schedule: Schedule, scale_index: int,
 # ---------------------------------------------------------------------------------------------------------------
 # Packed sequences (training): segments with a boolean segment table.
 # ---------------------------------------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "grouped", "sdpa", "flex")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto": FlexAttention on CUDA (a fused kernel skips masked blocks), grouped SDPA elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "grouped"
+    return backend
+
+
+@dataclass
+class SegmentGroup:
+    """`queries`: n query segments of q_len tokens each; `keys`: the segments each of them sees, query after
+    query (kv_len tokens per query)."""
+    q_len: int
+    kv_len: int
+    queries: list[int]
+    keys: list[int]
+
+
+@dataclass
+class SegmentGroups:
+    """The packed attention as a few dense SDPA calls: query segments with the same (query length, key length)
+    are stacked into one call on their gathered keys. Segments in no group (padding) attend to nothing and get
+    zeros. Everything is split and concatenated along whole segments: contiguous copies forward and backward
+    (an index gather's backward is a scatter-add, several times slower on the CPU)."""
+    lengths: list[int]
+    groups: list[SegmentGroup]
+
+
+def segment_groups(segment_lengths: Sequence[int], segment_table: torch.Tensor) -> SegmentGroups:
+    """Group the segments of a packed sequence; segment i sees the segments j with segment_table[i, j]."""
+    visible = [torch.nonzero(row).flatten().tolist() for row in segment_table]
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i, seen in enumerate(visible):
+        if seen and segment_lengths[i]:
+            buckets.setdefault((segment_lengths[i], sum(segment_lengths[j] for j in seen)), []).append(i)
+    groups = [SegmentGroup(q_len, kv_len, queries, [j for i in queries for j in visible[i]])
+              for (q_len, kv_len), queries in buckets.items()]
+    return SegmentGroups(list(segment_lengths), groups)
+
+
+def _stack_segments(parts: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+    """Concatenate (len, heads, hd) segment rows into (n, heads, rows / n, hd) SDPA input (a view when one)."""
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return x.unflatten(0, (n, -1)).transpose(1, 2)
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sg: SegmentGroups, gqa: bool) -> torch.Tensor:
+    """q (1, H, L, hd), k, v (1, KV, L, hd) -> (1, H, L, hd): one SDPA per group."""
+    qs, ks, vs = (t[0].transpose(0, 1).split(sg.lengths) for t in (q, k, v))    # per segment (len, heads, hd)
+    out: list[Optional[torch.Tensor]] = [None] * len(sg.lengths)
+    for g in sg.groups:
+        n = len(g.queries)
+        o = F.scaled_dot_product_attention(_stack_segments([qs[i] for i in g.queries], n),
+                                           _stack_segments([ks[j] for j in g.keys], n),
+                                           _stack_segments([vs[j] for j in g.keys], n), enable_gqa=gqa)
+        for i, oi in zip(g.queries, o.transpose(1, 2).unbind(0)):
+            out[i] = oi
+    out = [qs[i].new_zeros(qs[i].shape) if o is None else o for i, o in enumerate(out)]
+    return torch.cat(out).transpose(0, 1)[None]
+
 
 def dense_mask(document_id: torch.Tensor, segment_table: torch.Tensor) -> torch.Tensor:
     """(L, L) boolean mask: query i may attend to key j iff segment_table[doc[i], doc[j]]."""
@@ -76,12 +147,13 @@ class KVCache:
 class AttentionContext:
     """What a forward pass attends to.
 
-    Packed mode: `mask` (L, L) bool for SDPA, or `block_mask` for FlexAttention.
+    Packed mode: `groups` for grouped SDPA, `mask` (L, L) bool for SDPA, or `block_mask` for FlexAttention.
     Cached mode: `cache` with the entries to `read` (prepended in order) and the key to `write` this pass's own
     keys/values under (None: not stored). `self_mask` (B, L) masks padded own tokens (captions of unequal length).
     """
     mask: Optional[torch.Tensor] = None
     block_mask: object = None
+    groups: Optional[SegmentGroups] = None
     cache: Optional[KVCache] = None
     read: Sequence[Hashable] = ()
     write: Optional[Hashable] = None
@@ -107,6 +179,8 @@ def _flex(q, k, v, block_mask, gqa: bool):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, layer: int) -> torch.Tensor:
     """q (B, H, Lq, hd); k, v (B, KV, L, hd) of the pass's own tokens -> (B, H, Lq, hd)."""
     gqa = q.shape[1] != k.shape[1]
+    if ctx.groups is not None:
+        return _grouped(q, k, v, ctx.groups, gqa)
     if ctx.block_mask is not None:
         return _flex(q, k, v, ctx.block_mask, gqa)
     if ctx.cache is None:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from infinitystar.config import TransformerConfig
-from infinitystar.model.attention import AttentionContext, dense_mask, flex_block_mask
+from infinitystar.model.attention import AttentionContext, dense_mask, flex_block_mask, resolve_backend
 from infinitystar.model.layers import Block, RMSNorm
 from infinitystar.model.packing import PackedSequence
 from infinitystar.model.rope import Rope4D
@@ -97,13 +97,14 @@ class InfinityStarTransformer(nn.Module):
 
     # --- training: one packed sequence ----------------------------------------------------------------------
     def forward_packed(self, x_visual: torch.Tensor, captions: Sequence[torch.Tensor], packed: PackedSequence,
-                       backend: str = "sdpa", conditions: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+                       backend: str = "auto", conditions: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
         """Teacher-forced forward of a packed sequence.
 
         x_visual: (L_visual, latent_channels) step inputs in packed order; captions: text features (L_i, Ct)
         in the order of `packed.text_segments`; conditions: the condition blocks' latent tokens (L_j,
         latent_channels), (t, h, w) row-major, in the order of `packed.condition_segments` (interactive segments).
-        Returns the logits (tokens, bits, 2) of every visual segment.
+        Returns the logits (tokens, bits, 2) of every visual segment. backend: how the attention pattern is
+        executed (model/attention.py; "auto" picks by device).
         """
         if x_visual.shape[0] != packed.num_visual:
             raise ValueError(f"x_visual has {x_visual.shape[0]} tokens, the pack has {packed.num_visual}")
@@ -117,20 +118,17 @@ class InfinityStarTransformer(nn.Module):
         pad = packed.length - packed.num_visual - packed.num_condition - packed.num_text
         tokens.append(x_visual.new_zeros(pad, self.config.width))
         x = torch.cat(tokens)[None]
-        table = packed.attention_table()
-        if backend == "sdpa":
-            ctx = AttentionContext(mask=dense_mask(packed.document_id, table))
-        elif backend == "flex":
-            ctx = AttentionContext(block_mask=flex_block_mask(packed.document_id, table))
+        backend = resolve_backend(backend, x.device)
+        if backend == "grouped":
+            ctx = AttentionContext(groups=packed.attention_groups())
+        elif backend == "sdpa":
+            ctx = AttentionContext(mask=dense_mask(packed.document_id, packed.attention_table()))
         else:
-            raise ValueError(f"unknown attention backend {backend!r} (use 'sdpa' or 'flex')")
+            ctx = AttentionContext(block_mask=flex_block_mask(packed.document_id, packed.attention_table()))
         h = self.run_blocks(x, packed.positions, ctx)[0]
-        out, start = [], 0
-        for _, step in packed.visual_segments:
-            n = step.scale.tokens
-            out.append(self.logits(h[start:start + n], step.scale.bits))
-            start += n
-        return out
+        # split, not slices: a slice's backward fills a full-length buffer, per segment
+        parts = h[:packed.num_visual].split([step.scale.tokens for _, step in packed.visual_segments])
+        return [self.logits(part, step.scale.bits) for part, (_, step) in zip(parts, packed.visual_segments)]
 
 
 def _trunc_normal(shape, std: float, bound: float, seed: int) -> torch.Tensor:

@@ -49,11 +49,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
                 layer: int) -> torch.Tensor:
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # (B, L, heads, hd) throughout: RoPE broadcasts over heads, and the attention gets transposed views, so
+        # gathering token rows (grouped attention) reads contiguous memory
+        q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, ctx, layer)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, layer)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 

@@ -8,7 +8,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from infinitystar.model.attention import visible_context
+from infinitystar.model.attention import SegmentGroups, segment_groups, visible_context
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.schedules.pyramid import ConditionBlock, Schedule, Step
 
@@ -71,6 +71,10 @@ class PackedSequence:
         empty = ~t.any(1)
         t[empty, empty] = True
         return t
+
+    def attention_groups(self) -> SegmentGroups:
+        """The segment table as groups for grouped SDPA (padding attends to nothing and gets zeros)."""
+        return segment_groups(self.segment_lengths, self.segment_table)
 
     def to(self, device) -> "PackedSequence":
         self.document_id = self.document_id.to(device)

@@ -67,7 +67,8 @@ class Rope4D(torch.nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, heads, L, hd) by angles given as cos/sin (L, hd/2) or (B, 1, L, hd/2).
+    """Rotate interleaved pairs of x (..., hd) by angles cos/sin (..., hd/2) that broadcast against it: for x
+    (B, heads, L, hd), cos (L, hd/2) or (B, 1, L, hd/2); for x (B, L, heads, hd), cos (L, 1, hd/2).
 
     The rotation is computed in x's dtype (bf16 under autocast), as in the reference."""
     cos = cos.to(x.dtype)

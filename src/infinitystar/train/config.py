@@ -127,7 +127,9 @@ class TrainSection:
     precision: Literal["bf16", "fp32"] = "bf16"   # bf16 autocast on CUDA only; CPU always runs fp32
     activation_checkpointing: bool = False
     ema_decay: Optional[float] = None    # None: no EMA; else an EMA of the weights updated every optimizer step
-    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"   # auto: flex on CUDA, sdpa elsewhere
+    # how the packed attention runs (model/attention.py): auto = flex on CUDA, grouped SDPA elsewhere; sdpa =
+    # one SDPA with the dense segment mask (for comparison)
+    attention_backend: Literal["auto", "grouped", "sdpa", "flex"] = "auto"
     parallel: Literal["fsdp", "ddp"] = "fsdp"   # with world_size > 1
     repetition: Literal["random", "last"] = "random"
     bsc_strength: float = 0.3            # bitwise self-correction: flip prob ~ U{0, .01, ..., strength}; 0 = off

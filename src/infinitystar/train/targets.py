@@ -166,7 +166,7 @@ class PackedTrainModule(nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, x_visual: torch.Tensor, captions: Sequence[Union[torch.Tensor, int, TextRow]],
-                packed: PackedSequence, backend: str = "sdpa",
+                packed: PackedSequence, backend: str = "auto",
                 text_tokens: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 conditions: Sequence[torch.Tensor] = ()) -> tuple[list[torch.Tensor], torch.Tensor]:
         t = self.transformer

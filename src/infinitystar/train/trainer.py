@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from infinitystar.config import TransformerConfig
+from infinitystar.model.attention import resolve_backend
 from infinitystar.text.base import PromptCutWarning, prompt_overflow
 from infinitystar.train.checkpoint import EMA, CheckpointManager, list_checkpoints, rng_state, set_rng_state
 from infinitystar.train.config import ConfigError, OptimConfig, RunConfig, load_config
@@ -215,8 +216,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        b = self.config.train.attention_backend
-        return ("flex" if self.device.type == "cuda" else "sdpa") if b == "auto" else b
+        return resolve_backend(self.config.train.attention_backend, self.device)
 
     def _autocast(self):
         on = self.device.type == "cuda" and self.config.train.precision == "bf16"
