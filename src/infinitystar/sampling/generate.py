@@ -21,6 +21,7 @@ from infinitystar.model.attention import AttentionContext, KVCache, visible_cont
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.quant.residual import CodeAccumulator
+from infinitystar.runtime import autocast
 from infinitystar.sampling.bits import per_scale, sample_bits
 from infinitystar.sampling.guidance import guide
 from infinitystar.schedules.pyramid import Schedule, Step
@@ -67,10 +68,15 @@ class GenerationState:
 
     With sparse attention the cache holds, between clips, the captions still in use and the last scale of the
     previous clip, so a clip costs the same however long the video already is.
+
+    precision: the resolved compute dtype (`runtime.resolve_precision`) of the transformer blocks, which run under
+    its autocast; the bit heads, guidance, sampling and the code maps stay float32 either way.
     """
 
-    def __init__(self, model: InfinityStarTransformer, batch: int, device, use_cfg: bool):
+    def __init__(self, model: InfinityStarTransformer, batch: int, device, use_cfg: bool,
+                 precision: torch.dtype = torch.float32):
         self.model = model
+        self.precision = precision
         self.batch = batch
         self.device = torch.device(device)
         self.use_cfg = use_cfg
@@ -91,7 +97,8 @@ class GenerationState:
             feats = torch.cat([feats, null])
             mask = None if mask is None else torch.cat([mask, mask])
         ctx = AttentionContext(cache=self.cache, write=("text", key), self_mask=mask)
-        self.model.run_blocks(self.model.text_proj(feats), text_positions(feats.shape[1], self.device), ctx)
+        with autocast(self.device, self.precision):
+            self.model.run_blocks(self.model.text_proj(feats), text_positions(feats.shape[1], self.device), ctx)
         self._note_memory()
 
     def drop_caption(self, key: int) -> None:
@@ -109,12 +116,13 @@ class GenerationState:
             want = (self.batch, self.model.config.latent_channels, *block.shape)
             if tuple(z.shape) != want:
                 raise ValueError(f"condition {block.name!r} has shape {tuple(z.shape)}, expected {want}")
-            x = self.model.word_embed(z.to(device=self.device, dtype=self.dtype).flatten(2).transpose(1, 2))
-            if self.use_cfg:
-                x = torch.cat([x, x])
             ctx = AttentionContext(cache=self.cache, write=("condition", block.name))
-            self.model.run_blocks(x, condition_positions(block, schedule.full_hw, self.model.config.text_maxlen,
-                                                         self.device), ctx)
+            with autocast(self.device, self.precision):
+                x = self.model.word_embed(z.to(device=self.device, dtype=self.dtype).flatten(2).transpose(1, 2))
+                if self.use_cfg:
+                    x = torch.cat([x, x])
+                self.model.run_blocks(x, condition_positions(block, schedule.full_hw, self.model.config.text_maxlen,
+                                                             self.device), ctx)
         self._note_memory()
 
     def run_clip(self, schedule: Schedule, clip: int, caption_of_clip: Sequence[int], guidance_scale: Sequence[float],
@@ -159,14 +167,16 @@ class GenerationState:
     def _forward(self, schedule: Schedule, step: Step, acc: CodeAccumulator, caption_of_clip: Sequence[int],
                  keep_kv: bool) -> torch.Tensor:
         scale = step.scale
-        x = self.model.word_embed(acc.inputs(scale.shape).to(self.dtype))
-        if self.use_cfg:
-            x = torch.cat([x, x])
+        code_in = acc.inputs(scale.shape).to(self.dtype)
         refs, cap, conditions = visible_context(schedule, scale.index, caption_of_clip)
         read = [*refs, ("text", cap), *(("condition", c) for c in conditions)]
         ctx = AttentionContext(cache=self.cache, read=read, write=scale.index if keep_kv else None)
-        return self.model.run_blocks(
-            x, visual_positions(step, schedule.full_hw, self.model.config.text_maxlen, self.device), ctx)
+        with autocast(self.device, self.precision):
+            x = self.model.word_embed(code_in)
+            if self.use_cfg:
+                x = torch.cat([x, x])
+            return self.model.run_blocks(
+                x, visual_positions(step, schedule.full_hw, self.model.config.text_maxlen, self.device), ctx)
 
     def _logits(self, h: torch.Tensor, bits: int, tau: float, scale_cfg: float, options: SamplingOptions,
                 out: "GenerationOutput") -> torch.Tensor:
@@ -201,6 +211,7 @@ def generate(
     prefix_bits: Sequence[torch.Tensor] = (),
     record_logits: bool = False,
     progress: bool = False,
+    precision: torch.dtype = torch.float32,
 ) -> GenerationOutput:
     """Generate the latent code map of `schedule` for a batch of captions.
 
@@ -210,6 +221,7 @@ def generate(
     per scale; guidance is applied when a scale's value differs from 1 (the batch then carries the learned null
     text). prefix_bits: teacher bits (B, t, h, w, c) of the first len(prefix_bits) steps. record_logits keeps,
     per step, the conditional/unconditional logits after temperature and the guided logits (for parity tests).
+    precision: the compute dtype of the transformer blocks (see `GenerationState`); default fp32.
     """
     captions = [captions] if isinstance(captions, Caption) else list(captions)
     if not captions:
@@ -225,7 +237,7 @@ def generate(
     taus = per_scale(tau, n_scales, "tau")
     options = SamplingOptions(guidance, apg_norm_threshold, apg_eta, generator, greedy, record_logits)
     state = GenerationState(model, captions[0].features.shape[0], captions[0].features.device,
-                            use_cfg=any(g != 1.0 for g in scales_cfg))
+                            use_cfg=any(g != 1.0 for g in scales_cfg), precision=precision)
     for ci, cap in enumerate(captions):
         state.add_caption(ci, cap)
     if schedule.conditions or conditions:

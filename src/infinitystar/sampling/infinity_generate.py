@@ -24,6 +24,7 @@ from infinitystar.model.infinity import (InfinityTransformer, Scale2D, as_scales
                                          tokens_to_latent, vae_scales)
 from infinitystar.model.rope import rope2d_positions
 from infinitystar.quant.residual import CodeAccumulator
+from infinitystar.runtime import autocast
 from infinitystar.sampling.bits import per_scale, sample_bits
 from infinitystar.sampling.guidance import cfg as cfg_mix
 from infinitystar.schedules.infinity_resolution import rope_anchor as default_rope_anchor
@@ -60,6 +61,7 @@ def generate_infinity(
     rope_anchor: Optional[Scale2D] = None,
     prefix_bits: Sequence[torch.Tensor] = (),
     record: bool = False,
+    precision: torch.dtype = torch.float32,
 ) -> InfinityGenerationOutput:
     """Generate the bits and summed codes of `scales` ((h, w) or (1, h, w) token grids) for a batch of captions.
 
@@ -67,7 +69,9 @@ def generate_infinity(
     one value per scale. negative_text/negative_mask replace the null text of the unconditional half.
     prefix_bits: bits (B, h, w, bits) that replace the sampled bits of the first scales (reconstruction and
     debugging). record keeps per-scale logits and the pooled texts (for parity tests). Decode the image with
-    the tokenizer: `vae.decode(out.codes)`.
+    the tokenizer: `vae.decode(out.codes)`. precision: the resolved compute dtype (`runtime.resolve_precision`)
+    of the text encoder and the blocks, which run under its autocast; adaLN, the bit head, guidance, sampling
+    and the code map stay float32 either way.
     """
     scales = as_scales(scales)
     cfgm = model.config
@@ -98,16 +102,16 @@ def generate_infinity(
             pad = lambda t, m: (torch.nn.functional.pad(t, (0, 0, 0, Lt - t.shape[1])),
                                 torch.nn.functional.pad(m, (0, Lt - m.shape[1])))
             (text, text_mask), (neg, neg_mask) = pad(text, text_mask), pad(neg, neg_mask)
-        tc = model.encode_text(torch.cat([text, neg]), torch.cat([text_mask, neg_mask]))
-    else:
+        text, text_mask = torch.cat([text, neg]), torch.cat([text_mask, neg_mask])
+    with autocast(device, precision):
         tc = model.encode_text(text, text_mask)
+        cross_kvs = [blk.cross.kv(tc.memory) for blk in model.blocks]   # constant over the scales
     out = InfinityGenerationOutput(bits=[], codes=torch.empty(0))
     if record:
         out.text = {"cond": tc.cond[:B], "uncond": tc.cond[B:] if use_cfg else None}
 
     anchor = tuple(rope_anchor) if rope_anchor is not None else default_rope_anchor(scales)
     cos, sin = model.rope.cos_sin(rope2d_positions(scales, anchor, device))
-    cross_kvs = [blk.cross.kv(tc.memory) for blk in model.blocks]   # constant over the scales
     cache = KVCache(cfgm.depth)
     vs = vae_scales(scales, cfgm.spatial_patchify)
     acc = CodeAccumulator(B, cfgm.latent_channels, (1, *vs[-1]), device=device, dtype=torch.float32,
@@ -115,17 +119,18 @@ def generate_infinity(
     dtype = model.word_embed.weight.dtype
     start = 0
     for k, ((h, w), hw) in enumerate(zip(scales, vs)):
-        if k == 0:
-            x = model.start_tokens(tc)
-        else:
-            x = latent_to_tokens(acc.inputs((1, *hw)), hw, cfgm.spatial_patchify)
-            x = model.word_embed(x.to(dtype))
-            if use_cfg:
-                x = torch.cat([x, x])
-        x = x + model.level_embed.weight[k].to(x.dtype)
         ctx = AttentionContext(cache=cache, read=list(range(k)), write=k if k < n - 1 else None)
-        hs = model.run_blocks(x, tc, cos[start:start + h * w], sin[start:start + h * w], ctx, cross_kvs)
-        raw = model.logits(hs, tc)
+        code_in = None if k == 0 else latent_to_tokens(acc.inputs((1, *hw)), hw, cfgm.spatial_patchify)
+        with autocast(device, precision):
+            if k == 0:
+                x = model.start_tokens(tc)
+            else:
+                x = model.word_embed(code_in.to(dtype))
+                if use_cfg:
+                    x = torch.cat([x, x])
+            x = x + model.level_embed.weight[k].to(x.dtype)
+            hs = model.run_blocks(x, tc, cos[start:start + h * w], sin[start:start + h * w], ctx, cross_kvs)
+            raw = model.logits(hs, tc)
         logits = raw / taus[k]
         guided = cfg_mix(logits[:B], logits[B:], cfgs[k]) if use_cfg else logits
         if record:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinitystar.runtime import autocast
+
 from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
 
 PathLike = Union[str, Path]
@@ -297,24 +299,29 @@ class InfinityVAE(nn.Module):
         return self.encoder.conv_in.weight.dtype
 
     # --- encode / decode -----------------------------------------------------------------------------------------
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Continuous latent features (B, d, H/p, W/p), float32 (the input to the residual bit loop)."""
+    def encode(self, image: torch.Tensor, precision: torch.dtype = torch.float32) -> torch.Tensor:
+        """Continuous latent features (B, d, H/p, W/p), float32 (the input to the residual bit loop, whose sign
+        decisions are taken in float32). precision: the resolved compute dtype of the convolutions (autocast)."""
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"expected an image batch (B, 3, H, W), got shape {tuple(image.shape)}")
         self.config.latent_hw(image.shape[-2], image.shape[-1])   # stride check with a clear message
-        return self.encoder(image.to(self.dtype)).float()
+        with autocast(image.device, precision):
+            return self.encoder(image.to(self.dtype)).float()
 
-    def decode(self, codes: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, clamp: bool = True, precision: torch.dtype = torch.float32
+               ) -> torch.Tensor:
         """Image (B, 3, H, W) from summed codes (B, d, h, w); a (B, d, 1, h, w) map (one latent frame, as the
         residual loop returns it) is accepted too. The reference clamps to [-1, 1]; clamp=False gives the raw
-        decoder output."""
+        decoder output. precision: the resolved compute dtype of the convolutions (autocast); the image is
+        returned in the tokenizer's dtype."""
         if codes.dim() == 5:
             if codes.shape[2] != 1:
                 raise ValueError(f"the image tokenizer decodes one latent frame, got shape {tuple(codes.shape)}")
             codes = codes[:, :, 0]
         if codes.dim() != 4 or codes.shape[1] != self.config.codebook_dim:
             raise ValueError(f"expected codes (B, {self.config.codebook_dim}, h, w), got shape {tuple(codes.shape)}")
-        x = self.decoder(codes.to(self.dtype))
+        with autocast(codes.device, precision):
+            x = self.decoder(codes.to(self.dtype)).to(self.dtype)
         return x.clamp(-1, 1) if clamp else x
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

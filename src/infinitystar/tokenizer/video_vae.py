@@ -41,6 +41,7 @@ from torch import nn
 
 from infinitystar.convert.strict import CONFIG_FILE as CONFIG_NAME  # noqa: F401  (re-exported)
 from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
+from infinitystar.runtime import autocast
 
 PathLike = Union[str, Path]
 
@@ -283,6 +284,7 @@ def decode_chunks(latent_frames: int) -> list[tuple[int, bool]]:
 
 # ---------------------------------------------------------------------------------------------------------------
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
+_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 # Building blocks. `cache` is a dict shared by all convs of one chunked pass (None = one pass, no state): each
 # temporal conv stores there the last k-1 frames of its padded input for the next chunk.
@@ -311,13 +313,15 @@ class CausalConv3d(nn.Module):
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and c.weight.dtype == torch.float32
+        if (x.device.type == "cpu" and x.dtype in _MKLDNN_DTYPES and c.weight.dtype == torch.float32
                 and _MKLDNN and torch.backends.mkldnn.enabled):
             # For small CPU inputs (N*C*T*H < 20480) PyTorch picks its im2col conv3d, which is 5-10x slower here
             # and allocates C_in*k^3*T*H*W of scratch (it made chunked decoding use more memory than one pass);
-            # oneDNN's kernel computes the same convolution (differentiable too) without that.
-            return torch.mkldnn_convolution(x.contiguous(), c.weight, c.bias, c.padding, c.stride, c.dilation,
-                                            c.groups)
+            # oneDNN's kernel computes the same convolution (differentiable too) without that. Autocast does not
+            # see this call, so its dtype is applied here.
+            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            w, b = c.weight.to(dt), None if c.bias is None else c.bias.to(dt)
+            return torch.mkldnn_convolution(x.to(dt).contiguous(), w, b, c.padding, c.stride, c.dilation, c.groups)
         return c(x)
 
 
@@ -668,20 +672,24 @@ class VideoVAE(nn.Module):
         return self._prepare(video, "video")
 
     # --- encode ---------------------------------------------------------------------------------------------
-    def encode_posterior(self, video: torch.Tensor, chunked: bool = True) -> VideoVAEPosterior:
+    def encode_posterior(self, video: torch.Tensor, chunked: bool = True,
+                         precision: torch.dtype = torch.float32) -> VideoVAEPosterior:
         """Posterior of a (B, 3, T, H, W) video in [-1, 1], T = 1 + 4k: mean / clamped log-variance
         (B, codebook_dim, T_lat, H/16, W/16) and the raw encoder output. `chunked=False` runs one pass (more
-        memory, same result)."""
+        memory, same result). precision: the resolved compute dtype of the encoder (autocast); the posterior is
+        in the tokenizer's dtype."""
         x = self._check_video(video)
-        if chunked:
-            cache: dict = {}
-            parts, start = [], 0
-            for n in encode_chunks(x.shape[2]):
-                parts.append(self.encoder(x[:, :, start:start + n], cache))
-                start += n
-            h = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        else:
-            h = self.encoder(x)
+        with autocast(x.device, precision):
+            if chunked:
+                cache: dict = {}
+                parts, start = [], 0
+                for n in encode_chunks(x.shape[2]):
+                    parts.append(self.encoder(x[:, :, start:start + n], cache))
+                    start += n
+                h = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            else:
+                h = self.encoder(x)
+        h = h.to(x.dtype)
         mean, logvar = patchify(h).chunk(2, dim=1)
         return VideoVAEPosterior(mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX), h)
 
@@ -694,31 +702,34 @@ class VideoVAE(nn.Module):
         return _channel_linear(self.proj_up, z / self.scale_learnable_parameters[0])
 
     def encode(self, video: torch.Tensor, sample: bool = False, noise: Optional[torch.Tensor] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, precision: torch.dtype = torch.float32) -> torch.Tensor:
         """Video (B, 3, T, H, W) in [-1, 1], T = 1 + 4k -> latent (B, 64, 1 + (T-1)/4, H/16, W/16) (released
         strides), in the input's dtype.
 
         Deterministic by default: the posterior mean. The official code always samples
         (`posterior.sample()`, also at inference and feature extraction); pass `sample=True` to do the same, with
         `noise` (the standard-normal draw, the posterior's shape) or `generator` for reproducibility.
+        precision: the encoder's compute dtype (autocast); the projection and the latent stay in float32.
         """
         if noise is not None and not sample:
             raise ValueError("noise was given but sample=False; pass sample=True to sample the posterior")
-        post = self.encode_posterior(video)
+        post = self.encode_posterior(video, precision=precision)
         z_raw = post.sample(noise, generator) if sample else post.mean
         return self.project_down(z_raw).to(video.dtype)
 
     # --- decode ---------------------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, chunked: bool = True, precision: torch.dtype = torch.float32) -> torch.Tensor:
         """Latent (B, 64, T_lat, h, w) -> video (B, 3, 1 + 4(T_lat-1), 16h, 16w) (released strides), roughly in
-        [-1, 1] (not clamped), in the input's dtype. Any T_lat >= 1 works. `chunked=False` runs one pass."""
+        [-1, 1] (not clamped), in the input's dtype. Any T_lat >= 1 works. `chunked=False` runs one pass.
+        precision: the decoder's compute dtype (autocast); the latent projection stays in float32."""
         self._check_latent(z)
         zq = unpatchify(self.project_up(self._prepare(z, "latent")))
-        if chunked:
-            out = self._decode_chunks(zq, {}, decode_chunks(zq.shape[2]))
-        else:
-            # one pass: an even count's first frame still is the clip's lone first frame
-            out = self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
+        with autocast(zq.device, precision):
+            if chunked:
+                out = self._decode_chunks(zq, {}, decode_chunks(zq.shape[2]))
+            else:
+                # one pass: an even count's first frame still is the clip's lone first frame
+                out = self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
         return out.to(z.dtype)
 
     def _check_latent(self, z: torch.Tensor) -> None:
@@ -790,8 +801,9 @@ class DecodeStream:
         self.cache: dict = {}
         self.latent_frames = 0
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The frames of the next latent piece (B, C, n, h, w): 1 + 4(n - 1) frames for the first piece, 4n after."""
+    def decode(self, z: torch.Tensor, precision: torch.dtype = torch.float32) -> torch.Tensor:
+        """The frames of the next latent piece (B, C, n, h, w): 1 + 4(n - 1) frames for the first piece, 4n after.
+        precision: the decoder's compute dtype (autocast), as in `VideoVAE.decode`."""
         vae = self.vae
         vae._check_latent(z)
         n = z.shape[2]
@@ -801,7 +813,8 @@ class DecodeStream:
         plan = decode_chunks(n) if not self.latent_frames else [(DECODE_CHUNK_LATENTS, False)] * (
             n // DECODE_CHUNK_LATENTS)
         zq = unpatchify(vae.project_up(vae._prepare(z, "latent")))
-        out = vae._decode_chunks(zq, self.cache, plan)
+        with autocast(zq.device, precision):
+            out = vae._decode_chunks(zq, self.cache, plan)
         self.latent_frames += n
         return out.to(z.dtype)
 
