@@ -152,6 +152,21 @@ def test_segment_groups_follow_the_table():
                                                           [2])], 16), backend="dense")
 
 
+def test_bf16_generation_keeps_logits_close_and_heads_in_float32():
+    model = _model()
+    schedule = _pyramid().build(9)
+    cap = Caption(torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(4)))
+    z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
+    forced = encode_targets(z, schedule).bits           # same inputs at every step in both precisions
+    kw = dict(guidance_scale=2.0, prefix_bits=forced, record_logits=True)
+    a = generate(model, schedule, cap, **kw)
+    b = generate(model, schedule, cap, precision=torch.bfloat16, **kw)
+    for la, lb in zip(a.logits, b.logits):
+        assert lb["guided"].dtype == torch.float32
+        err = (la["guided"] - lb["guided"]).abs().max()
+        assert 0 < err <= 0.05 * la["guided"].abs().max()
+
+
 def test_caption_per_clip_only_affects_its_clips():
     model = _model()
     schedule = _pyramid().build(17)         # image + 2 clips

@@ -186,6 +186,20 @@ def test_chunked_encode_equals_one_pass(model, frames):
     torch.testing.assert_close(a.enc_h, b.enc_h, rtol=0, atol=1e-5)
 
 
+def test_bf16_encode_and_decode_stay_close_and_return_float32(model):
+    """precision=bf16 runs the convolutions under autocast (the oneDNN conv path too); the latent and the video
+    come back in float32, close to the fp32 results; the default stays exactly the fp32 path."""
+    video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = torch.randn(1, 64, 3, 1, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z32, z16 = model.encode(video), model.encode(video, precision=torch.bfloat16)
+        v32, v16 = model.decode(z), model.decode(z, precision=torch.bfloat16)
+        assert torch.equal(model.decode(z, precision=torch.float32), v32)
+    assert z16.dtype == v16.dtype == torch.float32
+    assert 0 < (z16 - z32).abs().max() <= 0.05 * z32.abs().max()
+    assert 0 < (v16 - v32).abs().max() <= 0.05 * v32.abs().max()
+
+
 # --- encode API and input checks ----------------------------------------------------------------------------------
 def test_encode_mean_by_default_and_explicit_sampling(model):
     video = torch.rand(1, 3, 5, 16, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -1,11 +1,18 @@
-"""`infinitystar bench`: generation speed and memory of a small random-weight transformer, spacetime-sparse versus
-dense block-causal attention, for 1, 2, 4 and 8 video clips, with the machine's measured matmul rate beside
-the achieved FLOP rate. Each case runs in a fresh process so its peak memory is its own."""
+"""`infinitystar bench`: generation speed and memory.
+
+`run`: a random-weight transformer (width 256, depth 4 unless told), spacetime-sparse versus dense block-causal
+attention, for 1, 2, 4 and 8 video clips, transformer only, with the measured matmul rate of the precision used
+beside the achieved useful FLOP rate. Each case runs in a fresh process so its peak memory is its own.
+`run_model`: the real generation of a model folder (CFG and decoding included).
+
+Precision is passed to the sampling loop and the decoder only when it is not fp32, so the same code also times
+an older checkout (benchmarks/speed_compare.py).
+"""
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -13,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from infinitystar.config import PyramidConfig, TransformerConfig
+from infinitystar.runtime import precision_name, resolve_device, resolve_precision
 from infinitystar.schedules.pyramid import Schedule
+from infinitystar.train.metrics import peak_memory_mb
 
 BENCH_MODEL = dict(width=256, depth=4, num_heads=4, num_kv_heads=2, mlp_ratio=4.0, text_channels=64, text_maxlen=64,
                    null_text_len=64)
@@ -57,101 +66,131 @@ class CaseResult:
     clips: int
     frames: int
     steps: int
+    precision: str
     seconds: float
     gflop: float
+    matmul_gflops: float
     kv_cache_mb: float
     peak_mb: float
 
 
-def _run_case(attention: str, clips: int, device: str, conn) -> None:
+def _run_case(attention: str, clips: int, device: str, precision: str, model: dict, repeats: int, conn) -> None:
     from infinitystar.model.infinitystar import InfinityStarTransformer
     from infinitystar.sampling.generate import Caption, generate
 
-    torch.set_num_threads(torch.get_num_threads())
     dev = torch.device(device)
-    cfg = TransformerConfig(**BENCH_MODEL)
+    dtype = resolve_precision(precision, dev)
+    cfg = TransformerConfig(**model)
     pyr = PyramidConfig(**BENCH_PYRAMID, attention=attention)
     frames = 1 + pyr.temporal_compression * pyr.frames_per_clip * clips
     schedule = pyr.build(frames)
     torch.manual_seed(0)
-    model = InfinityStarTransformer(cfg).to(dev).eval()
+    net = InfinityStarTransformer(cfg).to(dev).eval()
     cap = Caption(torch.randn(1, TEXT_TOKENS, cfg.text_channels, device=dev))
     kw = dict(guidance_scale=3.0, generator=torch.Generator(device=dev).manual_seed(0))
-    generate(model, PyramidConfig(**BENCH_PYRAMID).build(1), cap, **kw)           # warm-up
+    if dtype != torch.float32:
+        kw["precision"] = dtype
+    generate(net, PyramidConfig(**BENCH_PYRAMID).build(1), cap, **kw)           # warm-up
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    out = generate(model, schedule, cap, **kw)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB -> MiB (Linux)
-    seconds = time.perf_counter() - t0
-    conn.send(CaseResult(attention, clips, frames, len(schedule.steps), seconds,
-                         generation_flops(cfg, schedule, 2, TEXT_TOKENS) / 1e9, out.peak_cache_bytes / 2 ** 20, peak))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = generate(net, schedule, cap, **kw)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    conn.send(CaseResult(attention, clips, frames, len(schedule.steps), precision_name(dtype), statistics.median(times),
+                         generation_flops(cfg, schedule, 2, TEXT_TOKENS) / 1e9, matmul_rate(dev, dtype) / 1e9,
+                         out.peak_cache_bytes / 2 ** 20, peak_memory_mb(dev)))
     conn.close()
 
 
-def run(clips=(1, 2, 4, 8), device: str | None = None, as_json: bool = False) -> list[CaseResult]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def run(clips=(1, 2, 4, 8), device: str | None = None, as_json: bool = False, precision: str = "fp32",
+        width: int = 256, depth: int = 4, attention=("sparse", "dense"), repeats: int = 1) -> list[CaseResult]:
+    """Transformer-only generation (CFG batch 2, random weights): median of `repeats` per case."""
+    device = str(resolve_device(device or "auto"))
+    model = {**BENCH_MODEL, "width": width, "depth": depth}
     ctx = mp.get_context("spawn")
     results = []
     for n in clips:
-        for attention in ("sparse", "dense"):
+        for att in attention:
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_run_case, args=(attention, n, device, child))
+            p = ctx.Process(target=_run_case, args=(att, n, device, precision, model, repeats, child))
             p.start()
             results.append(parent.recv())
             p.join()
-    peak = matmul_rate(torch.device(device))
     if as_json:
         for r in results:
-            print(json.dumps({**r.__dict__, "gflops_per_s": r.gflop / r.seconds, "matmul_peak_gflops": peak / 1e9}))
+            rate = r.gflop / r.seconds
+            print(json.dumps({"bench": "generation", **r.__dict__, "width": width, "depth": depth,
+                              "seconds_per_video": round(r.seconds, 3), "useful_gflops": round(rate, 2),
+                              "useful_fraction": round(rate / r.matmul_gflops, 4)}))
         return results
-    cfg = TransformerConfig(**BENCH_MODEL)
-    print(f"device {device} ({torch.get_num_threads()} threads); model width {cfg.width}, depth {cfg.depth}, "
-          f"heads {cfg.num_heads}/{cfg.num_kv_heads}; latent scales {BENCH_PYRAMID['custom_scales']}, "
+    print(f"device {device} ({torch.get_num_threads()} threads); model width {width}, depth {depth}, "
+          f"heads {model['num_heads']}/{model['num_kv_heads']}; latent scales {BENCH_PYRAMID['custom_scales']}, "
           f"{BENCH_PYRAMID['frames_per_clip']} latent frames per clip, CFG batch 2, random weights")
-    print(f"measured fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'clips':>5} {'frames':>6} {'attention':>9} {'steps':>5} {'time s':>8} {'GFLOP':>8} {'GFLOP/s':>8} "
-          f"{'% peak':>6} {'KV MB':>7} {'peak MB':>8}")
+    print(f"{'clips':>5} {'frames':>6} {'attention':>9} {'prec':>4} {'steps':>5} {'time s':>8} {'GFLOP':>8} "
+          f"{'GFLOP/s':>8} {'% peak':>6} {'KV MB':>7} {'peak MB':>8}")
     for r in results:
         rate = r.gflop / r.seconds
-        print(f"{r.clips:>5} {r.frames:>6} {r.attention:>9} {r.steps:>5} {r.seconds:>8.2f} {r.gflop:>8.1f} "
-              f"{rate:>8.1f} {100 * rate * 1e9 / peak:>5.1f}% {r.kv_cache_mb:>7.2f} {r.peak_mb:>8.0f}")
+        print(f"{r.clips:>5} {r.frames:>6} {r.attention:>9} {r.precision:>4} {r.steps:>5} {r.seconds:>8.2f} "
+              f"{r.gflop:>8.1f} {rate:>8.1f} {100 * rate / r.matmul_gflops:>5.1f}% {r.kv_cache_mb:>7.2f} "
+              f"{r.peak_mb:>8.0f}")
     by = {(r.attention, r.clips): r for r in results}
-    print("dense / sparse time: " + ", ".join(
-        f"{n} clips {by['dense', n].seconds / by['sparse', n].seconds:.2f}x" for n in clips))
-    print("peak MB is the process's max RSS on CPU (torch itself included) or max allocated on CUDA")
+    if set(attention) == {"sparse", "dense"}:
+        print("dense / sparse time: " + ", ".join(
+            f"{n} clips {by['dense', n].seconds / by['sparse', n].seconds:.2f}x" for n in clips))
+    print("% peak: useful FLOP rate over the measured matmul rate of the precision used; peak MB: the process's "
+          "max RSS on CPU (torch itself included) or max allocated on CUDA")
     return results
 
 
 def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, device: str | None = None,
-              as_json: bool = False, prompt: str = "a large red circle moving right quickly on a black background"
-              ) -> dict:
-    """Wall time of one real generation with a model folder (the shipped default model by default), decoding
-    included: one warm-up call, then the median of `repeats` calls (batch 1, CFG on, the model's defaults)."""
-    import statistics
+              as_json: bool = False, precision: str = "auto",
+              prompt: str = "a large red circle moving right quickly on a black background") -> dict:
+    """Wall time of one real generation with a model folder (the shipped default model by default): text
+    encoding, the sampling loop (batch 1, CFG as the model's defaults say) and decoding; one warm-up call, then
+    the median of `repeats` calls."""
     from infinitystar.pipelines.infinitystar import InfinityStarPipeline
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = InfinityStarPipeline.from_pretrained(model, device=device)
+    from infinitystar.sampling.generate import Caption, generate
+    dev = resolve_device(device or "auto")
+    dtype = resolve_precision(precision, dev)
+    kw = {} if dtype == torch.float32 else {"precision": dtype}
+    pipe = InfinityStarPipeline.from_pretrained(model, device=dev)
+    d, schedule = pipe.defaults, pipe.pyramid.build(num_frames)
+    tau = [d.tau_image if s.clip == 0 else d.tau_video for s in schedule.scales]
+    cfg = pipe.transformer.config
     runs = []
     for i in range(repeats + 1):
-        out = pipe(prompt, num_frames=num_frames, generator=torch.Generator().manual_seed(i), progress=False)
+        t0 = time.perf_counter()
+        feats, mask = pipe.text_encoder.encode([prompt], dev)
+        t1 = time.perf_counter()
+        out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance_scale=d.guidance_scale,
+                       guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold, tau=tau,
+                       generator=torch.Generator().manual_seed(i), **kw)
+        t2 = time.perf_counter()
+        pipe.tokenizer.decode(out.codes, **kw)
+        t3 = time.perf_counter()
         if i:
-            runs.append(out.timings)
+            runs.append({"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0})
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    res = {"model": str(model), "device": device, "threads": torch.get_num_threads(), "frames": num_frames,
-           **{k: round(v, 3) for k, v in med.items()},
-           "matmul_peak_gflops": round(matmul_rate(torch.device(device)) / 1e9, 1)}
+    rate = matmul_rate(dev, dtype)
+    use_cfg = d.guidance_scale != 1.0
+    useful = generation_flops(cfg, schedule, 2 if use_cfg else 1, feats.shape[1]) / med["generate_s"]
+    res = {"bench": "model", "model": str(model), "device": str(dev), "threads": torch.get_num_threads(),
+           "precision": precision_name(dtype), "frames": num_frames, "seconds_per_video": round(med["total_s"], 3),
+           **{k: round(v, 3) for k, v in med.items()}, "matmul_tflops": round(rate / 1e12, 4),
+           "useful_fraction": round(useful / rate, 4), "peak_memory_mb": round(peak_memory_mb(dev), 1)}
     if as_json:
         print(json.dumps(res))
     else:
-        print(f"{model} on {device} ({res['threads']} threads): a {num_frames}-frame video in {res['total_s']:.2f} s "
-              f"(transformer {res['generate_s']:.2f} s, decode {res['decode_s']:.2f} s; median of {repeats}); "
-              f"measured fp32 matmul rate {res['matmul_peak_gflops']:.1f} GFLOP/s")
+        print(f"{model} on {dev} ({res['threads']} threads, {res['precision']}): a {num_frames}-frame video in "
+              f"{res['total_s']:.2f} s (transformer {res['generate_s']:.2f} s, decode {res['decode_s']:.2f} s; "
+              f"median of {repeats}); transformer useful FLOPs {100 * res['useful_fraction']:.1f}% of the measured "
+              f"{res['precision']} matmul rate ({res['matmul_tflops']:.3f} TFLOP/s); peak memory "
+              f"{res['peak_memory_mb']:.0f} MB")
     return res
 
 

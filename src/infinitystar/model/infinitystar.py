@@ -78,6 +78,10 @@ class InfinityStarTransformer(nn.Module):
         return self.null_text[:length]
 
     def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # the embeddings are Linear layers, so autocast hands them over in bf16; the residual stream stays
+            # float32 (each block adds its bf16 output to it); a bf16 stream raised the training loss by ~3 %
+            x = x.float()
         cos, sin = self.rope.cos_sin(positions)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -1,27 +1,41 @@
-"""Training throughput of a small random-weight generator: tokens per second and achieved FLOP rate against the
-machine's measured dense matmul rate. Used by `benchmarks/train_throughput.py` (and `infinitystar bench --train`).
+"""Training throughput: the generator's packed step (`infinitystar bench --train`) and the tokenizer's step
+(`infinitystar bench --tokenizer`), at a run config's model and batch, under a precision setting.
 
-FLOPs are the useful matmul work of the packed step: linear layers on every real token, attention scores and
-values only over the (query, key) pairs the spacetime-sparse mask allows, embeddings and heads; a training step
-counts 3x the forward (4x with activation checkpointing). Padding and masked-out attention pairs are not
-counted, so a dense-mask kernel (SDPA on CPU) shows as a lower achieved rate, which is the point.
+Generator: tokens per second of forward + backward + AdamW on random-weight models and a synthetic data mix
+shaped like the default model's (images, 17/33-frame videos, 33-65-frame videos with a caption per clip, in the
+4000 : 4000 : 1000 proportion of its data set; caption lengths 6-19 tokens), with the config's scale subsets,
+text dropout and padding. Useful FLOPs are the matmul work of the packed step: linear layers on every real token,
+attention scores and values only over the (query, key) pairs the attention pattern allows, embeddings and heads;
+a step counts 3x the forward. Padding and masked-out pairs are not counted, so a kernel that computes them shows
+as a lower useful fraction of the measured matmul rate (of the precision used).
+
+Every result also runs from an older checkout of the package (benchmarks/speed_compare.py): only arguments that
+differ from a default are passed on, and precision is applied by autocast around the step, as the trainers do.
 """
 from __future__ import annotations
 
 import json
+import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from infinitystar.config import PyramidConfig, TransformerConfig
+from infinitystar.bench import matmul_rate
+from infinitystar.config import TransformerConfig
+from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.packing import PackedSequence
+from infinitystar.runtime import autocast, precision_name, resolve_device, resolve_precision
+from infinitystar.train.config import load_config
+from infinitystar.train.metrics import peak_memory_mb
+from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_sample
 
-BENCH_MODEL = dict(width=256, depth=4, num_heads=4, num_kv_heads=2, mlp_ratio=4.0, text_channels=64,
-                   text_maxlen=64, null_text_len=64)
-BENCH_PYRAMID = dict(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [8, 8], [12, 12]], frames_per_clip=4,
-                     image_repetition=[2, 2, 1, 1, 1], video_repetition=[2, 1, 1, 1, 1], detail_min_tokens=64)
-TEXT_TOKENS = 16
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_TRAIN_CONFIG = REPO / "configs" / "default_model.yaml"
+DEFAULT_TOKENIZER_CONFIG = REPO / "configs" / "default_tokenizer_continuous.yaml"
+MIX = ((4, (1,)), (4, (17, 33)), (1, (33, 49, 65)))   # (weight, frame counts); the last kind: caption per clip
 
 
 def packed_forward_flops(cfg: TransformerConfig, packed: PackedSequence) -> float:
@@ -38,88 +52,119 @@ def packed_forward_flops(cfg: TransformerConfig, packed: PackedSequence) -> floa
     return float(flops)
 
 
-def run_train_bench(device: Optional[str] = None, steps: int = 8, frames: int = 33, micro_batch: int = 1,
-                    activation_checkpointing: bool = False, as_json: bool = False, seed: int = 0) -> dict:
-    """Time `steps` optimizer steps (after 2 warm-up steps) on random latents and text; print and return a
-    summary with tokens/s, achieved TFLOP/s and its share of the measured matmul rate."""
-    from infinitystar.bench import matmul_rate
-    from infinitystar.model.infinitystar import InfinityStarTransformer
-    from infinitystar.train.config import ScaleSubsetConfig
-    from infinitystar.train.metrics import peak_memory_mb
-    from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_sample
+def synthetic_batch(run, model_cfg: TransformerConfig, micro_batch: int, seed: int, device):
+    """A packed batch of the data mix (module docstring), a pure function of `seed`."""
+    t = run.train
+    pyramid = run.pyramid.build()
+    g = torch.Generator().manual_seed(seed)
+    kinds = torch.tensor([w for w, _ in MIX], dtype=torch.float64)
+    samples, texts = [], []
+    for _ in range(micro_batch):
+        kind = int(torch.multinomial(kinds, 1, generator=g))
+        counts = MIX[kind][1]
+        schedule = pyramid.build(counts[int(torch.randint(len(counts), (), generator=g))])
+        per_clip = kind == len(MIX) - 1
+        n_caps = schedule.num_clips if per_clip else 1
+        of_clip = list(range(n_caps)) if per_clip else [0] * schedule.num_clips
+        z = torch.randn(model_cfg.latent_channels, schedule.num_latent_frames, *schedule.full_hw, generator=g)
+        s = prepare_sample(z, schedule, ["x"] * n_caps, of_clip, g, subset=t.scale_subset,
+                           bsc_strength=t.bsc_strength, repetition=t.repetition, text_dropout=t.text_dropout,
+                           reweight_by_scale=t.reweight_by_scale, max_reweight=t.max_reweight)
+        samples.append(s)
+        texts.append([torch.randn(int(torch.randint(6, 20, (), generator=g)), model_cfg.text_channels, generator=g)
+                      for _ in s.captions])
+    return pack_batch(samples, texts, model_cfg.text_maxlen, t.pad_multiple, device)
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def run_train_bench(config=None, precision: str = "auto", device: Optional[str] = None, steps: int = 5,
+                    micro_batch: Optional[int] = None, backend: Optional[str] = None, seed: int = 0,
+                    as_json: bool = False) -> dict:
+    """Median tokens/s of `steps` optimizer steps (after one warm-up step) at a run config's model, micro-batch
+    and packing (configs/default_model.yaml by default). backend: the attention backend (None: the model's)."""
+    run = load_config(config or DEFAULT_TRAIN_CONFIG)
+    dev = resolve_device(device or "auto")
+    dtype = resolve_precision(precision, dev)
+    mb = micro_batch or run.train.micro_batch
+    cfg = run.model.build()
     torch.manual_seed(seed)
-    cfg = TransformerConfig(**BENCH_MODEL)
-    pyr = PyramidConfig(**BENCH_PYRAMID)
-    schedule = pyr.build(frames)
     model = InfinityStarTransformer(cfg).to(dev).train()
-    model.gradient_checkpointing = activation_checkpointing
     module = PackedTrainModule(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.97))
-    bf16 = dev.type == "cuda"
-    backend = "flex" if dev.type == "cuda" else "sdpa"
-    h, w = schedule.full_hw
-    z = torch.randn(micro_batch, cfg.latent_channels, schedule.num_latent_frames, h, w, device=dev)
-    text = torch.randn(micro_batch, TEXT_TOKENS, cfg.text_channels, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    extra = {} if backend is None else {"backend": backend}
 
-    def step(i: int):
-        t0 = time.perf_counter()
-        samples = [prepare_sample(z[b], schedule, ["x"], [0] * schedule.num_clips,
-                                  torch.Generator().manual_seed(i * 1000 + b), subset=ScaleSubsetConfig("all"),
-                                  text_dropout=0.1) for b in range(micro_batch)]
-        batch = pack_batch(samples, [[text[b]] for b in range(micro_batch)], cfg.text_maxlen, 128, dev)
+    def step(batch) -> float:
         sync()
-        t1 = time.perf_counter()
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, anchor = module(batch.x_visual, batch.captions, batch.packed, backend)
+        t0 = time.perf_counter()
+        with autocast(dev, dtype):
+            logits, anchor = module(batch.x_visual, batch.captions, batch.packed, **extra)
         out = packed_loss(logits, batch, anchor)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        return batch, t1 - t0, time.perf_counter() - t1
+        return time.perf_counter() - t0
 
-    for i in range(2):
-        step(i)
+    batches = [synthetic_batch(run, cfg, mb, seed * 1000 + i, dev) for i in range(steps + 1)]
+    step(batches[0])
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    prep = model_s = 0.0
-    tokens = flops = 0.0
-    for i in range(steps):
-        batch, tp, tm = step(100 + i)
-        prep += tp
-        model_s += tm
-        tokens += batch.tokens
-        flops += (4 if activation_checkpointing else 3) * packed_forward_flops(cfg, batch.packed)
-    total = prep + model_s
-    peak32 = matmul_rate(dev, torch.float32)
+    times = [step(b) for b in batches[1:]]
+    tokens = [b.tokens for b in batches[1:]]
+    flops = [3 * packed_forward_flops(cfg, b.packed) for b in batches[1:]]
+    rate = matmul_rate(dev, dtype)
+    useful = statistics.median(f / t for f, t in zip(flops, times))
     result = {
-        "device": str(dev), "precision": "bf16 autocast" if bf16 else "fp32", "attention": backend,
+        "bench": "train", "config": str(config or DEFAULT_TRAIN_CONFIG.relative_to(REPO)), "device": str(dev),
+        "threads": torch.get_num_threads(), "precision": precision_name(dtype), "attention": backend or "default",
         "model": f"width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}/{cfg.num_kv_heads}",
-        "frames": frames, "micro_batch": micro_batch, "activation_checkpointing": activation_checkpointing,
-        "tokens_per_step": round(tokens / steps), "padded_length": batch.packed.length,
-        "steps": steps, "step_s": round(total / steps, 4), "targets_s": round(prep / steps, 4),
-        "tokens_per_s": round(tokens / total, 1),
-        "achieved_tflops": round(flops / model_s / 1e12, 4),
-        "matmul_fp32_tflops": round(peak32 / 1e12, 4),
-        "fraction_of_fp32_matmul": round(flops / model_s / peak32, 4),
-        "peak_memory_mb": round(peak_memory_mb(dev), 1),
+        "micro_batch": mb, "steps": steps, "tokens_per_step": round(statistics.mean(tokens)),
+        "tokens_per_s": round(statistics.median(n / t for n, t in zip(tokens, times)), 1),
+        "step_s": round(statistics.median(times), 3),
+        "useful_tflops": round(useful / 1e12, 6), "matmul_tflops": round(rate / 1e12, 4),
+        "useful_fraction": round(useful / rate, 4), "peak_memory_mb": round(peak_memory_mb(dev), 1),
     }
-    if bf16:
-        peak16 = matmul_rate(dev, torch.bfloat16)
-        result["matmul_bf16_tflops"] = round(peak16 / 1e12, 4)
-        result["fraction_of_bf16_matmul"] = round(flops / model_s / peak16, 4)
     if as_json:
         print(json.dumps(result))
     else:
-        print(f"train throughput on {result['device']} ({result['precision']}, {backend}), {result['model']}, "
-              f"{frames} frames x {micro_batch}: {result['tokens_per_s']:.0f} tokens/s, "
-              f"{result['step_s'] * 1e3:.1f} ms/step ({result['targets_s'] * 1e3:.1f} ms building targets), "
-              f"{result['achieved_tflops']:.3f} TFLOP/s useful = {100 * result['fraction_of_fp32_matmul']:.1f}% of the "
-              f"measured fp32 matmul rate ({result['matmul_fp32_tflops']:.3f} TFLOP/s)"
-              + (f", {100 * result['fraction_of_bf16_matmul']:.1f}% of bf16 ({result['matmul_bf16_tflops']:.1f})"
-                 if bf16 else "") + f"; peak memory {result['peak_memory_mb']:.0f} MB")
+        print(f"generator training on {dev} ({result['threads']} threads, {result['precision']}), {result['model']}, "
+              f"micro-batch {mb} (~{result['tokens_per_step']} tokens): {result['tokens_per_s']:.0f} tokens/s, "
+              f"{result['step_s']:.2f} s/step; useful {result['useful_tflops']:.3f} TFLOP/s = "
+              f"{100 * result['useful_fraction']:.1f}% of the measured {result['precision']} matmul rate "
+              f"({result['matmul_tflops']:.3f} TFLOP/s); peak memory {result['peak_memory_mb']:.0f} MB")
+    return result
+
+
+def run_tokenizer_bench(config=None, precision: str = "auto", device: Optional[str] = None, steps: int = 5,
+                        as_json: bool = False) -> dict:
+    """Median seconds of the tokenizer trainer's own step (encode, decode, losses, backward, AdamW) at a
+    tokenizer config (configs/default_tokenizer_continuous.yaml by default), random init, under autocast."""
+    from infinitystar.tokenizer.training import TokenizerTrainer, load_config as load_tokenizer_config
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_tokenizer_config(config or DEFAULT_TOKENIZER_CONFIG,
+                                    [f"output_dir={tmp}", f"device={device or 'auto'}"])
+        trainer = TokenizerTrainer(cfg)
+        dev = trainer.device
+        dtype = resolve_precision(precision, dev)
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            with autocast(dev, dtype):
+                trainer.train_step()
+            times.append(time.perf_counter() - t0)
+        del trainer
+    video = cfg.train.batch_size * cfg.data.frames
+    result = {"bench": "tokenizer", "config": str(config or DEFAULT_TOKENIZER_CONFIG.relative_to(REPO)),
+              "device": str(dev), "threads": torch.get_num_threads(), "precision": precision_name(dtype),
+              "batch": f"{cfg.train.batch_size} x {cfg.data.frames} frames {cfg.data.height}x{cfg.data.width}",
+              "steps": steps, "step_s": round(statistics.median(times[1:]), 3),
+              "frames_per_s": round(video / statistics.median(times[1:]), 1),
+              "matmul_tflops": round(matmul_rate(dev, dtype) / 1e12, 4), "peak_memory_mb": round(peak_memory_mb(dev), 1)}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"tokenizer training on {dev} ({result['threads']} threads, {result['precision']}), {result['batch']}: "
+              f"{result['step_s']:.2f} s/step ({result['frames_per_s']:.0f} frames/s); peak memory "
+              f"{result['peak_memory_mb']:.0f} MB")
     return result

@@ -1,0 +1,93 @@
+"""Before/after speed table: this checkout against an older one, interleaved on the same machine.
+
+    git worktree add /tmp/before <older commit>
+    python benchmarks/speed_compare.py --before /tmp/before [--rounds 3] [--cases train tokenizer model gen384]
+
+Every measurement runs in a fresh process (its peak memory is its own), with this checkout's benchmark code
+(src/infinitystar/bench.py, src/infinitystar/train/bench.py) and the package of the tree measured, so both rows of
+a case time the same work. Rounds go before, after fp32, after auto, before, ... so load from other processes
+falls on all rows alike; the table shows medians over rounds and the JSON lines of every run go to --out.
+
+Cases: train (configs/default_model.yaml, micro-batch 8 of the synthetic mix), tokenizer (the training step of
+configs/default_tokenizer_continuous.yaml), model (the shipped default model, a 17-frame video, CFG and decoding
+included), gen384 (transformer-only text-to-video at width 384, depth 6, 4 clips, random weights).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+CASES = {
+    # case: (bench module, function, kwargs, the precisions of the "after" rows, the number reported)
+    "train": ("train/bench.py", "run_train_bench", {"steps": 4}, ("fp32", "auto"), "tokens_per_s"),
+    "tokenizer": ("train/bench.py", "run_tokenizer_bench", {"steps": 4}, ("fp32", "auto"), "step_s"),
+    "model": ("bench.py", "run_model", {"repeats": 3}, ("fp32", "auto"), "seconds_per_video"),
+    "gen384": ("bench.py", "run", {"clips": (4,), "width": 384, "depth": 6, "attention": ("sparse",),
+                                   "repeats": 2}, ("fp32", "auto"), "seconds_per_video"),
+}
+RUNNER = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("bench_under_test", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+getattr(mod, sys.argv[2])(**json.loads(sys.argv[3]), as_json=True)
+"""
+
+
+def measure(tree: Path, case: str, precision: str) -> dict:
+    module, func, kwargs, _, _ = CASES[case]
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    args = json.dumps({**kwargs, "precision": precision})
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(HERE / "src" / "infinitystar" / module), func, args],
+                          cwd=HERE, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{case} {precision} in {tree} failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(lines[-1]), "tree": str(tree), "case": case}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", required=True, type=Path, help="checkout of the older code")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--out", type=Path, default=Path("speed_compare.jsonl"), help="every run's JSON line")
+    a = p.parse_args(argv)
+    rows: dict[tuple[str, str], list[dict]] = {}
+    with a.out.open("w") as log:
+        for case in a.cases:
+            runs = [("before", a.before, "fp32")] + [("after", HERE, prec) for prec in CASES[case][3]]
+            for _ in range(a.rounds):
+                for label, tree, prec in runs:
+                    r = measure(tree, case, prec)
+                    log.write(json.dumps(r) + "\n")
+                    log.flush()
+                    rows.setdefault((case, f"{label} {prec}"), []).append(r)
+                    print(f"{case:9} {label:6} {prec:4} -> {r['precision']}: {r[CASES[case][4]]}", flush=True)
+    print(f"\n| case | row | precision used | {'median'} | speed-up | useful FLOP fraction | matmul TFLOP/s | "
+          f"peak MB | runs |\n|---|---|---|---|---|---|---|---|---|")
+    for case in a.cases:
+        key = CASES[case][4]
+        base = statistics.median(r[key] for r in rows[(case, "before fp32")])
+        for (c, label), rs in rows.items():
+            if c != case:
+                continue
+            v = statistics.median(r[key] for r in rs)
+            speed = v / base if key == "tokens_per_s" else base / v
+            frac = [r.get("useful_fraction") for r in rs]
+            frac = "" if None in frac else f"{statistics.median(frac):.3f}"
+            rate = statistics.median(r.get("matmul_tflops", r.get("matmul_gflops", 0) / 1e3) for r in rs)
+            peak = statistics.median(r.get("peak_memory_mb", r.get("peak_mb", 0)) for r in rs)
+            print(f"| {case} | {label} | {rs[0]['precision']} | {v:.3f} {key} | {speed:.2f}x | {frac} | "
+                  f"{rate:.3f} | {peak:.0f} | {len(rs)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
