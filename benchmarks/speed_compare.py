@@ -25,11 +25,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 CASES = {
     # case: (bench module, function, kwargs, the precisions of the "after" rows, the number reported)
-    "train": ("train/bench.py", "run_train_bench", {"steps": 4}, ("fp32", "auto"), "tokens_per_s"),
-    "tokenizer": ("train/bench.py", "run_tokenizer_bench", {"steps": 4}, ("fp32", "auto"), "step_s"),
-    "model": ("bench.py", "run_model", {"repeats": 3}, ("fp32", "auto"), "seconds_per_video"),
+    "train": ("train/bench.py", "run_train_bench", {"steps": 3}, ("fp32", "auto"), "tokens_per_s"),
+    "tokenizer": ("train/bench.py", "run_tokenizer_bench", {"steps": 3}, ("fp32", "auto"), "step_s"),
+    "model": ("bench.py", "run_model", {"repeats": 2}, ("fp32", "auto"), "seconds_per_video"),
     "gen384": ("bench.py", "run", {"clips": (4,), "width": 384, "depth": 6, "attention": ("sparse",),
-                                   "repeats": 2}, ("fp32", "auto"), "seconds_per_video"),
+                                   "repeats": 1}, ("fp32", "auto"), "seconds_per_video"),
 }
 RUNNER = """
 import importlib.util, json, sys
@@ -55,7 +55,8 @@ def measure(tree: Path, case: str, precision: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, type=Path, help="checkout of the older code")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds per case (--rounds-for CASE N overrides)")
+    p.add_argument("--rounds-for", nargs=2, action="append", default=[], metavar=("CASE", "N"))
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--out", type=Path, default=Path("speed_compare.jsonl"), help="every run's JSON line")
     a = p.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     with a.out.open("w") as log:
         for case in a.cases:
             runs = [("before", a.before, "fp32")] + [("after", HERE, prec) for prec in CASES[case][3]]
-            for _ in range(a.rounds):
+            for _ in range(dict((c, int(n)) for c, n in a.rounds_for).get(case, a.rounds)):
                 for label, tree, prec in runs:
                     r = measure(tree, case, prec)
                     log.write(json.dumps(r) + "\n")
