@@ -6,7 +6,9 @@
 Every measurement runs in a fresh process (its peak memory is its own), with this checkout's benchmark code
 (src/infinitystar/bench.py, src/infinitystar/train/bench.py) and the package of the tree measured, so both rows of
 a case time the same work. Rounds go before, after fp32, after auto, before, ... so load from other processes
-falls on all rows alike; the table shows medians over rounds and the JSON lines of every run go to --out.
+falls on all rows alike; the table shows medians over rounds and the JSON lines of every run go to --out. On a
+machine shared with other work, CPU time (the process's, all threads) moves less with the load than wall time;
+both are shown, and `--threads N` sets the thread count of every run.
 
 Cases: train (configs/default_model.yaml, micro-batch 8 of the synthetic mix), tokenizer (the training step of
 configs/default_tokenizer_continuous.yaml), model (the shipped default model, a 17-frame video, CFG and decoding
@@ -24,13 +26,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 CASES = {
-    # case: (bench module, function, kwargs, the precisions of the "after" rows, the number reported)
-    "train": ("train/bench.py", "run_train_bench", {"steps": 3}, ("fp32", "auto"), "tokens_per_s"),
-    "tokenizer": ("train/bench.py", "run_tokenizer_bench", {"steps": 3}, ("fp32", "auto"), "step_s"),
-    "model": ("bench.py", "run_model", {"repeats": 2}, ("fp32", "auto"), "seconds_per_video"),
+    # case: (bench module, function, kwargs, the precisions of the "after" rows, the wall-clock number reported,
+    # its CPU-time counterpart)
+    "train": ("train/bench.py", "run_train_bench", {"steps": 3}, ("fp32", "auto"), "tokens_per_s", "tokens_per_cpu_s"),
+    "tokenizer": ("train/bench.py", "run_tokenizer_bench", {"steps": 3}, ("fp32", "auto"), "step_s", "cpu_s"),
+    "model": ("bench.py", "run_model", {"repeats": 2}, ("fp32", "auto"), "seconds_per_video", "cpu_s"),
     "gen384": ("bench.py", "run", {"clips": (4,), "width": 384, "depth": 6, "attention": ("sparse",),
-                                   "repeats": 1}, ("fp32", "auto"), "seconds_per_video"),
+                                   "repeats": 1}, ("fp32", "auto"), "seconds_per_video", "cpu_s"),
 }
+THREADS = 0
 RUNNER = """
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("bench_under_test", sys.argv[1])
@@ -41,8 +45,10 @@ getattr(mod, sys.argv[2])(**json.loads(sys.argv[3]), as_json=True)
 
 
 def measure(tree: Path, case: str, precision: str) -> dict:
-    module, func, kwargs, _, _ = CASES[case]
+    module, func, kwargs = CASES[case][:3]
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
     args = json.dumps({**kwargs, "precision": precision})
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(HERE / "src" / "infinitystar" / module), func, args],
                           cwd=HERE, env=env, capture_output=True, text=True)
@@ -59,7 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds-for", nargs=2, action="append", default=[], metavar=("CASE", "N"))
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--out", type=Path, default=Path("speed_compare.jsonl"), help="every run's JSON line")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's own)")
     a = p.parse_args(argv)
+    global THREADS
+    THREADS = a.threads
     rows: dict[tuple[str, str], list[dict]] = {}
     with a.out.open("w") as log:
         for case in a.cases:
@@ -70,23 +79,25 @@ def main(argv=None) -> int:
                     log.write(json.dumps(r) + "\n")
                     log.flush()
                     rows.setdefault((case, f"{label} {prec}"), []).append(r)
-                    print(f"{case:9} {label:6} {prec:4} -> {r['precision']}: {r[CASES[case][4]]}", flush=True)
-    print(f"\n| case | row | precision used | {'median'} | speed-up | useful FLOP fraction | matmul TFLOP/s | "
-          f"peak MB | runs |\n|---|---|---|---|---|---|---|---|---|")
+                    print(f"{case:9} {label:6} {prec:4} -> {r['precision']}: {r[CASES[case][4]]} "
+                          f"(cpu {r[CASES[case][5]]})", flush=True)
+    print("\n| case | row | precision used | wall median | speed-up | CPU-time median | speed-up | useful FLOP "
+          "fraction | matmul TFLOP/s | peak MB | runs |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for case in a.cases:
-        key = CASES[case][4]
-        base = statistics.median(r[key] for r in rows[(case, "before fp32")])
+        wall, cpu = CASES[case][4:6]
+        med = lambda rs, k: statistics.median(r[k] for r in rs)
+        gain = lambda k, v, b: v / b if k.startswith("tokens") else b / v
+        base = rows[(case, "before fp32")]
         for (c, label), rs in rows.items():
             if c != case:
                 continue
-            v = statistics.median(r[key] for r in rs)
-            speed = v / base if key == "tokens_per_s" else base / v
             frac = [r.get("useful_fraction") for r in rs]
             frac = "" if None in frac else f"{statistics.median(frac):.3f}"
             rate = statistics.median(r.get("matmul_tflops", r.get("matmul_gflops", 0) / 1e3) for r in rs)
             peak = statistics.median(r.get("peak_memory_mb", r.get("peak_mb", 0)) for r in rs)
-            print(f"| {case} | {label} | {rs[0]['precision']} | {v:.3f} {key} | {speed:.2f}x | {frac} | "
-                  f"{rate:.3f} | {peak:.0f} | {len(rs)} |")
+            print(f"| {case} | {label} | {rs[0]['precision']} | {med(rs, wall):.3f} {wall} | "
+                  f"{gain(wall, med(rs, wall), med(base, wall)):.2f}x | {med(rs, cpu):.3f} {cpu} | "
+                  f"{gain(cpu, med(rs, cpu), med(base, cpu)):.2f}x | {frac} | {rate:.3f} | {peak:.0f} | {len(rs)} |")
     return 0
 
 

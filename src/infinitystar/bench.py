@@ -68,6 +68,7 @@ class CaseResult:
     steps: int
     precision: str
     seconds: float
+    cpu_s: float
     gflop: float
     matmul_gflops: float
     kv_cache_mb: float
@@ -94,14 +95,16 @@ def _run_case(attention: str, clips: int, device: str, precision: str, model: di
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = generate(net, schedule, cap, **kw)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     conn.send(CaseResult(attention, clips, frames, len(schedule.steps), precision_name(dtype), statistics.median(times),
+                         statistics.median(cpu),
                          generation_flops(cfg, schedule, 2, TEXT_TOKENS) / 1e9, matmul_rate(dev, dtype) / 1e9,
                          out.peak_cache_bytes / 2 ** 20, peak_memory_mb(dev)))
     conn.close()
@@ -164,7 +167,7 @@ def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, de
     cfg = pipe.transformer.config
     runs = []
     for i in range(repeats + 1):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         feats, mask = pipe.text_encoder.encode([prompt], dev)
         t1 = time.perf_counter()
         out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance_scale=d.guidance_scale,
@@ -174,7 +177,8 @@ def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, de
         pipe.tokenizer.decode(out.codes, **kw)
         t3 = time.perf_counter()
         if i:
-            runs.append({"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0})
+            runs.append({"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0,
+                         "cpu_s": time.process_time() - c0})
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     rate = matmul_rate(dev, dtype)
     use_cfg = d.guidance_scale != 1.0

@@ -93,9 +93,9 @@ def run_train_bench(config=None, precision: str = "auto", device: Optional[str] 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     extra = {} if backend is None else {"backend": backend}
 
-    def step(batch) -> float:
+    def step(batch) -> tuple[float, float]:
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast(dev, dtype):
             logits, anchor = module(batch.x_visual, batch.captions, batch.packed, **extra)
         out = packed_loss(logits, batch, anchor)
@@ -104,13 +104,13 @@ def run_train_bench(config=None, precision: str = "auto", device: Optional[str] 
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     batches = [synthetic_batch(run, cfg, mb, seed * 1000 + i, dev) for i in range(steps + 1)]
     step(batches[0])
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times = [step(b) for b in batches[1:]]
+    times, cpu = zip(*[step(b) for b in batches[1:]])
     tokens = [b.tokens for b in batches[1:]]
     flops = [3 * packed_forward_flops(cfg, b.packed) for b in batches[1:]]
     rate = matmul_rate(dev, dtype)
@@ -122,6 +122,7 @@ def run_train_bench(config=None, precision: str = "auto", device: Optional[str] 
         "micro_batch": mb, "steps": steps, "tokens_per_step": round(statistics.mean(tokens)),
         "tokens_per_s": round(statistics.median(n / t for n, t in zip(tokens, times)), 1),
         "step_s": round(statistics.median(times), 3),
+        "tokens_per_cpu_s": round(statistics.median(n / c for n, c in zip(tokens, cpu)), 1),
         "useful_tflops": round(useful / 1e12, 6), "matmul_tflops": round(rate / 1e12, 4),
         "useful_fraction": round(useful / rate, 4), "peak_memory_mb": round(peak_memory_mb(dev), 1),
     }
@@ -147,18 +148,20 @@ def run_tokenizer_bench(config=None, precision: str = "auto", device: Optional[s
         trainer = TokenizerTrainer(cfg)
         dev = trainer.device
         dtype = resolve_precision(precision, dev)
-        times = []
+        times, cpu = [], []
         for i in range(steps + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with autocast(dev, dtype):
                 trainer.train_step()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         del trainer
     video = cfg.train.batch_size * cfg.data.frames
     result = {"bench": "tokenizer", "config": str(config or DEFAULT_TOKENIZER_CONFIG.relative_to(REPO)),
               "device": str(dev), "threads": torch.get_num_threads(), "precision": precision_name(dtype),
               "batch": f"{cfg.train.batch_size} x {cfg.data.frames} frames {cfg.data.height}x{cfg.data.width}",
               "steps": steps, "step_s": round(statistics.median(times[1:]), 3),
+              "cpu_s": round(statistics.median(cpu[1:]), 3),
               "frames_per_s": round(video / statistics.median(times[1:]), 1),
               "matmul_tflops": round(matmul_rate(dev, dtype) / 1e12, 4), "peak_memory_mb": round(peak_memory_mb(dev), 1)}
     if as_json:
