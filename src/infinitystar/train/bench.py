@@ -45,9 +45,9 @@ def packed_forward_flops(cfg: TransformerConfig, packed: PackedSequence) -> floa
     lengths = torch.tensor(packed.segment_lengths[:-1], dtype=torch.float64)   # the last segment is padding
     table = packed.segment_table[:-1, :-1].to(torch.float64)
     pairs = float((lengths * (table @ lengths)).sum())
-    real = packed.num_visual + packed.num_text
-    flops = cfg.depth * (real * per_token + 4 * H * hd * pairs)
-    flops += 2 * cfg.latent_channels * C * packed.num_visual + 2 * cfg.text_channels * C * packed.num_text
+    latent = packed.num_visual + getattr(packed, "num_condition", 0)   # condition blocks: latent tokens too
+    flops = cfg.depth * ((latent + packed.num_text) * per_token + 4 * H * hd * pairs)
+    flops += 2 * cfg.latent_channels * C * latent + 2 * cfg.text_channels * C * packed.num_text
     flops += sum(2 * C * 2 * step.scale.bits * step.scale.tokens for _, step in packed.visual_segments)
     return float(flops)
 
