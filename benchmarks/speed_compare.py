@@ -38,7 +38,7 @@ THREADS = 0
 RUNNER = """
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("bench_under_test", sys.argv[1])
-mod = importlib.util.module_from_spec(spec)
+mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # dataclasses look the module up
 spec.loader.exec_module(mod)
 getattr(mod, sys.argv[2])(**json.loads(sys.argv[3]), as_json=True)
 """
