@@ -36,11 +36,13 @@ CASES = {
 }
 THREADS = 0
 RUNNER = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("bench_under_test", sys.argv[1])
-mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # dataclasses look the module up
-spec.loader.exec_module(mod)
-getattr(mod, sys.argv[2])(**json.loads(sys.argv[3]), as_json=True)
+import json, os, sys, tempfile
+# importable by name (a link to this checkout's file), so that spawned case processes find it too
+d = tempfile.mkdtemp()
+os.symlink(sys.argv[1], os.path.join(d, "bench_under_test.py"))
+sys.path.insert(0, d)
+import bench_under_test
+getattr(bench_under_test, sys.argv[2])(**json.loads(sys.argv[3]), as_json=True)
 """
 
 
