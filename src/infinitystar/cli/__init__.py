@@ -6,6 +6,7 @@ import argparse
 from typing import Optional
 
 from infinitystar.cli import bench, convert, demo, generate, infinity, parity, tokenizer, train
+from infinitystar.cli.args import OneLineParser
 from infinitystar.cli.errors import USER_ERRORS, run_command
 
 
@@ -21,8 +22,8 @@ def _add_debug_flag(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infinitystar", description="Bitwise next-scale autoregressive video and "
-                                                                 "image generation (InfinityStar, Infinity).")
+    p = OneLineParser(prog="infinitystar", description="Bitwise next-scale autoregressive video and image generation "
+                                                      "(InfinityStar, Infinity).")
     sub = p.add_subparsers(dest="command", required=True)
     parity.add_cli(sub)
     generate.add_cli(sub)

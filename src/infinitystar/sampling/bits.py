@@ -1,9 +1,12 @@
 """Per-bit sampling and per-scale settings, shared by the InfinityStar and Infinity generation loops."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
+
+from infinitystar.runtime import UserError
 
 
 def per_scale(value: Union[float, Sequence[float]], n: int, name: str) -> list[float]:
@@ -16,12 +19,28 @@ def per_scale(value: Union[float, Sequence[float]], n: int, name: str) -> list[f
     return value
 
 
+class NonFiniteLogits(UserError):
+    """The model produced NaN or infinite logits: broken weights or inputs, or a guidance scale or temperature so
+    large that the logits overflow. Sampling them would give silent garbage."""
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    finite = torch.isfinite(logits)
+    if not bool(finite.all()):
+        bad = logits[~finite]
+        kinds = sorted({"nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") for v in bad[:64].tolist()})
+        raise NonFiniteLogits(f"the model produced non-finite logits ({', '.join(kinds)} at {bad.numel()} of "
+                              f"{logits.numel()}): check the weights, the guidance scale and the temperature")
+
+
 def sample_bits(logits: torch.Tensor, top_p: float = 0.0, generator: Optional[torch.Generator] = None,
                 greedy: bool = False) -> torch.Tensor:
     """Bits (uint8) from logits (..., 2). greedy: the likely value (l1 > l0). top_p in (0, 1]: a bit whose less
-    likely value has probability <= 1 - top_p is decided greedily, the others are drawn (top_p = 0: no filter)."""
+    likely value has probability <= 1 - top_p is decided greedily, the others are drawn (top_p = 0: no filter).
+    Non-finite logits are a NonFiniteLogits error."""
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    check_finite_logits(logits)
     likely = logits[..., 1] > logits[..., 0]
     if greedy:
         return likely.to(torch.uint8)
