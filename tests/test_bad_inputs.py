@@ -94,7 +94,16 @@ class Ctx:
 
 
 def gen(c: Ctx, *extra, out: Optional[str] = None) -> list:
-    return ["generate", "--prompt", PROMPT, "--out", out or str(c.tmp / "v.mp4"), *extra]
+    """`generate` with one prompt (--json: no progress bar on stderr, only the error line)."""
+    return ["generate", "--prompt", PROMPT, "--out", out or str(c.tmp / "v.mp4"), "--json", *extra]
+
+
+def recon(c: Ctx, *extra, out: Optional[Path] = None) -> list:
+    """`tokenizer reconstruct` of a valid 17-frame clip."""
+    import numpy as np
+    clip = c.tmp / "in.npy"
+    np.save(clip, np.random.default_rng(0).integers(0, 256, (17, 64, 64, 3), dtype=np.uint8))
+    return ["tokenizer", "reconstruct", clip, out or c.tmp / "out.mp4", *extra]
 
 
 def edit_json(path: Path, fn) -> None:
@@ -135,13 +144,12 @@ def hold_lock(c: Ctx, directory: Path) -> int:
 
 def full_disk(c: Ctx) -> list:
     """The disk fills up while the video is written: the existing file at --out must survive."""
-    import infinitystar.media as media
     out = c.tmp / "v.mp4"
     out.write_bytes(b"an earlier video")
 
     def enospc(*a, **k):
         raise OSError(28, "No space left on device")
-    c.monkeypatch.setattr(media.av, "open", enospc)
+    c.monkeypatch.setattr("av.open", enospc)
     return gen(c, "--seed", "1", out=str(out))
 
 
@@ -200,19 +208,20 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, Callable[[], Optional[str]]]]
     ("generate --cfg nan", lambda c: gen(c, "--cfg", "nan"), r"--cfg.*'nan' is not a finite number", None),
     ("generate --tau nan", lambda c: gen(c, "--tau", "nan"), r"--tau.*'nan' is not a finite number", None),
     ("generate --tau inf", lambda c: gen(c, "--tau", "inf"), r"--tau.*'inf'", None),
-    ("generate --fps -3", lambda c: gen(c, "--fps", "-3"), r"--fps.*-3", None),
     ("generate --image decompression bomb", lambda c: gen(c, "--image", bomb_png(c.tmp / "bomb.png")),
      r"bomb\.png.*decompression bomb", None),
     ("generate --prompts-file beyond the clips",
      lambda c: ((c.tmp / "p.txt").write_text(f"{PROMPT}\n{PROMPT}\n{PROMPT}\n"),
-                ["generate", "--prompts-file", c.tmp / "p.txt", "--frames", "17", "--out", c.tmp / "v.mp4"])[1],
+                ["generate", "--prompts-file", c.tmp / "p.txt", "--frames", "17", "--out", c.tmp / "v.mp4",
+                 "--json"])[1],
      r"3 prompts.*1 clip", None),
     ("generate --prompts-file invalid UTF-8",
      lambda c: ((c.tmp / "p.txt").write_bytes(b"a red \xff circle\n"),
-                ["generate", "--prompts-file", c.tmp / "p.txt", "--out", c.tmp / "v.mp4"])[1],
+                ["generate", "--prompts-file", c.tmp / "p.txt", "--out", c.tmp / "v.mp4", "--json"])[1],
      r"p\.txt.*UTF-8", None),
     ("generate --strict-prompt with a long prompt",
-     lambda c: ["generate", "--prompt", " ".join([PROMPT] * 4), "--strict-prompt", "--out", c.tmp / "v.mp4"],
+     lambda c: ["generate", "--prompt", " ".join([PROMPT] * 4), "--strict-prompt", "--out", c.tmp / "v.mp4",
+                "--json"],
      r"words.*cut", None),
     # --- generate: the model folder --------------------------------------------------------------------------
     ("generate model_index.json without family",
@@ -233,12 +242,11 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, Callable[[], Optional[str]]]]
      r"transformer/model\.safetensors.*non-finite", None),
     # --- tokenizer reconstruct -------------------------------------------------------------------------------
     ("reconstruct model folder without weights",
-     lambda c: ["tokenizer", "reconstruct", c.tmp / "in.npy", c.tmp / "out.mp4", "--model",
-                c.model(lambda d: (d / "tokenizer" / "model.safetensors").unlink()) / "tokenizer"],
-     r"model\.safetensors", None),
-    ("reconstruct --device bogus",
-     lambda c: ["tokenizer", "reconstruct", c.tmp / "in.npy", c.tmp / "out.mp4", "--device", "bogus"],
-     r"'bogus'", None),
+     lambda c: recon(c, "--model", c.model(lambda d: (d / "tokenizer" / "model.safetensors").unlink()) / "tokenizer"),
+     r"tokenizer.*model\.safetensors", None),
+    ("reconstruct --device bogus", lambda c: recon(c, "--device", "bogus"), r"'bogus'", None),
+    ("reconstruct --fps -3", lambda c: recon(c, "--fps", "-3"), r"--fps.*-3", None),
+    ("reconstruct output an existing folder", lambda c: recon(c, out=c.tmp), r"is a folder", None),
     # --- train -----------------------------------------------------------------------------------------------
     ("train a binary file as config",
      lambda c: ((c.tmp / "c.yaml").write_bytes(bytes(range(256)) * 4), ["train", "generator", c.tmp / "c.yaml"])[1],
@@ -331,11 +339,12 @@ def test_upper_case_extension_is_written(world, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output"] == str(out)
 
 
-def test_long_prompt_is_a_warning_naming_the_cut(world, tmp_path, capsys):
+def test_long_prompt_is_a_note_naming_the_cut(world, tmp_path, capsys):
     out = tmp_path / "v.png"
-    with pytest.warns(UserWarning, match=r"words.*cut"):
-        assert main(["generate", "--prompt", " ".join([PROMPT] * 4), "--out", str(out)]) == 0
+    assert main(["generate", "--prompt", " ".join([PROMPT] * 4), "--out", str(out)]) == 0
     assert out.is_file()
+    err = capsys.readouterr().err
+    assert re.search(r"note: prompt 0 has 44 words; the built-in text encoder reads \d+: \d+ cut", err), err
 
 
 def test_nonfinite_logits_are_an_error_naming_the_value():

@@ -97,6 +97,14 @@ def generate_video(pipe: InfinityStarPipeline, prompts: Sequence[str], num_frame
     frame to animate; video: frames to continue (paths or arrays)."""
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise UserError("give a non-empty prompt describing what to generate")
+    try:   # the first frame is a clip of its own that shares the first prompt
+        clips = max(1, pipe.pyramid.build(num_frames).num_clips - 1)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(prompts) > clips:
+        per_clip = pipe.pyramid.frames_per_clip * pipe.pyramid.temporal_compression
+        raise UserError(f"{len(prompts)} prompts for {num_frames} frames ({clips} clip(s)): each clip takes one "
+                        f"prompt; ask for {1 + per_clip * len(prompts)} frames or give fewer prompts")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     with collect_notes() as notes:
         try:
@@ -165,6 +173,8 @@ def save_result(frames: np.ndarray, out: Union[str, Path], fps: int = 16) -> Pat
         return export_to_video(frames, out, fps=fps)
     except MediaError as e:
         raise UserError(str(e)) from None
+    except OSError as e:   # disk full, quota, the folder gone: the write is atomic, an existing file is intact
+        raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
 
 
 __all__ = ["model_path", "model_family", "load_pipeline", "collect_notes", "generate_video", "generate_image",

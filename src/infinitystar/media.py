@@ -49,12 +49,13 @@ def export_to_video(frames: np.ndarray, path: PathLike, fps: int = 16, lossless:
     or as a `.npy` array."""
     frames = _as_frames(frames)
     path = Path(path)
-    if path.suffix == ".npy":
+    suffix = path.suffix.lower()   # X.MP4 is an mp4
+    if suffix == ".npy":
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, frames)
         return path
-    if path.suffix != ".mp4":
+    if suffix != ".mp4":
         raise MediaError(f"unsupported video file {path.name}: use .mp4 or .npy")
     import av
 

@@ -78,13 +78,16 @@ def check_output_file(path: Path, flag: str = "--out") -> None:
     check_writable_folder(path.parent, f"{flag} folder")
 
 
-def write_output(write, path: Path, flag: str = "--out"):
-    """Run `write()` (an atomic writer: a failure leaves any existing file at `path` as it was); an OSError (disk
-    full, quota, the folder gone) becomes a one-line UserError naming the file."""
-    try:
-        return write()
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
+def check_prompts_read_whole(encoder, prompts) -> None:
+    """`--strict-prompt`: a prompt longer than the text encoder reads is an error (the encoder's own message: how
+    many words or tokens it would cut), raised before any generation work."""
+    from infinitystar.text.base import PromptCutWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptCutWarning)
+        try:
+            encoder.tokenize(list(prompts))
+        except PromptCutWarning as w:
+            raise UserError(f"--strict-prompt: {w}") from None
 
 
 def check_image_file(path: str, flag: str = "--image") -> None:

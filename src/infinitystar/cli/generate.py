@@ -14,7 +14,9 @@ import torch
 from infinitystar.cli import interactive
 from infinitystar.generation import (IMAGE_SUFFIXES, generate_image, generate_video, load_pipeline, model_family,
                                      save_result)
-from infinitystar.runtime import UserError
+from infinitystar.cli.args import (check_image_file, check_output_file, check_prompts_read_whole, finite_float,
+                                   positive_float, positive_int, seed)
+from infinitystar.runtime import UserError, resolve_device
 from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
 
 
@@ -24,7 +26,11 @@ def _read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UserError(f"prompts file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompts file {path} is not UTF-8 text (byte {e.start})") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts or not all(p.strip() for p in prompts):
         raise UserError("give a non-empty --prompt (several --prompt flags, or --prompts-file, make a long video "
                         "whose prompt changes clip by clip)")
@@ -38,8 +44,10 @@ def _print_notes(notes: list[str]) -> None:
 
 def _cmd_generate(args) -> int:
     out = Path(args.out)
-    if not out.parent.exists():
-        raise UserError(f"output folder {out.parent} does not exist")
+    check_output_file(out)
+    if args.image is not None:
+        check_image_file(args.image)
+    resolve_device(args.device)
     if model_family(args.model) == "infinity":
         return _generate_infinity(args, out)
     if args.aspect_ratio is not None or args.pn is not None:
@@ -59,6 +67,8 @@ def _cmd_generate(args) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, args.device)
     load_s = time.perf_counter() - t0
+    if args.strict_prompt:
+        check_prompts_read_whole(pipe.text_encoder, prompts)
     result = generate_video(pipe, prompts, frames, image=args.image, video=args.video, guidance_scale=args.cfg,
                             temperature=args.tau, seed=args.seed, progress=not args.json)
     _print_notes(result.notes)
@@ -106,6 +116,8 @@ def _generate_infinity(args, out) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, args.device)
     load_s = time.perf_counter() - t0
+    if args.strict_prompt:
+        check_prompts_read_whole(pipe.text_encoder, prompts)
     result = generate_image(pipe, prompts[0], aspect_ratio=args.aspect_ratio, pn=args.pn, guidance_scale=args.cfg,
                             temperature=args.tau, seed=args.seed)
     _print_notes(result.notes)
@@ -143,12 +155,16 @@ def add_cli(subparsers) -> None:
     sp.add_argument("--prompt", action="append", help="text prompt; repeat for a prompt per clip")
     sp.add_argument("--prompts-file", help="a file with one prompt per line (one per clip)")
     sp.add_argument("--out", required=True, help="output .mp4 (video) or .png (text-to-image)")
-    sp.add_argument("--frames", type=int, default=None, help="number of frames, 1 + 4k (default 17; 1 for .png)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--frames", type=positive_int, default=None,
+                    help="number of frames, 1 + 4k (default 17; 1 for .png)")
+    sp.add_argument("--seed", type=seed, default=0, help="0 .. 2**64-1")
     sp.add_argument("--image", help="first frame for image-to-video")
     sp.add_argument("--video", help="video to continue")
-    sp.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
-    sp.add_argument("--tau", type=float, default=None, help="sampling temperature (default: the model's)")
+    sp.add_argument("--cfg", type=finite_float, default=None, help="guidance scale (default: the model's)")
+    sp.add_argument("--tau", type=positive_float, default=None, help="sampling temperature (default: the model's)")
+    sp.add_argument("--strict-prompt", action="store_true",
+                    help="a prompt longer than the text encoder reads is an error (default: a warning saying how "
+                         "much is cut)")
     sp.add_argument("--aspect-ratio", default=None,
                     help="Infinity models: h/w (0.5625) or width:height ('16:9'), snapped to the nearest template")
     sp.add_argument("--pn", default=None, choices=["0.06M", "0.25M", "0.60M", "1M"],
@@ -172,10 +188,10 @@ def add_cli(subparsers) -> None:
     ep.add_argument("--n", type=int, default=200, help="samples per task")
     ep.add_argument("--tasks", nargs="+", default=EVAL_TASKS,
                     help="tasks to run (an Infinity text-to-image model runs t2i only)")
-    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--seed", type=seed, default=0)
     ep.add_argument("--batch-size", type=int, default=25)
-    ep.add_argument("--cfg", type=float, default=None)
-    ep.add_argument("--tau", type=float, default=None, help="Infinity models: sampling temperature")
+    ep.add_argument("--cfg", type=finite_float, default=None)
+    ep.add_argument("--tau", type=positive_float, default=None, help="Infinity models: sampling temperature")
     ep.add_argument("--device", default="cpu")
     ep.add_argument("--out-dir", default="eval_shapes")
     ep.add_argument("--grid", type=int, default=6, help="samples per task in grid.png")

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 import infinitystar
+from infinitystar.cli.args import check_output_file, positive_int
 from infinitystar.config import PyramidConfig
 from infinitystar.convert.strict import CheckpointError
 from infinitystar.media import MediaError, export_to_video, load_image, load_video, save_image
@@ -18,6 +17,7 @@ from infinitystar.tokenizer.training import DEFAULT_PYRAMID, PYRAMID_FILE, confi
 from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
                                                   ssim_per_frame, video_to_frames)
 from infinitystar.tokenizer.video_vae import VideoVAE
+from infinitystar.runtime import resolve_device
 from infinitystar.train.config import ConfigError
 
 
@@ -98,7 +98,7 @@ def load_tokenizer_folder(model: Optional[str], device):
         pfile = folder / PYRAMID_FILE
         pyramid = (PyramidConfig.from_dict(json.loads(pfile.read_text())) if pfile.is_file()
                    else PyramidConfig(pn=None, temporal_compression=vae.config.temporal_stride, **DEFAULT_PYRAMID))
-    except (CheckpointError, ValueError, TypeError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:   # FileNotFoundError: a missing part
         raise SystemExit(f"error: {folder}: {e}")
     return vae, pyramid, folder
 
@@ -114,20 +114,22 @@ def write_output(frames, out: Path, fps: int, lossless: bool) -> None:
             export_to_video(frames, out, fps=fps, lossless=lossless)
     except MediaError as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:   # disk full, quota: the write is atomic, an existing file is intact
+        raise SystemExit(f"error: {out}: cannot write ({e.strerror or e})")
 
 
 def cmd_reconstruct(args) -> int:
     t0 = time.perf_counter()
     src, out = Path(args.input), Path(args.output)
-    if not out.parent.exists():
-        raise SystemExit(f"error: output folder {out.parent} does not exist")
+    check_output_file(out, "output")
     if out.suffix.lower() not in (".mp4", ".npy", *IMAGE_SUFFIXES):
         raise SystemExit(f"error: output must end in .mp4, .npy or an image suffix, got {out.name}")
-    device = torch.device(args.device)
-    vae, pyramid, folder = load_tokenizer_folder(args.model, device)
-    frames = trim_frames(read_input(src), vae.config.temporal_stride, lambda m: print(m, file=sys.stderr))
     if args.scales is not None and args.continuous:
         raise SystemExit("error: --scales and --continuous exclude each other")
+    device = resolve_device(args.device)
+    frames = read_input(src)
+    vae, pyramid, folder = load_tokenizer_folder(args.model, device)
+    frames = trim_frames(frames, vae.config.temporal_stride, lambda m: print(m, file=sys.stderr))
     try:
         video = frames_to_video(frames, device)
         recon = reconstruct(vae, video, None if args.continuous else pyramid, args.scales)
@@ -186,7 +188,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--continuous", action="store_true", help="skip the quantizer (continuous VAE round trip)")
     p.add_argument("--model", default=None, help="tokenizer folder (default: the built-in tokenizer)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--fps", type=int, default=16, help="frame rate of an .mp4 output")
+    p.add_argument("--fps", type=positive_int, default=16, help="frame rate of an .mp4 output")
     p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 for an .mp4 output")
     p.set_defaults(func=cmd_reconstruct)
 
