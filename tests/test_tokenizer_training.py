@@ -234,8 +234,10 @@ def test_reconstruct_errors_are_clear(tmp_path, continuous_dir):
     with pytest.raises(SystemExit, match="does not exist"):
         _run_cli(["tokenizer", "reconstruct", str(tmp_path / "nope.mp4"), str(tmp_path / "o.npy"), "--model",
                   str(continuous_dir)])
+    np.save(tmp_path / "ok.npy", np.zeros((5, 64, 64, 3), np.uint8))   # the input is read first, then the model
     with pytest.raises(SystemExit, match="not a tokenizer folder"):
-        _run_cli(["tokenizer", "reconstruct", str(bad), str(tmp_path / "o.npy"), "--model", str(tmp_path)])
+        _run_cli(["tokenizer", "reconstruct", str(tmp_path / "ok.npy"), str(tmp_path / "o.npy"), "--model",
+                  str(tmp_path)])
     np.save(tmp_path / "odd.npy", np.zeros((5, 60, 64, 3), np.uint8))
     with pytest.raises(SystemExit, match="multiples of the tokenizer's spatial stride"):
         _run_cli(["tokenizer", "reconstruct", str(tmp_path / "odd.npy"), str(tmp_path / "o.npy"), "--model",

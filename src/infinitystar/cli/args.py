@@ -74,7 +74,7 @@ def check_output_file(path: Path, flag: str = "--out") -> None:
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give a file name")
     if not path.parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+        raise UserError(f"output folder {path.parent} does not exist")
     check_writable_folder(path.parent, f"{flag} folder")
 
 
