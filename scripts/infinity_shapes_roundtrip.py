@@ -22,10 +22,9 @@ import torch
 from infinitystar.shapes.benchmark import build_items
 from infinitystar.shapes.evaluate import aggregate, score_image
 from infinitystar.shapes.world import render
-from infinitystar.tokenizer.infinity_training import SCALES_FILE, SHAPES_SCALES, reconstruct_images
+from infinitystar.train.infinity_tokenizer import SCALES_FILE, SHAPES_SCALES, reconstruct_images
 from infinitystar.tokenizer.infinity_vae import InfinityVAE
-from infinitystar.tokenizer.training import clips_to_video
-from infinitystar.tokenizer.training_eval import psnr, video_to_frames
+from infinitystar.tokenizer.training_eval import frames_to_video, psnr, video_to_frames
 
 
 def roundtrip(folder: Path, n: int, seed: int, batch: int = 50) -> dict:
@@ -36,7 +35,7 @@ def roundtrip(folder: Path, n: int, seed: int, batch: int = 50) -> dict:
     refs = [render(it.spec, 1) for it in items]         # (1, 64, 64, 3) uint8 each
     recs = []
     for i in range(0, n, batch):
-        images = clips_to_video(refs[i:i + batch], "cpu")[:, :, 0]
+        images = frames_to_video(refs[i:i + batch], "cpu")[:, :, 0]
         recs.extend(video_to_frames(reconstruct_images(vae, images, scales).unsqueeze(2)))
     summary = aggregate([score_image(r[0], it.prompts) for it, r in zip(items, recs)])
     return {"tokenizer": str(folder), "n": n, "seed": seed,

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from infinitystar.tokenizer.training import load_config, train  # noqa: E402
+from infinitystar.train.tokenizer import load_config, train  # noqa: E402
 from infinitystar.train.checkpoint import find_latest  # noqa: E402
 from infinitystar.train.metrics import read_metrics  # noqa: E402
 
@@ -38,8 +38,8 @@ def run_stage(name: str, config: Path, out: Path, overrides: list[str]) -> float
         return 0.0
     resume = "latest" if find_latest(folder / "checkpoints") is not None else None
     over = [f"output_dir={folder}"] + overrides
-    cmd = f"infinitystar tokenizer train {load_config(config, over).mode} --config {config.relative_to(ROOT)} " + \
-        " ".join(f"--set {o}" for o in over) + (" --resume" if resume else "")
+    cmd = f"infinitystar train tokenizer {config.relative_to(ROOT)} " + " ".join(f"--set {o}" for o in over) + \
+        (" --resume" if resume else "")
     print(f"[{name}] {cmd}", flush=True)
     t0 = time.perf_counter()
     train(load_config(config, over), resume=resume)

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # The built-in default model, end to end (docs/default_model.md). Every stage resumes: re-run the script after an
 # interruption and finished stages are skipped, interrupted ones continue from their last checkpoint.
-# THREADS (default 2) sets the torch threads of the trainings.
+# THREADS (default 2) sets the torch threads of the trainings; PRECISION (default fp32, as the shipped model was
+# trained; auto: bf16 autocast where the CPU or GPU has it) their precision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${THREADS:-2}"
+PRECISION="${PRECISION:-fp32}"
 export OMP_NUM_THREADS="$THREADS"
 
 resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
 
 # 1. tokenizer, stage 1: a continuous video VAE on Shapes World (rendered on the fly, train split)
 [ -f runs/default/tokenizer_continuous/model/model.safetensors ] ||
-  infinitystar tokenizer train continuous --config configs/default_tokenizer_continuous.yaml --threads "$THREADS" \
-    $(resume_flag runs/default/tokenizer_continuous)
+  infinitystar train tokenizer configs/default_tokenizer_continuous.yaml --set train.threads="$THREADS" \
+    --precision "$PRECISION" $(resume_flag runs/default/tokenizer_continuous)
 
 # 2. tokenizer, stage 2: the bitwise tokenizer inherited from it (knowledge inheritance); the encoder side is
 #    frozen, so its first checkpoint already fixes the codes the generator learns (kept as tokenizer_frozen_encoder)
-BITWISE=(infinitystar tokenizer train bitwise --config configs/default_tokenizer_bitwise.yaml --threads "$THREADS"
-         --init runs/default/tokenizer_continuous/model)
+BITWISE=(infinitystar train tokenizer configs/default_tokenizer_bitwise.yaml --set train.threads="$THREADS"
+         --precision "$PRECISION" --set init=runs/default/tokenizer_continuous/model)
 if [ ! -f runs/default/tokenizer_frozen_encoder/model.safetensors ]; then
   "${BITWISE[@]}" --until 1 $(resume_flag runs/default/tokenizer_bitwise)
   mkdir -p runs/default/tokenizer_frozen_encoder
@@ -38,7 +40,7 @@ fi
 infinitystar extract-features --config configs/default_model.yaml
 
 # 6. the generator (and the text encoder)
-infinitystar train configs/default_model.yaml $(resume_flag runs/default/generator)
+infinitystar train generator configs/default_model.yaml --precision "$PRECISION" $(resume_flag runs/default/generator)
 
 # 7. the model folder that `InfinityStarPipeline.from_pretrained()` loads by default (EMA weights)
 infinitystar export runs/default/generator src/infinitystar/weights/default \

@@ -10,14 +10,14 @@ from safetensors.torch import load_file, save_file
 from infinitystar.convert.infinity_official import (config_from_state_dict, load_official_infinity,
                                                     official_to_ours, ours_to_official, read_official_infinity)
 from infinitystar.convert.strict import CheckpointError
-from infinitystar.model.infinity import (INFINITY_PRESETS, InfinityConfig, InfinityTransformer,
-                                         bitwise_self_correction, level_ids, reduce_loss, replay_bits,
-                                         teacher_forcing, text_from_varlen, token_weights)
+from infinitystar.model.infinity import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, level_ids, text_from_varlen
 from infinitystar.model.rope import Rope2D, apply_rope, rope2d_positions
 from infinitystar.parity import CHECKERS, Fixture, run_checks
 from infinitystar.sampling.bits import sample_bits
 from infinitystar.sampling.infinity_generate import generate_infinity
 from infinitystar.schedules import infinity_resolution as ir
+from infinitystar.train.infinity_targets import (bitwise_self_correction, forward_loss, reduce_loss, replay_bits,
+                                                 teacher_forcing, token_weights)
 
 
 @pytest.fixture(scope="module")
@@ -338,12 +338,12 @@ def test_training_forward_loss_and_condition_dropout(fx_dir, raw):
     before = text.clone()
     m.eval()   # dropout is a training-only regulariser (upstream drops in eval too)
     with torch.no_grad():
-        l_eval, _ = m.forward_loss(text, mask, io["x_BLC_wo_prefix"], io["gt_bits"], scales)
+        l_eval, _ = forward_loss(m, text, mask, io["x_BLC_wo_prefix"], io["gt_bits"], scales)
     assert abs(reduce_loss(l_eval, token_weights(scales)).item() - io["loss"].item()) < 1e-4
     m.train()
-    per_token, acc = m.forward_loss(text, mask, io["x_BLC_wo_prefix"], io["gt_bits"], scales)
+    per_token, acc = forward_loss(m, text, mask, io["x_BLC_wo_prefix"], io["gt_bits"], scales)
     assert torch.equal(text, before)                                         # caller's tensor untouched
-    null_loss, _ = m.eval().forward_loss(m.null_text_features(mask), mask, io["x_BLC_wo_prefix"], io["gt_bits"], scales)
+    null_loss, _ = forward_loss(m.eval(), m.null_text_features(mask), mask, io["x_BLC_wo_prefix"], io["gt_bits"], scales)
     assert (per_token - null_loss).abs().max() < 1e-5                        # p = 1: every caption dropped
     m.train()
     loss = reduce_loss(per_token, token_weights(scales, reweight_by_scale=True))

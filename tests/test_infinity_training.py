@@ -11,11 +11,11 @@ from infinitystar.train.infinity import InfinityTrainer, config_from_dict as tra
 from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline
 from infinitystar.shapes.world import vocabulary
 from infinitystar.text.builtin import WordTextEncoder
-from infinitystar.tokenizer.infinity_training import (SCALES_FILE, SHAPES_SCALES, InfinityTokenizerTrainer,
-                                                      SHAPES_VAE, config_from_dict as tokenizer_config,
-                                                      quantize_image_latent, shapes_images)
-from infinitystar.tokenizer.training import clips_to_video
 from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
+from infinitystar.tokenizer.training_eval import frames_to_video
+from infinitystar.train.infinity_tokenizer import (SCALES_FILE, SHAPES_SCALES, InfinityTokenizerTrainer, SHAPES_VAE,
+                                                   config_from_dict as tokenizer_config, quantize_image_latent)
+from infinitystar.train.tokenizer_data import ShapesSource
 from infinitystar.train.config import ConfigError
 
 QUIET = {"progress": False, "every": 1}
@@ -43,7 +43,7 @@ def _transformer_cfg(parts, out, **train):
     return transformer_config({
         "output_dir": str(out), "device": "cpu", "tokenizer": str(parts / "tokenizer"),
         "text_encoder": str(parts / "text"), "model": {"depth": 1, "width": 64, "num_heads": 2, "pooler_head_dim": 16},
-        "train": {"max_steps": 4, "batch_size": 2, "ema_decay": 0.9, **train},
+        "train": {"max_steps": 4, "batch_size": 2, "ema_decay": 0.9, "precision": "fp32", **train},
         "checkpoint": {"every": 2, "keep_last": 0}, "log": QUIET})
 
 
@@ -120,7 +120,7 @@ def test_decoder_finetune_from_init_keeps_encoder_and_bits(parts, tmp_path):
     a, b = old.state_dict(), new.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("encoder."))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
-    images = clips_to_video(shapes_images(7, 3), "cpu")[:, :, 0]
+    images = frames_to_video(ShapesSource(1, 64, 64, 0, 0).train_clips(7, 3), "cpu")[:, :, 0]
     assert all(torch.equal(x, y) for x, y in zip(_bits(old, images), _bits(new, images)))
     assert json.loads((res.model_dir / "tokenizer_training.json").read_text())["init"] == str(init)
 

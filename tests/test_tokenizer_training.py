@@ -10,8 +10,8 @@ import torch
 from infinitystar.config import PyramidConfig
 from infinitystar.quant.residual import encode_targets, quantize_multiscale
 from infinitystar.schedules.pyramid import Schedule
-from infinitystar.tokenizer.training import (DEFAULT_PYRAMID, TokenizerTrainer, calibrate_scale, config_from_dict,
-                                             sample_drop, train)
+from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
+from infinitystar.train.tokenizer_loss import calibrate_scale, sample_drop
 from infinitystar.cli.tokenizer import add_cli
 from infinitystar.tokenizer.training_eval import (PSNR_CAP_DB, fit_pyramid, psnr, psnr_per_frame, ssim,
                                                   ssim_per_frame)
@@ -24,7 +24,7 @@ TINY = {"block_out_channels": [4, 8, 8, 8]}     # 8x space (incl. patchify), 4x 
 def _cfg(tmp_path, name, **over):
     d = {"output_dir": str(tmp_path / name), "seed": 3, "device": "cpu",
          "model": dict(TINY), "data": {"frames": 5, "val_samples": 1}, "quant": {"calibration_clips": 2},
-         "train": {"max_steps": 4, "batch_size": 2, "val_every": 0},
+         "train": {"max_steps": 4, "batch_size": 2, "val_every": 0, "precision": "fp32"},
          "optim": {"lr": 3e-3, "warmup_steps": 0},
          "checkpoint": {"every": 2}, "log": {"every": 1, "progress": False}}
     for k, v in over.items():

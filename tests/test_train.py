@@ -105,7 +105,8 @@ def tiny_config(out_dir, manifest, **sections) -> dict:
     d = {"output_dir": str(out_dir), "device": "cpu", "seed": 3,
          "model": {"preset": "tiny"}, "pyramid": {"preset": "tiny"},
          "data": {"manifests": [str(manifest)], "pixels_per_latent": 8, "max_frames": 17, "num_workers": 0},
-         "train": {"max_steps": 4, "micro_batch": 2, "pad_multiple": 64, "scale_subset": {"mode": "random"}},
+         "train": {"max_steps": 4, "micro_batch": 2, "pad_multiple": 64, "scale_subset": {"mode": "random"},
+                   "precision": "fp32"},
          "optim": {"lr": 1e-3, "warmup_steps": 1, "decay": "cosine"},
          "checkpoint": {"every": 2}, "log": {"every": 1, "progress": False}}
     for name, upd in sections.items():
@@ -176,7 +177,7 @@ def test_example_config_validates():
 
 def test_lr_schedule():
     from infinitystar.train.config import OptimConfig
-    from infinitystar.train.trainer import lr_at
+    from infinitystar.train.harness import lr_at
     o = OptimConfig(lr=1.0, warmup_steps=4, decay="cosine", min_lr_ratio=0.1)
     lrs = [lr_at(s, o, 14) for s in range(14)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -356,7 +357,8 @@ def test_loss_weighting_follows_official_exponent():
 # --------------------------------------------------------------------------------------------------
 
 def test_extract_features_sharded_resumable_no_collisions(tmp_path):
-    from infinitystar.train.features import cache_path, extract_features
+    from infinitystar.train.features import extract_features
+    from infinitystar.train.latent_cache import cache_path
     from infinitystar.train.data import SampleSpec, read_manifests
     a, b = tmp_path / "a", tmp_path / "b"
     ma = write_dataset(a, n_videos=3, n_images=1, seed=0)
@@ -419,7 +421,7 @@ def test_training_logs_and_learns(tmp_path, dataset):
     from infinitystar.model.infinitystar import InfinityStarTransformer
     InfinityStarTransformer.from_pretrained(ckpt)
     assert (tmp_path / "run" / "config.yaml").is_file()
-    with pytest.raises(ConfigError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds a run"):
         run_training(raw)
 
 
@@ -526,8 +528,10 @@ def test_add_cli_and_module_entry_point(tmp_path, dataset):
     from infinitystar.train.trainer import spec_from_config
     p = argparse.ArgumentParser()
     add_cli(p.add_subparsers(dest="command"))
-    a = p.parse_args(["train", "c.yaml", "--resume", "--set", "train.max_steps=3"])
-    assert a.config == "c.yaml" and a.resume == "latest" and a.overrides == ["train.max_steps=3"] and callable(a.func)
+    a = p.parse_args(["train", "generator", "c.yaml", "--resume", "--set", "train.max_steps=3", "--precision", "fp32"])
+    assert (a.kind, a.config, a.resume, a.overrides, a.precision) == ("generator", "c.yaml", "latest",
+                                                                       ["train.max_steps=3"], "fp32")
+    assert callable(a.func)
     a = p.parse_args(["extract-features", "m.jsonl", "--out", "cache", "--config", "c.yaml"])
     assert a.manifest == ["m.jsonl"] and a.out == "cache"
     # `python -m infinitystar.train CONFIG` end to end: builtin text encoder folder + latent cache
@@ -542,7 +546,8 @@ def test_add_cli_and_module_entry_point(tmp_path, dataset):
     r = subprocess.run([sys.executable, "-m", "infinitystar.train", str(cfg)], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "--- config ---" in r.stdout and "done: step 2" in r.stdout
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "--- config ---" in r.stderr and summary["step"] == 2 and summary["precision"] == "fp32"
     assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "model.safetensors").is_file()
     r = subprocess.run([sys.executable, "-m", "infinitystar.train", str(cfg), "--set", "optim.lr=fast"], env=env,
                        capture_output=True, text=True, timeout=60)
@@ -555,7 +560,7 @@ def test_extract_features_command_with_the_video_tokenizer(tmp_path, capsys):
     from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
     from infinitystar.cli.train import add_cli
     from infinitystar.train.data import read_manifests
-    from infinitystar.train.features import cache_path, read_cached_latent
+    from infinitystar.train.latent_cache import cache_path, read_cached_latent
     from infinitystar.train.trainer import spec_from_config
     torch.manual_seed(0)
     VideoVAE(VideoVAEConfig.small()).save_pretrained(tmp_path / "vae")   # 8x space, 4x time, 64 channels

@@ -2,7 +2,6 @@
 commands that run a model folder."""
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys

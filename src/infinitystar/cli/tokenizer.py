@@ -10,15 +10,15 @@ from typing import Optional
 
 import infinitystar
 from infinitystar.cli.args import check_output_file, positive_int
+from infinitystar.cli.train import add_run_args, deprecated, run_training
 from infinitystar.config import PyramidConfig
 from infinitystar.convert.strict import CheckpointError
 from infinitystar.media import MediaError, export_to_video, load_image, load_video, save_image
-from infinitystar.tokenizer.training import DEFAULT_PYRAMID, PYRAMID_FILE, config_from_dict, load_config, train
+from infinitystar.runtime import resolve_device
 from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
                                                   ssim_per_frame, video_to_frames)
 from infinitystar.tokenizer.video_vae import VideoVAE
-from infinitystar.runtime import resolve_device
-from infinitystar.train.config import ConfigError
+from infinitystar.train.tokenizer import DEFAULT_PYRAMID, PYRAMID_FILE, config_from_dict, load_config
 
 
 def default_tokenizer_dir() -> Path:
@@ -43,17 +43,12 @@ def _train_overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    try:
-        overrides = _train_overrides(args)
-        cfg = load_config(args.config, overrides) if args.config else config_from_dict({}, overrides)
-        result = train(cfg, resume=args.resume, until=args.until)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    summary = {"step": result.step, "output_dir": str(result.output_dir),
-               "model": str(result.model_dir) if result.model_dir else None, "val_psnr": result.val_psnr,
-               "seconds": round(result.seconds, 1)}
-    print(json.dumps(summary))
-    return 0
+    """The older spelling of `infinitystar train tokenizer CONFIG --set mode=MODE`."""
+    deprecated(f"infinitystar tokenizer train {args.mode}" + (f" --config {args.config}" if args.config else ""),
+               f"infinitystar train tokenizer {args.config or 'CONFIG'} --set mode={args.mode}")
+    overrides = _train_overrides(args)
+    cfg = load_config(args.config, overrides) if args.config else config_from_dict({}, overrides)
+    return run_training("tokenizer", cfg, resume=args.resume, until=args.until, precision=args.precision)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,7 +153,7 @@ def add_cli(subparsers) -> None:
     tok = subparsers.add_parser("tokenizer", help="train the video tokenizer or measure its reconstructions")
     sub = tok.add_subparsers(dest="tokenizer_command", required=True)
 
-    p = sub.add_parser("train", help="train a continuous VAE or the bitwise tokenizer (see docs/tokenizer.md)",
+    p = sub.add_parser("train", help="deprecated: use `infinitystar train tokenizer CONFIG`",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("mode", choices=["continuous", "bitwise"],
                    help="continuous VAE, or the multi-scale bitwise tokenizer (from --init or from scratch)")
@@ -172,12 +167,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--threads", type=int, help="torch threads for this run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override any config value, e.g. --set quant.drop_prob=0.2 (repeatable)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint of the output folder (or a given checkpoint folder)")
-    p.add_argument("--until", type=int, metavar="STEP",
-                   help="stop after this step and checkpoint (the LR schedule still runs to max_steps)")
+    add_run_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("reconstruct", help="encode, quantize and decode a video; print PSNR/SSIM as JSON")

@@ -1,39 +1,79 @@
-"""The generator's training commands: `infinitystar train`, `infinitystar extract-features`, `infinitystar export`,
-and `python -m infinitystar.train CONFIG` (what torchrun runs)."""
+"""`infinitystar train {generator,tokenizer,infinity,infinity-tokenizer} CONFIG`, `infinitystar extract-features`,
+`infinitystar export`, and `python -m infinitystar.train [generator] CONFIG` (what torchrun runs).
+
+Every training command prints one JSON summary line (`TrainResult.summary`). The older spellings
+(`infinitystar train CONFIG`, `infinitystar tokenizer train MODE`, `infinitystar infinity train[-tokenizer]`) are
+aliases that print a one-line deprecation note and run `run_training`.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from infinitystar.cli.errors import run_command
 from infinitystar.convert.strict import CheckpointError
+from infinitystar.runtime import PRECISIONS, UserError, resolve_device
+from infinitystar.train import infinity, infinity_tokenizer, tokenizer, trainer
 from infinitystar.train.config import ConfigError, RunConfig, load_config
-from infinitystar.train.distributed import resolve_device
 from infinitystar.train.export import export_model
 from infinitystar.train.features import extract_features
-from infinitystar.train.trainer import load_tokenizer, spec_from_config, train
+from infinitystar.train.trainer import load_tokenizer, spec_from_config
+
+# kind -> train(config, *, resume, overrides, until) of that trainer
+TRAINERS = {"generator": trainer.train, "tokenizer": tokenizer.train, "infinity": infinity.train,
+            "infinity-tokenizer": infinity_tokenizer.train}
+
+
+def deprecated(old: str, new: str) -> None:
+    print(f"note: `{old}` is deprecated and will be removed; use `{new}`", file=sys.stderr)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags every training command shares."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value, e.g. --set train.max_steps=10 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint of output_dir (or from a given checkpoint folder)")
+    p.add_argument("--until", type=int, default=None, metavar="STEP",
+                   help="stop after this step and checkpoint (the LR schedule still runs to train.max_steps)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="train.precision: auto (bf16 autocast on CUDA and on CPUs with native bf16), fp32 or bf16")
+
+
+def run_training(kind: str, config, overrides: Sequence[str] = (), resume: Optional[str] = None,
+                 until: Optional[int] = None, precision: Optional[str] = None) -> int:
+    """Train `kind` from a config file (or config object) and print the JSON summary (rank 0)."""
+    overrides = [*overrides, *([f"train.precision={precision}"] if precision else [])]
+    try:
+        result = TRAINERS[kind](config, resume=resume, overrides=overrides, until=until)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.summary()), flush=True)
+    return 0
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="training config (.yaml or .toml)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint of output_dir (or from a given checkpoint folder)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a config value, e.g. --set train.max_steps=10 (repeatable)")
-    p.add_argument("--until", type=int, default=None, metavar="STEP",
-                   help="stop after this step and checkpoint (the LR schedule still runs to train.max_steps)")
+    p.add_argument("kind", metavar="KIND", help=f"what to train: {', '.join(TRAINERS)}")
+    p.add_argument("config", nargs="?", help="the run's config file (.yaml, .toml or .json)")
+    add_run_args(p)
 
 
 def _cmd_train(args) -> int:
-    result = train(args.config, resume=args.resume, overrides=args.overrides, until=args.until)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: step {result.step}, loss {result.loss}, checkpoint {result.checkpoint}")
-    return 0
+    kind, config = args.kind, args.config
+    if kind not in TRAINERS:
+        if config is not None:
+            raise UserError(f"unknown training kind {kind!r}; choose one of {', '.join(TRAINERS)}")
+        deprecated(f"infinitystar train {kind}", f"infinitystar train generator {kind}")
+        kind, config = "generator", kind
+    elif config is None:
+        raise UserError(f"give the run's config file: infinitystar train {kind} CONFIG")
+    return run_training(kind, config, args.overrides, args.resume, args.until, args.precision)
 
 
 def _cmd_extract(args) -> int:
@@ -81,8 +121,10 @@ def _cmd_export(args) -> int:
 
 def add_cli(subparsers) -> None:
     """Register `train`, `extract-features` and `export` on the `infinitystar` command's subparsers."""
-    p = subparsers.add_parser("train", help="train the generator from a config file (torchrun: "
-                                            "python -m infinitystar.train CONFIG)")
+    p = subparsers.add_parser("train", help="train the generator, a tokenizer or the Infinity model from a config "
+                                            "file (torchrun: python -m infinitystar.train CONFIG)",
+                              description="infinitystar train {generator,tokenizer,infinity,infinity-tokenizer} CONFIG "
+                                          "[--set k=v] [--resume] [--until N] [--precision P]")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
     p = subparsers.add_parser("extract-features", help="encode manifest samples once into a latent cache "
@@ -108,8 +150,11 @@ def add_cli(subparsers) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m infinitystar.train CONFIG [--resume] [--set k=v]` (the torchrun entry point)."""
-    p = argparse.ArgumentParser(prog="python -m infinitystar.train", description="train the InfinityStar generator")
+    """`python -m infinitystar.train [generator] CONFIG [--resume] [--set k=v] ...` (the torchrun entry point)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in TRAINERS:
+        argv.insert(0, "generator")   # the module trains the generator unless told otherwise
+    p = argparse.ArgumentParser(prog="python -m infinitystar.train", description="train from a config file")
     _add_train_args(p)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return run_command(_cmd_train, p.parse_args(argv))

@@ -17,11 +17,12 @@ import torch
 
 from infinitystar.convert.infinity_official import load_official_infinity
 from infinitystar.model.attention import AttentionContext
-from infinitystar.model.infinity import (InfinityConfig, InfinityTransformer, block_causal_mask, recorded_flips,
-                                         reduce_loss, replay_bits, teacher_forcing, token_weights)
+from infinitystar.model.infinity import InfinityConfig, InfinityTransformer, block_causal_mask
 from infinitystar.parity import Fixture, FixtureError, Record, compare
 from infinitystar.sampling.infinity_generate import generate_infinity
 from infinitystar.schedules.infinity_resolution import rope_anchor, template_anchor
+from infinitystar.train.infinity_targets import (forward_loss, recorded_flips, reduce_loss, replay_bits,
+                                                 teacher_forcing, token_weights)
 
 
 def _tols(fx: Fixture) -> dict[str, float]:
@@ -163,7 +164,7 @@ def check_transformer(fx: Fixture) -> Iterator[Record]:
 
     logits = model(text, mask, x, scales, rope_anchor=anchor)
     yield compare("logits", logits.flatten(-2), fx.tensor(io, "logits"), tol.get("logits"))
-    per_token, _ = model.forward_loss(text, mask, x, gt, scales, rope_anchor=anchor)
+    per_token, _ = forward_loss(model, text, mask, x, gt, scales, rope_anchor=anchor)
     loss = reduce_loss(per_token, token_weights(scales))
     yield compare("loss", loss.reshape(1), fx.tensor(io, "loss"), tol.get("loss"),
                   "per-bit 2-class CE, mean over bits, weights 1/L, mean over the batch")

@@ -21,6 +21,7 @@ import torch
 
 from infinitystar.quant.bsq import bits_to_codes, bsq_quantize, residual_to_bits
 from infinitystar.quant.resample import resize
+from infinitystar.runtime import fp32_region
 from infinitystar.schedules.pyramid import Schedule, Step
 
 
@@ -121,22 +122,26 @@ StepVisitor = Callable[[CodeAccumulator, torch.Tensor, Step], None]
 def _run_loop(z: torch.Tensor, schedule: Schedule, num_clips: Optional[int], input_mode: str, up_mode: str,
               visit: StepVisitor) -> torch.Tensor:
     """The loop skeleton shared by `encode_targets` and `quantize_multiscale`: one accumulator per clip, `visit`
-    called for every step in schedule order with the clip's slice of z. Returns the clips' F maps along time."""
+    called for every step in schedule order with the clip's slice of z. Returns the clips' F maps along time
+    (float32 for a half-precision z: the loop always runs in float32, with autocast off)."""
     n_clips = schedule.num_clips if num_clips is None else num_clips
     need_frames = sum(t for _, t in schedule.clips[:n_clips])
     if z.dim() != 5 or z.shape[2] < need_frames or tuple(z.shape[3:]) != schedule.full_hw:
         raise ValueError(f"latent of shape {tuple(z.shape)} does not fit the schedule "
                          f"(needs (B, C, >= {need_frames}, {schedule.full_hw[0]}, {schedule.full_hw[1]}))")
     B, C = z.shape[:2]
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
     maps = []
-    for clip in range(n_clips):
-        zc = _clip_slice(z, schedule, clip)
-        acc = CodeAccumulator(B, C, schedule.clip_size(clip), device=z.device, dtype=z.dtype,
-                              input_mode=input_mode, up_mode=up_mode)
-        for scale in schedule.clip_scales(clip):
-            for step in schedule.scale_steps(scale.index):
-                visit(acc, zc, step)
-        maps.append(acc.F)
+    with fp32_region(z.device):   # residuals and sign decisions in float32, whatever precision made z
+        for clip in range(n_clips):
+            zc = _clip_slice(z, schedule, clip)
+            acc = CodeAccumulator(B, C, schedule.clip_size(clip), device=z.device, dtype=z.dtype,
+                                  input_mode=input_mode, up_mode=up_mode)
+            for scale in schedule.clip_scales(clip):
+                for step in schedule.scale_steps(scale.index):
+                    visit(acc, zc, step)
+            maps.append(acc.F)
     return torch.cat(maps, dim=2)
 
 

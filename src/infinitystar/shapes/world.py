@@ -292,11 +292,6 @@ def render(spec: ShapeSpec, num_frames: int = 1) -> np.ndarray:
     return out
 
 
-def render_image(spec: ShapeSpec) -> np.ndarray:
-    """Render the first frame only, (64, 64, 3) uint8."""
-    return render(spec, 1)[0]
-
-
 # --------------------------------------------------------------------------------------------------
 # Captions
 # --------------------------------------------------------------------------------------------------

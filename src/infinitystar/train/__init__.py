@@ -1,21 +1,13 @@
-"""Training the InfinityStar generator: manifests and media (`data`), the latent cache (`features`), packed
-targets and the loss (`targets`, `loss`), the trainer (`trainer`), distributed set-up (`distributed`),
-checkpoints (`checkpoint`), metrics (`metrics`), and the config file (`config`).
-The commands live in `infinitystar.cli.train`.
+"""Training: one harness (`harness`: resume, seeding, optimizer and LR schedule, precision, checkpoints, metrics,
+`fit`) and the trainers built on it, each saying only what differs:
 
-Imports are lazy so `import infinitystar.train.loss` stays light."""
+    trainer             the InfinityStar generator (packed sequences, torchrun / FSDP2), from `config.RunConfig`
+    tokenizer           the video tokenizer (continuous VAE, bitwise tokenizer by knowledge inheritance)
+    infinity_tokenizer  the 2-D Infinity image tokenizer
+    infinity            the Infinity text-to-image transformer
 
-__all__ = ["train", "Trainer", "load_config", "RunConfig", "extract_features"]
-
-
-def __getattr__(name):
-    if name in ("train", "Trainer"):
-        from infinitystar.train import trainer
-        return getattr(trainer, name)
-    if name in ("load_config", "RunConfig"):
-        from infinitystar.train import config
-        return getattr(config, name)
-    if name == "extract_features":
-        from infinitystar.train.features import extract_features
-        return extract_features
-    raise AttributeError(f"module 'infinitystar.train' has no attribute {name!r}")
+Their pieces: run configs and their loading (`config`), manifests and media (`data`), the latent cache
+(`features`), targets and losses (`targets`, `loss`, `infinity_targets`, `tokenizer_loss`), the tokenizers' clips
+(`tokenizer_data`), distributed set-up (`distributed`), checkpoints (`checkpoint`), metrics (`metrics`) and the
+model-folder export (`export`). The commands live in `infinitystar.cli.train`.
+"""

@@ -12,7 +12,7 @@ import json
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -120,11 +120,18 @@ class OptimConfig:
 
 
 @dataclass
-class TrainSection:
+class TrainBase:
+    """What the `train` section of every trainer has."""
     max_steps: int = 100
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    threads: Optional[int] = None        # torch.set_num_threads for this process (None: leave as is)
+
+
+@dataclass
+class TrainSection(TrainBase):
     micro_batch: int = 1                 # samples per rank per micro-step, packed into one sequence
     grad_accum: int = 1                  # micro-steps per optimizer step
-    precision: Literal["bf16", "fp32"] = "bf16"   # bf16 autocast on CUDA only; CPU always runs fp32
     activation_checkpointing: bool = False
     ema_decay: Optional[float] = None    # None: no EMA; else an EMA of the weights updated every optimizer step
     # how the packed attention runs (model/attention.py): auto = flex on CUDA, grouped SDPA elsewhere; sdpa =
@@ -155,23 +162,57 @@ class LogConfig:
     tensorboard: bool = False            # also write TensorBoard events when tensorboard is installed
 
 
+SectionBuilder = Callable[[Any, str], Any]
+
+
 class FileConfig:
-    """to_dict / to_yaml for a dataclass config whose `model` and `pyramid` sections are a preset plus
-    `overrides`: written back in the shape of the file it was read from."""
+    """A run config dataclass read from a file: `load` / `from_dict` validate (`build_config`, with the class's
+    `sections` builders), `to_dict` / `to_yaml` write it back in the shape of the file (sections that are a
+    preset plus `overrides`, such as model and pyramid, flattened)."""
+
+    sections: ClassVar[dict[str, SectionBuilder]] = {}
+
+    @classmethod
+    def from_dict(cls, d: dict, overrides: Optional[Sequence[str]] = None):
+        """Validate a raw mapping plus `key=value` overrides (values parsed as YAML)."""
+        return build_config(cls, d, overrides, cls.sections)
+
+    @classmethod
+    def load(cls, path, overrides: Optional[Sequence[str]] = None):
+        """Read and validate a `.yaml`/`.yml`, `.toml` or `.json` config file; errors name the file."""
+        return load_file(cls, path, overrides, cls.sections)
+
+    @classmethod
+    def resolve(cls, config, overrides: Optional[Sequence[str]] = None):
+        """A config file (plus overrides), or a config object (overrides applied to a copy)."""
+        if isinstance(config, cls):
+            return cls.from_dict(config.to_dict(), overrides) if overrides else config
+        return cls.load(config, overrides)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        for name in ("model", "pyramid"):   # flatten overrides back to the file's shape
-            sec = out[name]
-            out[name] = {k: v for k, v in sec.items() if k != "overrides"} | sec["overrides"]
+        for name, sec in out.items():
+            if isinstance(sec, dict) and "overrides" in sec:
+                out[name] = {k: v for k, v in sec.items() if k != "overrides"} | sec["overrides"]
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
+def _model_section(value: Any, where: str) -> ModelSection:
+    return _coerce(value, ModelSection, where)
+
+
+def _pyramid_section(value: Any, where: str) -> PyramidSection:
+    return _coerce(value, PyramidSection, where)
+
+
 @dataclass
 class RunConfig(FileConfig):
+    """The generator's run."""
+    sections: ClassVar[dict[str, SectionBuilder]] = {"model": _model_section, "pyramid": _pyramid_section}
+
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"                 # auto: cuda:LOCAL_RANK when available, else cpu
@@ -191,29 +232,16 @@ class RunConfig(FileConfig):
 
     def validate(self) -> None:
         """Range checks that types cannot express; also builds the model and pyramid configs once."""
-        t, o, d = self.train, self.optim, self.data
-        positive = {"train.max_steps": t.max_steps, "train.micro_batch": t.micro_batch,
-                    "train.grad_accum": t.grad_accum, "train.pad_multiple": t.pad_multiple,
-                    "data.pixels_per_latent": d.pixels_per_latent, "data.max_frames": d.max_frames,
-                    "log.every": self.log.every, "optim.lr": o.lr}
-        for k, v in positive.items():
-            if v <= 0:
-                raise ConfigError(f"{k} must be positive, got {v}")
-        for k, v in {"train.bsc_strength": t.bsc_strength, "train.text_dropout": t.text_dropout,
-                     "data.short_caption_prob": d.short_caption_prob, "optim.min_lr_ratio": o.min_lr_ratio,
-                     "train.scale_subset.earlier_full_prob": t.scale_subset.earlier_full_prob}.items():
-            if not 0 <= v <= 1:
-                raise ConfigError(f"{k} must be in [0, 1], got {v}")
-        if t.ema_decay is not None and not 0 < t.ema_decay < 1:
-            raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {t.ema_decay}")
-        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        for k, v in {"optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
-                     "optim.weight_decay": o.weight_decay, "checkpoint.every": self.checkpoint.every,
-                     "checkpoint.keep_last": self.checkpoint.keep_last, "data.num_workers": d.num_workers,
-                     "train.reweight_by_scale": t.reweight_by_scale}.items():
-            if v < 0:
-                raise ConfigError(f"{k} must be >= 0, got {v}")
+        t, d = self.train, self.data
+        check_run(self)
+        check_ranges(positive={"train.micro_batch": t.micro_batch, "train.grad_accum": t.grad_accum,
+                               "train.pad_multiple": t.pad_multiple, "data.pixels_per_latent": d.pixels_per_latent,
+                               "data.max_frames": d.max_frames},
+                     non_negative={"data.num_workers": d.num_workers, "train.reweight_by_scale": t.reweight_by_scale},
+                     unit={"train.bsc_strength": t.bsc_strength, "train.text_dropout": t.text_dropout,
+                           "data.short_caption_prob": d.short_caption_prob,
+                           "train.scale_subset.earlier_full_prob": t.scale_subset.earlier_full_prob})
+        check_ema_decay(t.ema_decay)
         if d.fps is not None and d.fps <= 0:
             raise ConfigError(f"data.fps must be positive or null, got {d.fps}")
         ss = t.scale_subset
@@ -258,13 +286,18 @@ class RunConfig(FileConfig):
 # Validation
 # --------------------------------------------------------------------------------------------------
 
+def check_ema_decay(decay: Optional[float]) -> None:
+    if decay is not None and not 0 < decay < 1:
+        raise ConfigError(f"train.ema_decay must be in (0, 1) or null, got {decay}")
+
+
 def _type_name(tp) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
+    if origin in (list, tuple):
         return f"a list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "a list"
     if tp is type(None):
         return "null"
@@ -300,10 +333,10 @@ def _coerce(value, tp, key: str):
         if value not in get_args(tp):
             raise bad
         return value
-    if origin is list:
-        if not isinstance(value, list):
+    if origin in (list, tuple):   # tuple[X, ...] fields of architecture configs are lists in a file
+        if not isinstance(value, (list, tuple)):
             raise bad
-        (item,) = get_args(tp) or (Any,)
+        item = (get_args(tp) or (Any,))[0]
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -376,8 +409,6 @@ def _build(cls, d: dict, where: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     _unknown(names, d, where)
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in d.items()}
-    if cls is RunConfig:
-        return kwargs   # RunConfig validates ranges in __post_init__; the caller builds it
     try:
         return cls(**kwargs)
     except ValueError as e:   # a config dataclass's own checks (e.g. InteractConfig)
@@ -395,21 +426,46 @@ def set_dotted(d: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def config_from_dict(d: dict, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Validate a raw mapping (plus `key=value` overrides, values parsed as YAML) into a RunConfig."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"a training config must be a mapping at the top level, got {type(d).__name__}")
+def apply_overrides(d: dict, overrides: Optional[Sequence[str]]) -> dict:
+    """A deep copy of the raw mapping `d` with `key.path=value` overrides applied (values parsed as YAML)."""
     d = json.loads(json.dumps(d))   # deep copy; also rejects non-JSON values early
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         k, v = item.split("=", 1)
         set_dotted(d, k.strip(), yaml.safe_load(v))
-    return RunConfig(**_build(RunConfig, d))
+    return d
 
 
-def load_config(path, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Read a `.yaml`/`.yml` or `.toml` training config and validate it."""
+def build_config(cls, d: Any, overrides: Optional[Sequence[str]] = None,
+                 sections: Optional[dict[str, SectionBuilder]] = None):
+    """Validate a raw mapping (plus `key=value` overrides) into the run config dataclass `cls`. Unknown keys and
+    ill-typed values are `ConfigError`s naming the dotted key; a section given in part keeps the defaults of the
+    rest; `sections` maps a field name to its own builder (value, key) -> object. Range checks are the class's
+    own (`__post_init__`)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a {cls.__name__} must be a mapping at the top level, got {type(d).__name__}")
+    d = apply_overrides(d, overrides)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    _unknown(set(fields), d, "")
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if sections and name in sections:
+            kwargs[name] = sections[name](value, name)
+        elif dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            default = dataclasses.asdict(fields[name].default_factory())
+            kwargs[name] = _build(tp, {**default, **value}, name)
+        else:
+            kwargs[name] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def read_config_file(path) -> Any:
+    """The raw mapping of a `.yaml`/`.yml`, `.toml` or `.json` config file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -420,14 +476,76 @@ def load_config(path, overrides: Optional[list[str]] = None) -> RunConfig:
                 import tomllib
             except ModuleNotFoundError:
                 raise ConfigError(f"{path}: TOML configs need Python 3.11+ (tomllib); use YAML") from None
-            raw = tomllib.loads(text)
-        else:
-            raw = yaml.safe_load(text) or {}
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text) or {}
     except (yaml.YAMLError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{path}: cannot parse: {e}") from None
+
+
+def load_file(cls, path, overrides: Optional[Sequence[str]] = None,
+              sections: Optional[dict[str, SectionBuilder]] = None):
+    """`build_config` of a config file; errors are prefixed with the file's path."""
+    raw = read_config_file(path)
     try:
-        return config_from_dict(raw, overrides)
+        return build_config(cls, raw, overrides, sections)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def check_ranges(*, positive: Optional[dict] = None, non_negative: Optional[dict] = None,
+                 unit: Optional[dict] = None) -> None:
+    """Range checks of named values: > 0, >= 0, within [0, 1]."""
+    for k, v in (positive or {}).items():
+        if v <= 0:
+            raise ConfigError(f"{k} must be positive, got {v}")
+    for k, v in (non_negative or {}).items():
+        if v < 0:
+            raise ConfigError(f"{k} must be >= 0, got {v}")
+    for k, v in (unit or {}).items():
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{k} must be in [0, 1], got {v}")
+
+
+def check_run(cfg) -> None:
+    """The checks every run config shares: steps and threads of the train section, optimizer, checkpoints, log."""
+    t, o = cfg.train, cfg.optim
+    check_ranges(positive={"train.max_steps": t.max_steps, "optim.lr": o.lr, "log.every": cfg.log.every},
+                 non_negative={"optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
+                               "optim.weight_decay": o.weight_decay, "checkpoint.every": cfg.checkpoint.every,
+                               "checkpoint.keep_last": cfg.checkpoint.keep_last},
+                 unit={"optim.min_lr_ratio": o.min_lr_ratio})
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if t.threads is not None and t.threads < 1:
+        raise ConfigError(f"train.threads must be >= 1 or null, got {t.threads}")
+
+
+def preset_section(section_cls, config_cls, presets: Sequence[str], default: Optional[str], *,
+                   nullable_preset: bool = True, optional: bool = False,
+                   derived: Sequence[str] = ()) -> SectionBuilder:
+    """The builder of an architecture section `section_cls(preset, overrides)`: `preset` (one of `presets`, or
+    null when `nullable_preset`) plus any field of `config_cls` as an override checked against its type. Fields in
+    `derived` are set by the trainer from its other parts and may not be given. `optional`: the whole section may
+    be null (the architecture then comes from elsewhere, e.g. an init folder)."""
+    def build(value: Any, where: str):
+        if value is None and optional:
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        preset = _coerce(value.get("preset", default), Optional[str] if nullable_preset else str, f"{where}.preset")
+        if preset is not None and preset not in presets:
+            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; choose one of {', '.join(presets)}"
+                              + (" or null" if nullable_preset else ""))
+        for k in value:
+            if k in derived:
+                raise ConfigError(f"{where}.{k}: set by the trainer from the parts it trains with; remove it")
+        return section_cls(preset, _validated_overrides(config_cls, value, where, {"preset"}))
+    return build
+
+
+config_from_dict = RunConfig.from_dict
+load_config = RunConfig.load

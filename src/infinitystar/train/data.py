@@ -23,13 +23,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from infinitystar.config import PyramidConfig
 from infinitystar.schedules.dynamic_resolution import all_templates, nearest_template, num_scales
+from infinitystar.train.latent_cache import CacheMismatch, read_cached_latent
 
 
 class ManifestError(ValueError):
@@ -136,10 +137,8 @@ def find_manifests(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def read_manifests(paths: Sequence[str | os.PathLike],
-                   video_caption_fields: Sequence[str] = ("tarsier2_caption", "MiniCPM_V_2_6_caption", "caption"),
-                   image_caption_fields: Sequence[str] = ("text", "long_caption")) -> list[MediaRecord]:
-    records = []
+def manifest_lines(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, dict, Path]]:
+    """(source "file:line", parsed JSON object, folder of the manifest) of every non-empty manifest line."""
     for path in find_manifests(paths):
         with open(path, encoding="utf-8") as fh:
             for n, raw in enumerate(fh, 1):
@@ -150,7 +149,16 @@ def read_manifests(paths: Sequence[str | os.PathLike],
                     d = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise ManifestError(f"{source}: not JSON ({e})") from None
-                records.append(parse_line(d, source, path.parent, video_caption_fields, image_caption_fields))
+                if not isinstance(d, dict):
+                    raise ManifestError(f"{source}: expected a JSON object, got {type(d).__name__}")
+                yield source, d, path.parent
+
+
+def read_manifests(paths: Sequence[str | os.PathLike],
+                   video_caption_fields: Sequence[str] = ("tarsier2_caption", "MiniCPM_V_2_6_caption", "caption"),
+                   image_caption_fields: Sequence[str] = ("text", "long_caption")) -> list[MediaRecord]:
+    records = [parse_line(d, source, folder, video_caption_fields, image_caption_fields)
+               for source, d, folder in manifest_lines(paths)]
     if not records:
         raise ManifestError(f"no samples in {', '.join(map(str, paths))}")
     return records
@@ -348,7 +356,6 @@ class RawSample:
     caption_of_clip: list[int]
     pixels: Optional[torch.Tensor] = None         # (3, T, H, W) in [-1, 1], to be encoded by the tokenizer
     latent: Optional[torch.Tensor] = None         # (C, T_lat, h, w) from the cache
-    cache_note: Optional[str] = None              # a cache miss reason when the sample fell back to media
 
 
 def planned_offsets(record: MediaRecord, spec: SampleSpec) -> Optional[list[int]]:
@@ -376,21 +383,17 @@ def decode_frames(record: MediaRecord, spec: SampleSpec) -> np.ndarray:
 def load_sample(record: MediaRecord, seed: int, spec: SampleSpec) -> RawSample:
     """Everything of one sample that needs no model: cached latent or decoded pixels, bucket and captions.
     Raises SkipSample when the sample cannot be used."""
-    from infinitystar.train.features import CacheMismatch, read_cached_latent
-
     rng = random.Random(seed)
-    latent, pixels, note = None, None, None
+    latent, pixels = None, None
     offsets = planned_offsets(record, spec)
     if spec.latent_cache is not None:
         try:
             latent = read_cached_latent(spec.latent_cache, record, spec, None if offsets is None else len(offsets))
-        except CacheMismatch as e:
-            note = f"cache_mismatch: {e}"
+        except CacheMismatch as e:   # without require_cache: decoded from the media instead
             if spec.require_cache:
                 raise SkipSample("cache_mismatch", f"{record.source}: {e}") from None
-        if latent is None and note is None:
-            note = "uncached"
-            if spec.require_cache:
+        else:
+            if latent is None and spec.require_cache:
                 raise SkipSample("uncached", f"{record.source}: no cached latent in {spec.latent_cache}")
     if latent is not None:
         pyramid = bucket_for_latent(latent.shape[2], latent.shape[3], spec.pyramid)
@@ -406,7 +409,7 @@ def load_sample(record: MediaRecord, seed: int, spec: SampleSpec) -> RawSample:
     if spec.duration_prefix and num_frames > 1:
         seconds = (num_frames - 1) / spec.fps if spec.fps else float(num_frames - 1)
     captions, caption_of_clip = sample_captions(record, num_clips, rng, spec.short_caption_prob, seconds)
-    return RawSample(record, seed, num_frames, pyramid, captions, caption_of_clip, pixels, latent, note)
+    return RawSample(record, seed, num_frames, pyramid, captions, caption_of_clip, pixels, latent)
 
 
 # --------------------------------------------------------------------------------------------------

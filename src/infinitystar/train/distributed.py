@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from infinitystar.runtime import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -28,19 +30,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """"auto": cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" gets the local rank's index."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {spec!r} asked for, but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -103,11 +92,6 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameter), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,11 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
+from infinitystar.config import TransformerConfig
 from infinitystar.convert.strict import CheckpointError, load_strict, read_tensors
+from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline, _load_tokenizer
+from infinitystar.text import load_text_encoder
 from infinitystar.train.checkpoint import TEXT_PREFIX, find_resume, is_complete, read_json, read_meta
 from infinitystar.train.config import config_from_dict
 
@@ -36,11 +40,6 @@ def export_model(checkpoint: PathLike, out: PathLike, *, ema: bool = True, token
                  text_encoder: Optional[PathLike] = None, defaults: Optional[dict] = None) -> Path:
     """Write the model folder `out` from a checkpoint; `tokenizer` / `text_encoder` override the run's paths
     (the text encoder's only for its architecture when it was trained). Returns the checkpoint used."""
-    from infinitystar.config import TransformerConfig
-    from infinitystar.model.infinitystar import InfinityStarTransformer
-    from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline, _load_tokenizer
-    from infinitystar.text import load_text_encoder
-
     ckpt = resolve_checkpoint(checkpoint)
     meta = read_meta(ckpt)
     run = config_from_dict(meta["config"])

@@ -1,98 +1,28 @@
-"""Latent caching: encode every manifest sample once with the video tokenizer and store its continuous latent.
-
-A sample's file is `OUT/ab/abcdef....safetensors`, named by the SHA-256 of its full absolute path and frame range
-(so files with the same basename in different folders never collide). It holds one tensor `latent`
-(C, T_lat, h, w) float32 and metadata (path, range, frame count, sampling fps), checked on read. Files are
-written to a temporary name and renamed, so an existing file is always complete: a rerun skips them (resume)
+"""Latent caching: encode every manifest sample once with the video tokenizer and store its continuous latent in
+the cache (`train.latent_cache`: one file per sample, written atomically), so a rerun skips what exists (resume)
 and ranks split the work by sample index. Training cuts a cached latent to a shorter duration by taking its
 first latent frames (the tokenizer is causal in time).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence, Union
 
 import torch
+from tqdm import tqdm
 
+from infinitystar.config import pyramid_preset
 from infinitystar.schedules.pyramid import latent_frames
-from infinitystar.train.data import (MediaRecord, SampleSpec, SkipSample, bucket_for_frame, decode_frames,
-                                     frames_to_tensor, read_manifests, resize_cover_crop)
-
-CACHE_FORMAT = 1
+from infinitystar.train.data import (SampleSpec, SkipSample, bucket_for_frame, decode_frames, frames_to_tensor,
+                                     read_manifests, resize_cover_crop)
+from infinitystar.train.latent_cache import cache_meta, cache_path, write_latent
 
 
 class VideoTokenizer(Protocol):
     def encode(self, video: torch.Tensor) -> torch.Tensor: ...   # (B, 3, T, H, W) in [-1, 1] -> (B, C, T', h, w)
-
-
-class CacheMismatch(ValueError):
-    """A cached file exists but was made for other settings (or is unreadable)."""
-
-
-def cache_key(record: MediaRecord) -> str:
-    ident = [os.path.abspath(record.path), record.begin if record.kind == "video" else None,
-             record.end if record.kind == "video" else None]
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
-
-
-def cache_path(cache_dir: Union[str, os.PathLike], record: MediaRecord) -> Path:
-    key = cache_key(record)
-    return Path(cache_dir) / key[:2] / f"{key}.safetensors"
-
-
-def _meta(record: MediaRecord, spec: SampleSpec, num_frames: int) -> dict[str, str]:
-    return {"format": str(CACHE_FORMAT), "path": os.path.abspath(record.path), "kind": record.kind,
-            "begin": str(record.begin), "end": str(record.end), "frames": str(num_frames),
-            "fps": str(spec.fps), "pixels_per_latent": str(spec.pixels_per_latent)}
-
-
-def read_cached_latent(cache_dir, record: MediaRecord, spec: SampleSpec,
-                       num_frames: Optional[int]) -> Optional[torch.Tensor]:
-    """The cached latent cut to `num_frames` video frames (None: all cached frames, whole duration units only);
-    None when the sample is not cached; CacheMismatch when the file does not fit these settings."""
-    path = cache_path(cache_dir, record)
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            latent = f.get_tensor("latent")
-    except Exception as e:
-        raise CacheMismatch(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    expect = _meta(record, spec, 0)
-    for k in ("path", "kind", "begin", "end", "fps", "pixels_per_latent"):
-        if meta.get(k) != expect[k]:
-            raise CacheMismatch(f"{path}: made with {k}={meta.get(k)!r}, this run has {expect[k]!r}")
-    cached_frames = int(meta["frames"])
-    tc = spec.pyramid.temporal_compression
-    if num_frames is None:   # length unknown from the manifest: the cached duration, cut to whole units
-        num_frames = 1 + ((min(cached_frames, spec.max_frames) - 1) // spec.unit) * spec.unit
-    if num_frames > cached_frames:
-        raise CacheMismatch(f"{path}: holds {cached_frames} frames, {num_frames} are needed")
-    t = latent_frames(num_frames, tc)
-    if latent.dim() != 4 or latent.shape[1] < t:
-        raise CacheMismatch(f"{path}: latent of shape {tuple(latent.shape)} has fewer than {t} latent frames")
-    return latent[:, :t].contiguous()
-
-
-def _write_latent(path: Path, latent: torch.Tensor, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"latent": latent.detach().float().contiguous().cpu()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -137,10 +67,7 @@ def extract_features(manifest: Union[str, os.PathLike, Sequence[Union[str, os.Pa
     config's (`SampleSpec` from `Trainer.sample_spec` or `spec_from_config`) so that training finds the files.
     Existing files are skipped; missing or corrupt media are skipped and counted, never fatal.
     """
-    from tqdm import tqdm
-
     if spec is None:
-        from infinitystar.config import pyramid_preset
         spec = SampleSpec(pyramid_preset("tiny"))
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -167,7 +94,7 @@ def extract_features(manifest: Union[str, os.PathLike, Sequence[Union[str, os.Pa
                 stats.messages.append(f"{rec.source}: {e}")
             continue
         z = encode_pixels(tokenizer, pixels, device, spec.pixels_per_latent, spec.pyramid.temporal_compression)
-        _write_latent(path, z, _meta(rec, spec, pixels.shape[1]))
+        write_latent(path, z, cache_meta(rec, spec, pixels.shape[1]))
         stats.written += 1
     stats.seconds = time.perf_counter() - t0
     return stats

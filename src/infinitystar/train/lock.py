@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from infinitystar.runtime import UserError
+from infinitystar.train.distributed import broadcast_object
 
 LOCK_FILE = ".lock"
 
@@ -112,7 +113,6 @@ class RunLock:
 def lock_run(directory, info=None) -> RunLock:
     """Take the lock of `directory` for this run. Under torchrun (`info`: the DistInfo) rank 0 takes it and every
     rank raises the same RunLockError when it is held elsewhere; other ranks get an unheld RunLock."""
-    from infinitystar.train.distributed import broadcast_object
     lock, error = RunLock(directory), None
     if info is None or info.is_main:
         try:

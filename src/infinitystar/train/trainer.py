@@ -9,74 +9,44 @@ with a W times larger batch.
 """
 from __future__ import annotations
 
-import math
 import random
-import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from infinitystar.config import TransformerConfig
+from infinitystar.convert.strict import load_strict, read_tensors
 from infinitystar.model.attention import resolve_backend
+from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.text.base import PromptCutWarning, prompt_overflow
-from infinitystar.train.checkpoint import EMA, CheckpointManager, list_checkpoints, rng_state, set_rng_state
-from infinitystar.train.config import ConfigError, OptimConfig, RunConfig, load_config
-from infinitystar.train.data import (SampleLoader, SampleSpec, ShardedOrder, derive_seed, read_manifests,
-                                     SKIP_REASONS)
-from infinitystar.train.distributed import (all_reduce_sum, init_distributed, shutdown, wrap_model)
+from infinitystar.text import load_text_encoder as load_text_folder
+from infinitystar.tokenizer.video_vae import VideoVAE
+from infinitystar.train.checkpoint import rng_state, set_rng_state
+from infinitystar.train.config import ConfigError, RunConfig
+from infinitystar.train.data import SKIP_REASONS, SampleLoader, SampleSpec, ShardedOrder, derive_seed, read_manifests
+from infinitystar.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown, wrap_model
 from infinitystar.train.features import encode_pixels
-from infinitystar.train.lock import lock_run
-from infinitystar.train.metrics import MetricsLogger, ScaleAccuracy, peak_memory_mb
+from infinitystar.train.harness import Harness, lr_at
+from infinitystar.train.metrics import ScaleAccuracy, peak_memory_mb
 from infinitystar.train.targets import (PackedTrainModule, TextRow, pack_batch, packed_loss,
                                         prepare_interact_samples, prepare_sample)
 
 
-def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant / cosine / linear decay
-    to lr * min_lr_ratio at max_steps. A pure function of the step, so resuming needs no scheduler state."""
-    if optim.warmup_steps and step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.decay == "constant":
-        return optim.lr
-    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
-    lo = optim.min_lr_ratio
-    if optim.decay == "cosine":
-        return optim.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
-    return optim.lr * (lo + (1 - lo) * (1 - progress))
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases, norm weights, embeddings tables of the text encoder excepted,
-    and the null text are not decayed."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and name.rsplit(".", 1)[-1] != "null_text" else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 def load_text_encoder(path: str, device):
     """The text encoder folder of `text_encoder.path` (built-in word encoder or T5)."""
-    from infinitystar.text import load_text_encoder as load
     try:
-        return load(path, device)
+        return load_text_folder(path, device)
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise ConfigError(f"text_encoder.path: {e}") from None
 
 
 def load_tokenizer(path: str, device):
     """The frozen video tokenizer (`VideoVAE` folder); training encodes its posterior mean (deterministic)."""
-    try:
-        from infinitystar.tokenizer.video_vae import VideoVAE
-    except ImportError as e:
-        raise ConfigError(f"tokenizer.path is set but the video tokenizer is not available ({e})") from None
     try:
         return VideoVAE.from_pretrained(path, device=device).eval()
     except (FileNotFoundError, ValueError) as e:
@@ -108,38 +78,30 @@ def encode_texts(encoder, prompts: Sequence[str], device, max_len: int) -> tuple
     return [feats[i, :max(1, min(int(n), max_len))].float() for i, n in enumerate(lengths)], cut
 
 
-@dataclass
-class TrainResult:
-    step: int
-    loss: Optional[float]
-    output_dir: Path
-    checkpoint: Optional[Path]
+class Trainer(Harness):
+    """The generator's run, from a RunConfig. Components can be passed in (tests, notebooks); otherwise they are
+    loaded from the config's paths. Call `fit()`; `close()` releases threads and the process group.
 
+    What differs from the other trainers: one optimizer step is `grad_accum` packed micro-batches, the model may be
+    sharded over torchrun's processes (FSDP2 or DDP), checkpoints go through `CheckpointManager` (sharded
+    optimizer state, per-rank data position and RNG), and logged numbers are reduced over the ranks."""
 
-class Trainer:
-    """Build everything from a RunConfig. Components can be passed in (tests, notebooks); otherwise they are
-    loaded from the config's paths. Call `fit()`; `close()` releases threads and the process group."""
+    name = "train"
+    config_class = RunConfig
 
     def __init__(self, config: RunConfig, *, transformer: Optional[nn.Module] = None, text_encoder=None,
                  tokenizer=None, resume: Optional[str] = None):
-        self.config = cfg = config
-        self.info = info = init_distributed(cfg.device)
-        self.device = info.device
-        self.out = Path(cfg.output_dir)
-        self.lock = lock_run(self.out, info)   # one run per output_dir, until close()
+        cfg = config
         if not cfg.data.manifests:
             raise ConfigError("data.manifests is empty: give at least one JSONL manifest (or folder of them)")
-        if resume is None and list_checkpoints(self.out / "checkpoints"):
-            raise ConfigError(f"{self.out} already holds checkpoints: pass --resume to continue the run, or choose "
-                              "another output_dir")
+        super().__init__(config, resume)
+        info = self.info
 
         # --- model (same initial weights on every rank: seeded before construction) -------------------
         torch.manual_seed(cfg.seed)
         if transformer is None:
-            from infinitystar.model.infinitystar import InfinityStarTransformer
             transformer = InfinityStarTransformer(cfg.model.build())
             if cfg.model.init_from is not None:
-                from infinitystar.convert.strict import load_strict, read_tensors
                 f = Path(cfg.model.init_from) / "model.safetensors"
                 load_strict(transformer, read_tensors(f), str(f))
         self.transformer = transformer.to(self.device).train()
@@ -173,12 +135,7 @@ class Trainer:
                               f"{self.model_config.text_channels} (model.text_channels)")
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_max_len = min(self.model_config.text_maxlen, self.model_config.null_text_len)
-
-        # --- optimizer, EMA ------------------------------------------------------------------------------
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.train_module, o.weight_decay), lr=o.lr,
-                                           betas=tuple(o.betas), eps=o.eps)
-        self.ema = EMA(self.train_module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.setup_optimizer(self.train_module, cfg.train.ema_decay)
 
         # --- data ------------------------------------------------------------------------------------------
         d = cfg.data
@@ -190,37 +147,20 @@ class Trainer:
         self.loader = SampleLoader(self.records, self.spec, order, d.num_workers)
         self.scale_acc = ScaleAccuracy(cfg.pyramid.build().build(1).scales_per_clip, self.device)
 
-        # --- state, checkpoints, logs ---------------------------------------------------------------------
-        self.step = 0
-        self.nonfinite_steps = 0
+        # --- state: seeded per rank, then the checkpoint (if any) restores it ---------------------------
         self.text_cut = 0
         random.seed(derive_seed(cfg.seed, "python", info.rank))
         np.random.seed(derive_seed(cfg.seed, "numpy", info.rank) % 2 ** 32)
         torch.manual_seed(derive_seed(cfg.seed, "torch", info.rank))
-        self.ckpt = CheckpointManager(self.out / "checkpoints", info, cfg.checkpoint.keep_last)
-        path = self.ckpt.resolve(resume)
-        if path is not None:
-            self._restore(path)
-        elif resume is not None and info.is_main:
-            print(f"no checkpoint in {self.out / 'checkpoints'}; starting from step 0", flush=True)
-        self.logger = None
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
-            tb = self.out / "tensorboard" if cfg.log.tensorboard else None
-            self.logger = MetricsLogger(self.out / "metrics.jsonl", tb)
-            if path is not None:   # lines logged after this checkpoint by the interrupted run are redone
-                self.logger.truncate_after(self.step)
-        self.last_checkpoint: Optional[Path] = path
+        self.begin()
+
+    def setup_process(self) -> DistInfo:
+        return init_distributed(self.config.device)
 
     # ------------------------------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
         return resolve_backend(self.config.train.attention_backend, self.device)
-
-    def _autocast(self):
-        on = self.device.type == "cuda" and self.config.train.precision == "bf16"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def _latent(self, raw) -> torch.Tensor:
         if raw.latent is not None:
@@ -266,7 +206,7 @@ class Trainer:
             per_sample.append(feats[i:i + len(s.captions)])
             i += len(s.captions)
         batch = pack_batch(samples, per_sample, self.model_config.text_maxlen, t.pad_multiple, self.device)
-        with self._autocast():
+        with self.autocast():   # the bit heads run in fp32 inside (InfinityStarTransformer.logits)
             logits, anchor = self.module(batch.x_visual, batch.captions, batch.packed, self.backend, text_tokens,
                                          batch.conditions)
         out = packed_loss(logits, batch, anchor)
@@ -275,13 +215,9 @@ class Trainer:
             self.scale_acc.add(step.scale.clip > 0 or step.scale.t > 1, step.scale.in_clip, acc)
         return out.loss.detach(), batch.tokens, len(samples)
 
-    def train_step(self) -> dict:
-        """One optimizer step; returns local sums for logging."""
-        cfg = self.config
-        lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        accum = cfg.train.grad_accum
+    def forward_backward(self) -> dict[str, Any]:
+        """`grad_accum` micro-steps; gradients are reduced over the ranks only on the last."""
+        accum = self.config.train.grad_accum
         loss_sum = torch.zeros((), device=self.device)
         tokens = samples = 0
         for m in range(accum):
@@ -290,19 +226,7 @@ class Trainer:
             loss_sum += loss / accum
             tokens += n_tok
             samples += n_s
-        params = [p for p in self.train_module.parameters() if p.grad is not None]
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if math.isfinite(norm):
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
-        else:   # identical decision on every rank: the norm is global
-            self.nonfinite_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return {"loss": loss_sum, "tokens": tokens, "samples": samples, "lr": lr, "grad_norm": norm}
+        return {"loss": loss_sum, "tokens": tokens, "samples": samples}
 
     def _set_sync(self, sync: bool) -> None:
         """Skip gradient reduction on all but the last micro-step of an accumulation."""
@@ -312,71 +236,41 @@ class Trainer:
             self.module.require_backward_grad_sync = sync
 
     # ------------------------------------------------------------------------------------------------------
-    def fit(self, until: Optional[int] = None) -> TrainResult:
-        """Train to train.max_steps, or stop early after step `until` (the LR schedule still follows
-        max_steps) and checkpoint there, as an interrupted run that is resumed later would."""
-        from tqdm import tqdm
+    def describe(self, stop: int) -> str:
         cfg, info = self.config, self.info
-        stop = cfg.train.max_steps if until is None else min(until, cfg.train.max_steps)
-        if info.is_main:
-            how = (f"{info.world_size} processes ({'FSDP2' if cfg.train.parallel == 'fsdp' else 'DDP'})"
-                   if info.distributed else "1 process")
-            n_params = sum(p.numel() for p in self.train_module.parameters() if p.requires_grad)
-            print(f"infinitystar train: {how} on {self.device}, {n_params:,} parameters, {len(self.records)} "
-                  f"samples, starting at step {self.step}\n--- config ---\n{cfg.to_yaml()}--------------",
-                  flush=True)
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (info.is_main and cfg.log.progress),
-                   desc="train", dynamic_ncols=True)
-        window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0}
-        t_last = time.perf_counter()
-        last_loss = None
-        while self.step < stop:
-            out = self.train_step()
-            window["loss"] += out["loss"]
-            window["tokens"] += out["tokens"]
-            window["samples"] += out["samples"]
-            window["steps"] += 1
-            bar.update(1)
-            if self.step % cfg.log.every == 0 or self.step == stop:
-                now = time.perf_counter()
-                rec = self._log_record(window, out, now - t_last)
-                last_loss = rec["loss"]
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{out['lr']:.2e}")
-                if self.logger is not None:
-                    self.logger.log(rec)
-                window = {"loss": 0.0, "tokens": 0, "samples": 0, "steps": 0}
-                t_last = time.perf_counter()
-            every = cfg.checkpoint.every
-            if (every and self.step % every == 0) or self.step == stop:
-                self.save()
-        bar.close()
-        return TrainResult(self.step, last_loss, self.out, self.last_checkpoint)
+        how = (f"{info.world_size} processes ({'FSDP2' if cfg.train.parallel == 'fsdp' else 'DDP'})"
+               if info.distributed else "1 process")
+        n_params = sum(p.numel() for p in self.params)
+        return (f"infinitystar train: {how} on {self.device} ({self.precision}), {n_params:,} parameters, "
+                f"{len(self.records)} samples, starting at step {self.step}\n--- config ---\n{cfg.to_yaml()}"
+                f"--------------")
 
-    def _log_record(self, window: dict, out: dict, seconds: float) -> dict:
+    def log_record(self, window: dict[str, Any], n: int, seconds: float, last: dict[str, Any]) -> dict[str, Any]:
+        """Sums over the ranks: loss, tokens, samples, cache and skip counts, per-scale accuracy; the peak memory of
+        the fullest rank."""
         info = self.info
         stats = self.loader.stats
-        loss = window["loss"] if isinstance(window["loss"], torch.Tensor) else torch.tensor(window["loss"])
         vec = torch.cat([
-            torch.tensor([float(loss), window["tokens"], window["samples"], stats.cache_hits, stats.encoded,
-                          self.text_cut] + [stats.skipped.get(k, 0) for k in SKIP_REASONS], dtype=torch.float64,
-                         device=self.device),
+            torch.tensor([float(window["loss"]), window["tokens"], window["samples"], stats.cache_hits,
+                          stats.encoded, self.text_cut] + [stats.skipped.get(k, 0) for k in SKIP_REASONS],
+                         dtype=torch.float64, device=self.device),
             self.scale_acc.packed()])
         vec = all_reduce_sum(vec, info)
         peak = torch.tensor([peak_memory_mb(self.device)], device=self.device)
         if info.distributed:
-            import torch.distributed as dist
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        n = len(SKIP_REASONS)
+        k = len(SKIP_REASONS)
         rec = {"step": self.step,
-               "loss": round(float(vec[0]) / info.world_size / max(1, window["steps"]), 6),
-               "lr": out["lr"], "grad_norm": round(out["grad_norm"], 6),
+               "loss": round(float(vec[0]) / info.world_size / max(1, n), 6),
+               "lr": last["lr"], "grad_norm": round(last["grad_norm"], 6),
                "tokens_per_s": round(float(vec[1]) / seconds, 1),
                "samples_per_s": round(float(vec[2]) / seconds, 3),
                "peak_memory_mb": round(float(peak), 1),
                "cache_hits": int(vec[3]), "encoded": int(vec[4]), "captions_cut": int(vec[5])}
-        rec.update({f"skipped_{k}": int(v) for k, v in zip(SKIP_REASONS, vec[6:6 + n].tolist())})
+        rec.update({f"skipped_{r}": int(v) for r, v in zip(SKIP_REASONS, vec[6:6 + k].tolist())})
         rec["nonfinite_steps"] = self.nonfinite_steps
-        rec.update(self.scale_acc.summary(vec[6 + n:]))
+        rec.update(self.scale_acc.summary(vec[6 + k:]))
+        rec["precision"] = self.precision
         self.scale_acc.reset()
         return rec
 
@@ -393,11 +287,10 @@ class Trainer:
                       "stats": {"skipped": dict(stats.skipped), "cache_hits": stats.cache_hits,
                                 "encoded": stats.encoded, "text_cut": self.text_cut}}
         opt = self.optimizer if cfg.checkpoint.save_optimizer else None
-        self.last_checkpoint = self.ckpt.save(self.step, self.module, self.model_config.to_dict(), opt, self.ema,
-                                              trainer_state, rank_state)
-        return self.last_checkpoint
+        return self.ckpt.save(self.step, self.module, self.model_config.to_dict(), opt, self.ema, trainer_state,
+                              rank_state)
 
-    def _restore(self, path: Path) -> None:
+    def restore(self, path: Path) -> None:
         meta, rank_state = self.ckpt.load(path, self.module, self.train_module, self.optimizer, self.ema)
         self.step = int(meta["step"])
         self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
@@ -415,14 +308,10 @@ class Trainer:
             self.loader.order.epoch, self.loader.order.cursor = epoch, 0
             warnings.warn(f"{path} was written by {meta.get('world_size')} process(es), this run has "
                           f"{self.info.world_size}: data restarts at epoch {epoch}", stacklevel=2)
-        if self.info.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
 
     def close(self) -> None:
         self.loader.close()
-        if self.logger is not None:
-            self.logger.close()
-        self.lock.release()
+        super().close()
         shutdown(self.info)
 
 
@@ -433,15 +322,4 @@ def spec_from_config(cfg: RunConfig) -> SampleSpec:
                       d.short_caption_prob, d.duration_prefix, d.latent_cache, d.require_cache)
 
 
-def train(config, *, resume: Optional[str] = None, overrides: Optional[list[str]] = None,
-          until: Optional[int] = None, **components) -> TrainResult:
-    """Train from a RunConfig or a config file path (`overrides`: ["section.key=value", ...]). `resume`: "latest"
-    or a checkpoint folder. `until`: stop early after that step. `components`: transformer=, text_encoder=,
-    tokenizer= to use instead of loading them from the config's paths."""
-    if not isinstance(config, RunConfig):
-        config = load_config(config, overrides)
-    trainer = Trainer(config, resume=resume, **components)
-    try:
-        return trainer.fit(until=until)
-    finally:
-        trainer.close()
+train = Trainer.train

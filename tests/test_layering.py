@@ -1,0 +1,126 @@
+"""Layering of the package: no import cycle between its parts (model, train, tokenizer, convert, cli, ...) nor between
+any two modules, and the package-internal imports of the training and command layers at module top (so the import
+graph read here is the one Python runs). How: parse every module with `ast`, collect its imports of
+`infinitystar.*` (at any depth), and look for strongly connected components of the graph."""
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "infinitystar"
+# Strict state-dict I/O is the bottom layer every model's from_pretrained uses; it still lives under convert/.
+BOTTOM = {"infinitystar.convert.strict"}
+TOP_IMPORTS_IN = ("infinitystar.cli", "infinitystar.train")
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = list(f.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def imports(tree: ast.AST, known: dict[str, Path]) -> list[tuple[ast.stmt, str]]:
+    """(statement, imported module of the package) for every import in the tree."""
+    found = {}
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        for n in names:
+            while n not in known and "." in n:
+                n = n.rsplit(".", 1)[0]
+            if n in known:
+                found[id(node), n] = (node, n)
+    return list(found.values())
+
+
+def module_graph() -> dict[str, set[str]]:
+    known = modules()
+    graph = {}
+    for name, f in known.items():
+        if name.endswith("__main__"):   # entry points: nothing imports them
+            continue
+        deps = {n for _, n in imports(ast.parse(f.read_text()), known)}
+        # `from infinitystar.train import trainer` names the package too: a package is not a dependency of its modules
+        graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}
+    return graph
+
+
+def part(module: str) -> str:
+    if module in BOTTOM:
+        return module
+    return ".".join(module.split(".")[:2])
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan, iterative)."""
+    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph.get(root, ()))))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(graph.get(w, ())))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_parts_of_the_package():
+    parts: dict[str, set[str]] = {}
+    for m, deps in module_graph().items():
+        parts.setdefault(part(m), set()).update(part(d) for d in deps if part(d) != part(m))
+    assert cycles(parts) == []
+
+
+def test_no_import_cycle_between_modules():
+    assert cycles(module_graph()) == []
+
+
+def test_package_imports_sit_at_module_top_in_the_training_and_command_layers():
+    known = modules()
+    hidden = []
+    for name, f in known.items():
+        if not name.startswith(TOP_IMPORTS_IN):
+            continue
+        tree = ast.parse(f.read_text())
+        top = {id(n) for n in tree.body}
+        hidden += [f"{f.relative_to(SRC)}:{node.lineno} imports {dep}" for node, dep in imports(tree, known)
+                   if id(node) not in top]
+    assert hidden == []
