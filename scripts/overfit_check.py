@@ -35,9 +35,10 @@ from infinitystar.shapes.world import vocabulary
 from infinitystar.text.builtin import WordTextEncoder
 from infinitystar.tokenizer.training_eval import frames_to_video, reconstruct, video_to_frames
 from infinitystar.tokenizer.video_vae import VideoVAE
-from infinitystar.train import extract_features, load_config, train
+from infinitystar.train.config import load_config
 from infinitystar.train.export import export_model
-from infinitystar.train.trainer import spec_from_config
+from infinitystar.train.features import extract_features
+from infinitystar.train.trainer import spec_from_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ def test_every_command_group_is_registered():
 def test_a_user_error_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("INFINITYSTAR_DEBUG", raising=False)
     missing = tmp_path / "missing.yaml"
-    assert main(["train", str(missing)]) == 2
+    assert main(["train", "generator", str(missing)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {missing}: no such config file\n"
 
@@ -23,7 +23,7 @@ def test_a_user_error_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback(tmp_path, monkeypatch, where):
     monkeypatch.delenv("INFINITYSTAR_DEBUG", raising=False)
-    argv = ["train", str(tmp_path / "missing.yaml")]
+    argv = ["train", "generator", str(tmp_path / "missing.yaml")]
     argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
     with pytest.raises(ConfigError, match="no such config file"):
         main(argv)
@@ -32,4 +32,26 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, where):
 def test_debug_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("INFINITYSTAR_DEBUG", "1")
     with pytest.raises(ConfigError):
-        main(["train", str(tmp_path / "missing.yaml")])
+        main(["train", "generator", str(tmp_path / "missing.yaml")])
+
+
+def test_old_spellings_are_aliases_with_a_deprecation_note(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("INFINITYSTAR_DEBUG", raising=False)
+    missing = str(tmp_path / "missing.yaml")
+    for argv, new in ((["train", missing], f"infinitystar train generator {missing}"),
+                      (["infinity", "train", missing], f"infinitystar train infinity {missing}"),
+                      (["infinity", "train-tokenizer", missing], f"infinitystar train infinity-tokenizer {missing}"),
+                      (["tokenizer", "train", "bitwise", "--config", missing],
+                       f"infinitystar train tokenizer {missing} --set mode=bitwise")):
+        assert main(argv) == 2
+        note, error = capsys.readouterr().err.splitlines()
+        assert note.startswith("note: `") and "is deprecated" in note and f"use `{new}`" in note
+        assert error == f"error: {missing}: no such config file"
+
+
+def test_unknown_kind_and_missing_config(capsys):
+    assert main(["train", "vae", "c.yaml"]) == 2
+    assert "unknown training kind 'vae'; choose one of generator, tokenizer, infinity, infinity-tokenizer" in \
+        capsys.readouterr().err
+    assert main(["train", "tokenizer"]) == 2
+    assert "give the run's config file: infinitystar train tokenizer CONFIG" in capsys.readouterr().err
