@@ -131,6 +131,7 @@ def _fixed_batch_loss(trainer: TokenizerTrainer, video: torch.Tensor) -> float:
         return trainer.losses(video, 0)[1]["l1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,inherit", [("continuous", False), ("bitwise", False), ("bitwise", True)])
 def test_a_few_steps_reduce_the_loss(tmp_path, continuous_dir, mode, inherit):
     over = {"mode": mode, "train": {"max_steps": 8}, "checkpoint": {"every": 0},
@@ -152,6 +153,7 @@ def test_a_few_steps_reduce_the_loss(tmp_path, continuous_dir, mode, inherit):
     assert torch.equal(reloaded.proj_up.weight, tr.model.proj_up.weight)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, continuous_dir):
     over = {"mode": "bitwise", "init": str(continuous_dir), "model": None,
             "quant": {"drop_prob": 0.5, "sample_posterior": True}}

@@ -57,7 +57,8 @@ def test_two_processes_match_one(tmp_path, parallel):
     def finish(proc):
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-4000:]
-        assert f"2 processes ({parallel.upper() if parallel == 'ddp' else 'FSDP2'})" in out
+        assert f"2 processes ({parallel.upper() if parallel == 'ddp' else 'FSDP2'})" in err
+        assert json.loads(out.strip().splitlines()[-1])["step"] in (2, 3)   # the JSON summary, rank 0 only
         return out
 
     # FSDP2 is interrupted after step 2 and resumed (sharded optimizer state, EMA shards, data positions per rank)
