@@ -16,8 +16,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union, 
 
 import yaml
 
-from infinitystar.config import (PYRAMID_PRESETS, TRANSFORMER_PRESETS, InteractConfig, PyramidConfig,
-                                  TransformerConfig, pyramid_preset, transformer_preset)
+from infinitystar.config import PYRAMID_PRESETS, TRANSFORMER_PRESETS, InteractConfig, PyramidConfig, TransformerConfig
 
 
 class ConfigError(ValueError):
@@ -27,6 +26,14 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
+
+def build_preset(config_cls, presets: dict[str, dict], preset: Optional[str], overrides: dict, where: str):
+    """An architecture config from a preset (or none) plus field overrides; its own errors named by `where`."""
+    try:
+        return config_cls(**{**(presets[preset] if preset is not None else {}), **overrides})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
 
 @dataclass
 class ModelSection:
@@ -41,13 +48,8 @@ class ModelSection:
             if not cfg_path.is_file():
                 raise ConfigError(f"model.init_from: {cfg_path} does not exist")
             raw = json.loads(cfg_path.read_text())
-            return TransformerConfig.from_dict({k: v for k, v in raw.items() if k != "type"})
-        try:
-            if self.preset is None:
-                return TransformerConfig(**self.overrides)
-            return transformer_preset(self.preset, **self.overrides)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model: {e}") from None
+            return TransformerConfig.from_dict(raw)
+        return build_preset(TransformerConfig, TRANSFORMER_PRESETS, self.preset, self.overrides, "model")
 
 
 @dataclass
@@ -57,12 +59,7 @@ class PyramidSection:
     overrides: dict = field(default_factory=dict)
 
     def build(self) -> PyramidConfig:
-        try:
-            if self.preset is None:
-                return PyramidConfig(**self.overrides)
-            return pyramid_preset(self.preset, **self.overrides)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"pyramid: {e}") from None
+        return build_preset(PyramidConfig, PYRAMID_PRESETS, self.preset, self.overrides, "pyramid")
 
 
 @dataclass

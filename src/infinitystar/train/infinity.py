@@ -46,7 +46,8 @@ from infinitystar.text.builtin import WordTextEncoder
 from infinitystar.tokenizer.infinity_vae import InfinityVAE
 from infinitystar.tokenizer.training_eval import frames_to_video
 from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig, LogConfig, OptimConfig,
-                                       TrainBase, check_ema_decay, check_ranges, check_run, preset_section)
+                                       TrainBase, build_preset, check_ema_decay, check_ranges, check_run,
+                                       preset_section)
 from infinitystar.train.harness import Harness, publish_folder
 from infinitystar.train.infinity_targets import bitwise_self_correction, forward_loss, teacher_forcing, token_weights
 from infinitystar.train.infinity_tokenizer import SCALES_FILE, SHAPES_SCALES, scales_value
@@ -68,11 +69,8 @@ class InfinityModelSection:
     overrides: dict = field(default_factory=lambda: dict(depth=4, width=128, num_heads=4, pooler_head_dim=32))
 
     def build(self, **derived) -> InfinityConfig:
-        base = {k: v for k, v in INFINITY_PRESETS[self.preset].items() if k not in DERIVED} if self.preset else {}
-        try:
-            return InfinityConfig(**{**base, **self.overrides, **derived})
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model: {e}") from None
+        presets = {name: {k: v for k, v in p.items() if k not in DERIVED} for name, p in INFINITY_PRESETS.items()}
+        return build_preset(InfinityConfig, presets, self.preset, {**self.overrides, **derived}, "model")
 
 
 @dataclass
