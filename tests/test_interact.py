@@ -18,7 +18,7 @@ from infinitystar.parity import run_checks
 from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
-from infinitystar.schedules.interact import condition_maps, decode_window, next_previous, segment_schedule
+from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
 
 TINY = TransformerConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, text_channels=16, text_maxlen=16,
                          null_text_len=32)

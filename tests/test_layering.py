@@ -23,10 +23,20 @@ def modules() -> dict[str, Path]:
     return out
 
 
+def type_checking_only(tree: ast.AST) -> set[int]:
+    """Import statements under `if TYPE_CHECKING:` (annotations only: never run)."""
+    return {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and (getattr(node.test, "id", None) or getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+            for stmt in node.body for n in ast.walk(stmt)}
+
+
 def imports(tree: ast.AST, known: dict[str, Path]) -> list[tuple[ast.stmt, str]]:
-    """(statement, imported module of the package) for every import in the tree."""
+    """(statement, imported module of the package) for every import in the tree that runs."""
     found = {}
+    skip = type_checking_only(tree)
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import json
 
-from infinitystar.cli.train import add_run_args, deprecated, run_training
+from infinitystar.cli.train import add_legacy_flags, deprecated, legacy_overrides, run_training
 from infinitystar.train import infinity as infinity_train
-
-
-def _overrides(args) -> list[str]:
-    """Flags -> `key=value` overrides, applied after the config file (flags win)."""
-    pairs = {"output_dir": args.output_dir, "seed": args.seed, "device": args.device,
-             "train.max_steps": args.steps, "train.batch_size": args.batch_size, "train.threads": args.threads}
-    return [f"{k}={json.dumps(v)}" for k, v in pairs.items() if v is not None] + list(args.overrides)
 
 
 def _alias(kind: str, old: str):
     """An older spelling of `infinitystar train KIND CONFIG`."""
     def cmd(args) -> int:
         deprecated(f"infinitystar infinity {old} {args.config}", f"infinitystar train {kind} {args.config}")
-        return run_training(kind, args.config, _overrides(args), args.resume, args.until, args.precision)
+        return run_training(kind, args.config, legacy_overrides(args), args.resume, args.until, args.precision)
     return cmd
 
 
@@ -40,13 +33,7 @@ def add_cli(subparsers) -> None:
     for name, kind in (("train-tokenizer", "infinity-tokenizer"), ("train", "infinity")):
         p = sub.add_parser(name, help=f"deprecated: use `infinitystar train {kind} CONFIG`")
         p.add_argument("config", help="YAML config; flags override it")
-        p.add_argument("--output-dir", help="run folder (checkpoints, metrics.jsonl, model/)")
-        p.add_argument("--steps", type=int, help="train.max_steps")
-        p.add_argument("--batch-size", type=int, help="train.batch_size")
-        p.add_argument("--seed", type=int)
-        p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
-        p.add_argument("--threads", type=int, help="torch threads for this run")
-        add_run_args(p)
+        add_legacy_flags(p)
         p.set_defaults(func=_alias(kind, name))
     p = sub.add_parser("swap-tokenizer", help="copy an Infinity model folder with another tokenizer whose encoder is "
                                               "bit-identical (a decoder fine-tune): same codes, new pixels")

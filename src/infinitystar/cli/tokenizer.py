@@ -10,7 +10,7 @@ from typing import Optional
 
 import infinitystar
 from infinitystar.cli.args import check_output_file, positive_int
-from infinitystar.cli.train import add_run_args, deprecated, run_training
+from infinitystar.cli.train import add_legacy_flags, deprecated, legacy_overrides, run_training
 from infinitystar.config import PyramidConfig
 from infinitystar.convert.strict import CheckpointError
 from infinitystar.media import MediaError, export_to_video, load_image, load_video, save_image
@@ -30,23 +30,11 @@ def default_tokenizer_dir() -> Path:
 # train
 # --------------------------------------------------------------------------------------------------
 
-def _train_overrides(args) -> list[str]:
-    """Flags -> `key=value` overrides, applied after the config file (flags win)."""
-    out = [f"mode={args.mode}"]
-    pairs = {"init": args.init, "output_dir": args.output_dir, "seed": args.seed, "device": args.device,
-             "train.max_steps": args.steps, "train.batch_size": args.batch_size, "train.threads": args.threads,
-             "optim.lr": args.lr}
-    for k, v in pairs.items():
-        if v is not None:
-            out.append(f"{k}={json.dumps(v)}")
-    return out + list(args.overrides)
-
-
 def cmd_train(args) -> int:
     """The older spelling of `infinitystar train tokenizer CONFIG --set mode=MODE`."""
     deprecated(f"infinitystar tokenizer train {args.mode}" + (f" --config {args.config}" if args.config else ""),
                f"infinitystar train tokenizer {args.config or 'CONFIG'} --set mode={args.mode}")
-    overrides = _train_overrides(args)
+    overrides = [f"mode={args.mode}", *legacy_overrides(args, init="init", lr="optim.lr")]
     cfg = load_config(args.config, overrides) if args.config else config_from_dict({}, overrides)
     return run_training("tokenizer", cfg, resume=args.resume, until=args.until, precision=args.precision)
 
@@ -160,14 +148,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--config", help="YAML config (configs/tokenizer_*.yaml); flags override it")
     p.add_argument("--init", help="tokenizer folder to start from (bitwise: knowledge inheritance from a "
                                   "continuous VAE)")
-    p.add_argument("--output-dir", help="run folder (checkpoints, metrics.jsonl, model/)")
-    p.add_argument("--steps", type=int, help="train.max_steps")
-    p.add_argument("--batch-size", type=int, help="train.batch_size")
     p.add_argument("--lr", type=float, help="optim.lr")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--threads", type=int, help="torch threads for this run")
-    add_run_args(p)
+    add_legacy_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("reconstruct", help="encode, quantize and decode a video; print PSNR/SSIM as JSON")

@@ -45,6 +45,28 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="train.precision: auto (bf16 autocast on CUDA and on CPUs with native bf16), fp32 or bf16")
 
 
+# flags of the older spellings -> the config keys they set
+LEGACY_FLAGS = {"output_dir": ("output_dir", str, "run folder (checkpoints, metrics.jsonl, model/)"),
+                "steps": ("train.max_steps", int, "train.max_steps"),
+                "batch_size": ("train.batch_size", int, "train.batch_size"),
+                "seed": ("seed", int, "seed"), "device": ("device", str, "cpu, cuda, cuda:1 or auto"),
+                "threads": ("train.threads", int, "torch threads for this run")}
+
+
+def add_legacy_flags(p: argparse.ArgumentParser) -> None:
+    """The older spellings' shorthand flags, each one config key (`--set` says the same)."""
+    for name, (_, tp, help_) in LEGACY_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=tp, help=help_)
+    add_run_args(p)
+
+
+def legacy_overrides(args, **extra: str) -> list[str]:
+    """`key=value` overrides from the shorthand flags (and `extra`: attribute -> key), before the `--set` ones."""
+    keys = {name: key for name, (key, _, _) in LEGACY_FLAGS.items()} | extra
+    return [f"{key}={json.dumps(getattr(args, name))}" for name, key in keys.items()
+            if getattr(args, name) is not None] + list(args.overrides)
+
+
 def run_training(kind: str, config, overrides: Sequence[str] = (), resume: Optional[str] = None,
                  until: Optional[int] = None, precision: Optional[str] = None) -> int:
     """Train `kind` from a config file (or config object) and print the JSON summary (rank 0)."""

@@ -17,7 +17,7 @@ from infinitystar.parity import Fixture, FixtureError, Record, compare
 from infinitystar.parity.infinitystar import (_exact, _replist, _transformer_config, greedy_mismatch_record,
                                               rope_table_records)
 from infinitystar.sampling.generate import Caption, generate
-from infinitystar.schedules.interact import condition_maps, decode_window, next_previous, segment_schedule
+from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
 
 IO = "io.safetensors"
 

@@ -61,7 +61,7 @@ class Scale(_TokenGrid):
 class ConditionBlock(_TokenGrid):
     """Tokens made from the previous segment of an interactive video, attended to by every scale of the new one.
 
-    They are not generated: their (t, h, w) map is given (see `infinitystar.schedules.interact`). Each block is run
+    They are not generated: their (t, h, w) map is given (see `infinitystar.quant.interact`). Each block is run
     through the transformer once, attending only to itself, and its keys/values are cached.
     """
     name: str                 # "semantic" or "detail"

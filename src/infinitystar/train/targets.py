@@ -12,7 +12,7 @@ from torch import nn
 from infinitystar.config import InteractConfig, PyramidConfig
 from infinitystar.model.packing import PackSample, PackedSequence, pack_sequence, select_steps
 from infinitystar.quant.residual import BitwiseSelfCorrection, encode_targets
-from infinitystar.schedules.interact import condition_maps, segment_schedule
+from infinitystar.quant.interact import condition_maps, segment_schedule
 from infinitystar.schedules.pyramid import Schedule, Step
 from infinitystar.train.config import ScaleSubsetConfig
 from infinitystar.train.loss import bitwise_loss, scale_loss_weights
