@@ -59,7 +59,7 @@ def test_two_processes_match_one(tmp_path, parallel):
         assert proc.returncode == 0, err[-4000:]
         assert f"2 processes ({parallel.upper() if parallel == 'ddp' else 'FSDP2'})" in err
         assert json.loads(out.strip().splitlines()[-1])["step"] in (2, 3)   # the JSON summary, rank 0 only
-        return out
+        return err
 
     # FSDP2 is interrupted after step 2 and resumed (sharded optimizer state, EMA shards, data positions per rank)
     proc = launch("--until", "2") if parallel == "fsdp" else launch()
@@ -70,7 +70,7 @@ def test_two_processes_match_one(tmp_path, parallel):
         tr.close()
     finish(proc)
     if parallel == "fsdp":
-        assert "resumed from" in finish(launch("--resume"))
+        assert "resumed from" in finish(launch("--resume"))   # on stderr, with the banner
 
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 3
