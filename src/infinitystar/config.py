@@ -3,22 +3,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from infinitystar.schedules.dynamic_resolution import PN_NUM_SCALES, spatial_scales
 from infinitystar.schedules.pyramid import Schedule, latent_frames
 
 
-def _from_dict(cls, d: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
-    return cls(**d)
+class ArchConfig:
+    """What every architecture config dataclass shares (these three, `InfinityConfig`, `VideoVAEConfig`,
+    `InfinityVAEConfig`): `to_dict` (JSON-ready: tuples as lists) and a strict `from_dict` (an unknown field is an
+    error that names it; a model folder's "type" key is skipped)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"type"})
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ArchConfig):
     """The InfinityStar transformer (Qwen3-style blocks, 4-D RoPE, text as prefix tokens, two bitwise heads)."""
     width: int = 64
     depth: int = 4
@@ -63,13 +72,6 @@ class TransformerConfig:
     def detail_bits(self) -> int:
         return self.latent_channels
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TransformerConfig":
-        return _from_dict(cls, d)
-
 
 # Official presets (reference/infinitystar.md section 1.6). `block_chunks` only matters for checkpoint key names.
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
@@ -94,7 +96,7 @@ def transformer_preset(name: str, **overrides) -> TransformerConfig:
 
 
 @dataclass
-class PyramidConfig:
+class PyramidConfig(ArchConfig):
     """How a video is cut into the spacetime pyramid.
 
     Either a pixel budget `pn` with an aspect ratio (official tables, 16 pixels per latent), or `custom_scales`,
@@ -145,16 +147,9 @@ class PyramidConfig:
             self.image_repetition, self.video_repetition, self.detail_min_tokens,
             self.semantic_bits, self.detail_bits, attention or self.attention)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PyramidConfig":
-        return _from_dict(cls, d)
-
 
 @dataclass
-class InteractConfig:
+class InteractConfig(ArchConfig):
     """The interactive long-video mode (the official InfinityStar-Interact model, `infinity_star_interact`).
 
     Every new clip is one segment of `frames_per_clip` latent frames, generated as a lone clip (latent frames
@@ -193,13 +188,6 @@ class InteractConfig:
         if self.detail_frames > pyramid.frames_per_clip:
             raise ValueError(f"InteractConfig.detail_frames {self.detail_frames} exceeds the "
                              f"{pyramid.frames_per_clip} latent frames of a clip")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InteractConfig":
-        return _from_dict(cls, d)
 
 
 PYRAMID_PRESETS: dict[str, dict[str, Any]] = {

@@ -27,7 +27,6 @@ Upstream bugs that this implementation does not have (reference/infinity.md sect
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinitystar.config import ArchConfig
 from infinitystar.model.attention import AttentionContext, attend
 from infinitystar.model.layers import RMSNorm
 from infinitystar.model.rope import Rope2D, apply_rope, rope2d_positions
@@ -49,7 +49,7 @@ CONFIG_TYPE = "infinity_transformer"   # the "type" of our config.json (tells th
 
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class InfinityConfig:
+class InfinityConfig(ArchConfig):
     """Shape of an Infinity transformer.
 
     latent_channels: bits per latent cell (the VAE codebook_dim d). spatial_patchify: one token covers 2x2 latent
@@ -131,17 +131,6 @@ class InfinityConfig:
         other = (Lt * Ct + C + Ct + (2 * C * Ct + C * C + 3 * C) + (Ct * C + C * C + 2 * C) + self.num_levels * C
                  + (d * C + C) + (6 * C * C + 6 * C) + (2 * C * C + 2 * C) + (2 * d * C + 2 * d))
         return self.depth * block + other
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InfinityConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"InfinityConfig: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "InfinityConfig":

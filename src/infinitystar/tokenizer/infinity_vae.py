@@ -25,7 +25,6 @@ dropped. Any other name, a missing name or a wrong shape is an error that names 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -36,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinitystar.runtime import autocast
-
+from infinitystar.config import ArchConfig
 from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
+from infinitystar.runtime import autocast
 
 PathLike = Union[str, Path]
 
@@ -54,7 +53,7 @@ def norm_groups(channels: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class InfinityVAEConfig:
+class InfinityVAEConfig(ArchConfig):
     """Shape of an Infinity BSQ-VAE.
 
     codebook_dim: latent channels = bits per latent cell (the vocabulary is 2**codebook_dim).
@@ -118,21 +117,6 @@ class InfinityVAEConfig:
         return height // self.patch_size, width // self.patch_size
 
     # --- (de)serialisation ---------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["encoder_ch_mult"] = list(self.encoder_ch_mult)
-        d["decoder_ch_mult"] = list(self.decoder_ch_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "InfinityVAEConfig":
-        d = {k: v for k, v in d.items() if k != "type"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"InfinityVAEConfig: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
-
     @classmethod
     def preset(cls, name: str) -> "InfinityVAEConfig":
         """A released tokenizer ('d16', 'd24', 'd32', 'd32reg', 'd64', 'd56_f8_14_patchify') or 'tiny'."""

@@ -28,7 +28,6 @@ Released config: `VideoVAEConfig.official()` (184.66 M parameters, 16x space, 4x
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinitystar.config import ArchConfig
 from infinitystar.convert.strict import CONFIG_FILE as CONFIG_NAME  # noqa: F401  (re-exported)
 from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
 from infinitystar.runtime import autocast
@@ -67,7 +67,7 @@ def quantizer_buffer_shapes(config: "VideoVAEConfig") -> dict[str, tuple[int, ..
 
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class VideoVAEConfig:
+class VideoVAEConfig(ArchConfig):
     """Shape of a video tokenizer.
 
     block_out_channels: widths c0..cn; n = len - 1 encoder/decoder blocks.
@@ -187,18 +187,6 @@ class VideoVAEConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown video VAE preset {name!r} (known: {', '.join(PRESETS)})")
         return getattr(cls, name)()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VideoVAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"type"})
-        if unknown:
-            raise ValueError(f"unknown VideoVAEConfig fields: {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_official_args(cls, args: Mapping[str, Any]) -> "VideoVAEConfig":
