@@ -1,8 +1,9 @@
 """Layering of the package: no import cycle between its parts (model, train, tokenizer, convert, cli, ...) nor between
 any two modules, and the package-internal imports of the training and command layers at module top (so the import
 graph read here is the one Python runs). How: parse every module with `ast`, collect its imports of
-`infinitystar.*` (at any depth), and look for strongly connected components of the graph. A package import inside a function is only
-allowed where it is guarded by `except ImportError` (the module needs an optional dependency)."""
+`infinitystar.*` (at any depth), and look for strongly connected components of the graph. A package import
+inside a function is only allowed where it is guarded by `except ImportError` (the module needs an optional
+dependency)."""
 import ast
 from pathlib import Path
 

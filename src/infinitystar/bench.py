@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from infinitystar.config import PyramidConfig, TransformerConfig
-from infinitystar.runtime import precision_name, resolve_device, resolve_precision
+from infinitystar.runtime import peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.schedules.pyramid import Schedule
-from infinitystar.train.metrics import peak_memory_mb
 
 BENCH_MODEL = dict(width=256, depth=4, num_heads=4, num_kv_heads=2, mlp_ratio=4.0, text_channels=64, text_maxlen=64,
                    null_text_len=64)

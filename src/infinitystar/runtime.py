@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import resource
+import sys
 from typing import Literal
 
 import torch
@@ -110,3 +112,11 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def fp32_region(device: torch.device):
     """Turn autocast off for a block that must compute in fp32; inputs must be cast with .float() by the caller."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory on a GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB on Linux

@@ -3,19 +3,16 @@ commands that run a model folder."""
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 from infinitystar.cli import interactive
 from infinitystar.generation import (IMAGE_SUFFIXES, generate_image, generate_video, load_pipeline, model_family,
                                      save_result)
 from infinitystar.cli.args import (check_image_file, check_output_file, check_prompts_read_whole, finite_float,
                                    positive_float, positive_int, seed)
-from infinitystar.runtime import UserError, resolve_device
+from infinitystar.runtime import UserError, peak_memory_mb, resolve_device
 from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
 
 
@@ -74,7 +71,7 @@ def _cmd_generate(args) -> int:
     save_result(result.frames, out, fps=result.fps)
     summary = {"output": str(out), "prompts": prompts, "frames": int(result.frames.shape[0]), "seed": args.seed,
                "load_s": round(load_s, 3), **{k: round(v, 3) for k, v in result.timings.items()},
-               "peak_memory_mb": _peak_memory_mb(pipe), "device": str(pipe.device)}
+               "peak_memory_mb": round(peak_memory_mb(pipe.device), 1), "device": str(pipe.device)}
     print(json.dumps(summary) if args.json else f"wrote {out} ({result.frames.shape[0]} frames, "
           f"{result.timings['total_s']:.2f} s)")
     return 0
@@ -92,12 +89,6 @@ def _generate_interactive(args, out: Path) -> int:
     pipe = load_pipeline(args.model, args.device)
     return interactive.run(pipe, out, seed=args.seed, guidance_scale=args.cfg, temperature=args.tau,
                            inference=args.inference, image=args.image, video=args.video, as_json=args.json)
-
-
-def _peak_memory_mb(pipe) -> float:
-    if torch.cuda.is_available() and pipe.device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _generate_infinity(args, out) -> int:
@@ -123,8 +114,8 @@ def _generate_infinity(args, out) -> int:
     save_result(result.image, out)
     summary = {"output": str(out), "prompts": prompts, "height": result.height, "width": result.width,
                "template_h_div_w": result.template, "pn": result.pn, "seed": args.seed, "load_s": round(load_s, 3),
-               **{k: round(v, 3) for k, v in result.timings.items()}, "peak_memory_mb": _peak_memory_mb(pipe),
-               "device": str(pipe.device)}
+               **{k: round(v, 3) for k, v in result.timings.items()},
+               "peak_memory_mb": round(peak_memory_mb(pipe.device), 1), "device": str(pipe.device)}
     print(json.dumps(summary) if args.json else f"wrote {out} ({result.width}x{result.height}, "
           f"{result.timings['total_s']:.2f} s)")
     return 0

@@ -27,10 +27,10 @@ from infinitystar.bench import matmul_rate
 from infinitystar.config import TransformerConfig
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.packing import PackedSequence
-from infinitystar.runtime import autocast, precision_name, resolve_device, resolve_precision
+from infinitystar.runtime import autocast, peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.train.config import load_config
-from infinitystar.train.metrics import peak_memory_mb
 from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_sample
+from infinitystar.train.tokenizer import TokenizerTrainer, load_config as load_tokenizer_config
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_TRAIN_CONFIG = REPO / "configs" / "default_model.yaml"
@@ -140,22 +140,22 @@ def run_train_bench(config=None, precision: str = "auto", device: Optional[str] 
 def run_tokenizer_bench(config=None, precision: str = "auto", device: Optional[str] = None, steps: int = 5,
                         as_json: bool = False) -> dict:
     """Median seconds of the tokenizer trainer's own step (encode, decode, losses, backward, AdamW) at a
-    tokenizer config (configs/default_tokenizer_continuous.yaml by default), random init, under autocast."""
-    from infinitystar.tokenizer.training import TokenizerTrainer, load_config as load_tokenizer_config
+    tokenizer config (configs/default_tokenizer_continuous.yaml by default), random init, in `precision` (the
+    trainer's train.precision)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_tokenizer_config(config or DEFAULT_TOKENIZER_CONFIG,
-                                    [f"output_dir={tmp}", f"device={device or 'auto'}"])
+        cfg = load_tokenizer_config(config or DEFAULT_TOKENIZER_CONFIG, [
+            f"output_dir={tmp}", f"device={device or 'auto'}", f"train.precision={precision}"])
         trainer = TokenizerTrainer(cfg)
-        dev = trainer.device
-        dtype = resolve_precision(precision, dev)
+        dev, dtype = trainer.device, trainer.dtype
         times, cpu = [], []
-        for i in range(steps + 1):
-            t0, c0 = time.perf_counter(), time.process_time()
-            with autocast(dev, dtype):
+        try:
+            for i in range(steps + 1):
+                t0, c0 = time.perf_counter(), time.process_time()
                 trainer.train_step()
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        del trainer
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+        finally:
+            trainer.close()
     video = cfg.train.batch_size * cfg.data.frames
     result = {"bench": "tokenizer", "config": str(config or DEFAULT_TOKENIZER_CONFIG.relative_to(REPO)),
               "device": str(dev), "threads": torch.get_num_threads(), "precision": precision_name(dtype),

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from infinitystar.convert.strict import load_strict, read_tensors
-from infinitystar.runtime import autocast, precision_name, resolve_device, resolve_precision
+from infinitystar.runtime import autocast, peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.train.checkpoint import (EMA, STEP_DIR, TRAINER_FILE, CheckpointManager, _atomic_write_text,
                                            list_checkpoints, load_optimizer_file, publish_checkpoint, read_meta,
                                            save_optimizer)
@@ -40,7 +40,7 @@ from infinitystar.train.config import ConfigError, FileConfig, OptimConfig
 from infinitystar.train.data import derive_seed
 from infinitystar.train.distributed import DistInfo, full_tensor
 from infinitystar.train.lock import lock_run
-from infinitystar.train.metrics import MetricsLogger, peak_memory_mb
+from infinitystar.train.metrics import MetricsLogger
 
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -213,7 +213,8 @@ class Harness:
     def describe(self, stop: int) -> str:
         """The one-line banner printed when `fit` starts."""
         n = sum(p.numel() for p in self.params)
-        return f"{self.name}: {n:,} trainable parameters on {self.device} ({self.precision}), step {self.step} -> {stop}"
+        return (f"{self.name}: {n:,} trainable parameters on {self.device} ({self.precision}), "
+                f"step {self.step} -> {stop}")
 
     def write_weights(self, folder: Path) -> None:
         """The model files of a checkpoint (a loadable model folder)."""

@@ -1,24 +1,14 @@
-"""Training metrics: a JSONL log (one object per logged step), optional TensorBoard, peak memory, and the
-running sums behind the per-scale bit accuracy."""
+"""Training metrics: a JSONL log (one object per logged step), optional TensorBoard, and the running sums behind
+the per-scale bit accuracy. (Peak memory: `runtime.peak_memory_mb`.)"""
 from __future__ import annotations
 
 import json
 import os
-import resource
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated CUDA memory on a GPU; peak resident set size of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB on Linux
 
 
 class ScaleAccuracy:

@@ -23,6 +23,7 @@ from infinitystar.config import TransformerConfig
 from infinitystar.convert.strict import load_strict, read_tensors
 from infinitystar.model.attention import resolve_backend
 from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.runtime import peak_memory_mb
 from infinitystar.text.base import PromptCutWarning, prompt_overflow
 from infinitystar.text import load_text_encoder as load_text_folder
 from infinitystar.tokenizer.video_vae import VideoVAE
@@ -32,7 +33,7 @@ from infinitystar.train.data import SKIP_REASONS, SampleLoader, SampleSpec, Shar
 from infinitystar.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown, wrap_model
 from infinitystar.train.features import encode_pixels
 from infinitystar.train.harness import Harness, lr_at
-from infinitystar.train.metrics import ScaleAccuracy, peak_memory_mb
+from infinitystar.train.metrics import ScaleAccuracy
 from infinitystar.train.targets import (PackedTrainModule, TextRow, pack_batch, packed_loss,
                                         prepare_interact_samples, prepare_sample)
 
