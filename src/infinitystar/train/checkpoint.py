@@ -271,8 +271,6 @@ def save_optimizer(folder: Path, optimizer: torch.optim.Optimizer, module: Optio
             tname = f"p{len(pieces)}"
             tensors[tname] = local.detach().contiguous().cpu()
             pieces.append([tname, key, name, list(value.shape), offset])
-    if rank != 0 and not pieces:   # nothing of its own (DDP replicates the state: rank 0 wrote all of it)
-        return
     header = {"rank": rank, "pieces": pieces, "values": values if rank == 0 else [],
               "param_groups": osd["param_groups"] if rank == 0 else None}
     d = Path(folder) / OPTIMIZER_DIR
