@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from infinitystar.runtime import UserError
+from infinitystar.text.base import PromptCutWarning
 
 SEED_MAX = 2 ** 64 - 1   # torch.Generator.manual_seed takes at most 64 bits
 
@@ -81,7 +82,6 @@ def check_output_file(path: Path, flag: str = "--out") -> None:
 def check_prompts_read_whole(encoder, prompts) -> None:
     """`--strict-prompt`: a prompt longer than the text encoder reads is an error (the encoder's own message: how
     many words or tokens it would cut), raised before any generation work."""
-    from infinitystar.text.base import PromptCutWarning
     with warnings.catch_warnings():
         warnings.simplefilter("error", PromptCutWarning)
         try:
