@@ -1,6 +1,7 @@
 """Bad inputs a hostile but fair user tries, one table. Every case runs the `infinitystar` command in this process
-and asserts: exit status 2, stderr is exactly one line `error: ...` that names the problem (no traceback), and no
-file was created, changed or removed (outputs, checkpoints, the inputs themselves).
+and asserts: exit status 2, the error is one line `error: ...` on stderr that names the problem (the last line, no
+traceback; a note such as "resumed from ..." may come before it), and no file was created, changed or removed
+(outputs, checkpoints, the inputs themselves).
 
 Cases needing a model use a copy of the shipped default model (damaged as the case says); training cases use a
 tiny run with a built-in text encoder and a latent cache, trained once for the module.
@@ -10,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +29,8 @@ import yaml
 
 from infinitystar.cli import main
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR
-from test_train import LinearTokenizer, builtin_text_encoder, tiny_config, write_dataset
+from infinitystar.train.checkpoint import write_manifest
+from test_train import SRC, LinearTokenizer, builtin_text_encoder, tiny_config, write_dataset
 
 PROMPT = "a large red circle moving right quickly on a black background"
 
@@ -82,8 +88,10 @@ class Ctx:
         return path
 
     def run_copy(self) -> Path:
-        """A private copy of the finished run (to damage); its config points at it."""
+        """A private copy of the finished run (to damage), its config.yaml as a run in this folder writes it."""
+        from infinitystar.train.config import load_config
         shutil.copytree(self.world / "run", self.tmp / "run")
+        (self.tmp / "run" / "config.yaml").write_text(load_config(self.config()).to_yaml())
         return self.tmp / "run"
 
 
@@ -125,6 +133,35 @@ def full_disk(c: Ctx) -> list:
         raise OSError(28, "No space left on device")
     c.monkeypatch.setattr("av.open", enospc)
     return gen(c, "--seed", "1", out=str(out))
+
+
+def hold_lock(c: Ctx, directory: Path) -> int:
+    """Another process holding the run lock of `directory`; killed after the case."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = ("import sys, time; from infinitystar.train.lock import lock_run; "
+            "lock = lock_run(sys.argv[1]); print('held', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    c.cleanups.append(lambda: (proc.send_signal(signal.SIGKILL), proc.wait()))
+    return proc.pid
+
+
+def planted_pickle(c: Ctx) -> list:
+    run = c.run_copy()
+    ckpt = run / "checkpoints" / "step_00000002"
+    (ckpt / "optimizer" / "rank_00000.safetensors").write_bytes(
+        pickle.dumps(Marker(c.tmp / "payload-ran")))
+    write_manifest(ckpt)   # a forged manifest: the checksums match, the reader must still refuse the file
+    c.cleanups.append(lambda: not (c.tmp / "payload-ran").exists() or pytest.fail("the planted pickle ran"))
+    return ["train", "generator", c.config(), "--resume", ckpt]
+
+
+class Marker:
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def has_device(kind: str) -> bool:
@@ -186,6 +223,38 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, Callable[[], Optional[str]]]]
     ("reconstruct --device bogus", lambda c: recon(c, "--device", "bogus"), r"'bogus'", None),
     ("reconstruct --fps -3", lambda c: recon(c, "--fps", "-3"), r"--fps.*-3", None),
     ("reconstruct output an existing folder", lambda c: recon(c, out=c.tmp), r"is a folder", None),
+    # --- train -----------------------------------------------------------------------------------------------
+    ("train a binary file as config",
+     lambda c: ((c.tmp / "c.yaml").write_bytes(bytes(range(256)) * 4), ["train", "generator", c.tmp / "c.yaml"])[1],
+     r"c\.yaml", None),
+    ("train --set optim.lr=.nan", lambda c: ["train", "generator", c.config(), "--set", "optim.lr=.nan"],
+     r"optim\.lr.*nan", None),
+    ("train --until -3", lambda c: ["train", "generator", c.config(), "--until", "-3"], r"--until.*-3", None),
+    ("train --resume --until the checkpoint's step",
+     lambda c: (c.run_copy(), ["train", "generator", c.config(), "--resume", "--until", "2"])[1],
+     r"--until 2: the run is already at step 2", None),
+    ("train --set device=bogus", lambda c: ["train", "generator", c.config(), "--set", "device=bogus"],
+     r"'bogus'", None),
+    ("train device cuda without CUDA", lambda c: ["train", "generator", c.config(device="cuda")],
+     r"'cuda'.*available here", lambda: "CUDA is available" if has_device("cuda") else None),
+    ("train manifest with invalid UTF-8",
+     lambda c: ((c.tmp / "m.jsonl").write_bytes(b'{"image_path": "x.png", "text": "caf\xe9"}\n'),
+                ["train", "generator", c.config(data={"manifests": [str(c.tmp / "m.jsonl")]})])[1],
+     r"m\.jsonl:1: not UTF-8", None),
+    ("train --resume a damaged checkpoint",
+     lambda c: (c.run_copy(), (c.tmp / "run/checkpoints/step_00000002/model.safetensors").write_bytes(b"x"),
+                ["train", "generator", c.config(), "--resume", c.tmp / "run/checkpoints/step_00000002"])[2],
+     r"step_00000002/model\.safetensors", None),
+    ("train --resume a checkpoint with a planted pickle", planted_pickle,
+     r"optimizer/rank_00000\.safetensors: not a readable state file", None),
+    ("train in a folder another run holds",
+     lambda c: (hold_lock(c, c.tmp / "run"), ["train", "generator", c.config()])[1],
+     r"in use by another run \(pid \d+", None),
+    # --- export, parity --------------------------------------------------------------------------------------
+    ("export a damaged checkpoint",
+     lambda c: (c.run_copy(), (c.tmp / "run/checkpoints/step_00000002/trainer.json").write_text("{"),
+                ["export", c.tmp / "run/checkpoints/step_00000002", c.tmp / "model_out"])[2],
+     r"trainer\.json", None),
 ]
 
 
@@ -213,9 +282,10 @@ def test_bad_input_is_one_line_status_2_and_changes_nothing(name, build, match, 
         rc = main(argv)
         out, err = capsys.readouterr()
         assert rc == 2, (rc, err[-2000:])
-        assert err.count("\n") == 1 and err.startswith("error: "), err[-3000:]
-        assert "Traceback" not in err
-        assert re.search(match, err), err
+        lines = err.splitlines()   # notes before the error (e.g. "resumed from ...") may precede it
+        assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
+        assert sum(line.startswith("error") for line in lines) == 1 and err.endswith("\n"), err[-3000:]
+        assert re.search(match, lines[-1]), err
         assert snapshot(tmp_path, world) == before
     finally:
         for fn in c.cleanups:

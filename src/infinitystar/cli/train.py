@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from infinitystar.cli.args import OneLineParser, positive_int
 from infinitystar.cli.errors import run_command
 from infinitystar.convert.strict import CheckpointError
 from infinitystar.runtime import PRECISIONS, UserError, resolve_device
@@ -39,7 +40,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.max_steps=10 (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of output_dir (or from a given checkpoint folder)")
-    p.add_argument("--until", type=int, default=None, metavar="STEP",
+    p.add_argument("--until", type=positive_int, default=None, metavar="STEP",
                    help="stop after this step and checkpoint (the LR schedule still runs to train.max_steps)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="train.precision: auto (bf16 autocast on CUDA and on CPUs with native bf16), fp32 or bf16")
@@ -176,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0] not in TRAINERS:
         argv.insert(0, "generator")   # the module trains the generator unless told otherwise
-    p = argparse.ArgumentParser(prog="python -m infinitystar.train", description="train from a config file")
+    p = OneLineParser(prog="python -m infinitystar.train", description="train from a config file")
     _add_train_args(p)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     return run_command(_cmd_train, p.parse_args(argv))

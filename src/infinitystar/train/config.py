@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,12 +355,16 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, str):   # YAML 1.1 reads 4e-5 (no dot) as a string; accept numeric strings only
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        else:
+            number = float(value)
+        if not math.isfinite(number):   # .nan / .inf would train silently on garbage
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -466,7 +471,10 @@ def read_config_file(path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text config file (invalid UTF-8 at byte {e.start})") from None
     try:
         if path.suffix == ".toml":
             try:

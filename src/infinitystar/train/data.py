@@ -140,11 +140,15 @@ def find_manifests(paths: Sequence[str | os.PathLike]) -> list[Path]:
 def manifest_lines(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, dict, Path]]:
     """(source "file:line", parsed JSON object, folder of the manifest) of every non-empty manifest line."""
     for path in find_manifests(paths):
-        with open(path, encoding="utf-8") as fh:
-            for n, raw in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                source = f"{path}:{n}"
+                try:
+                    raw = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ManifestError(f"{source}: not UTF-8 text (byte {e.start} of the line)") from None
                 if not raw.strip():
                     continue
-                source = f"{path}:{n}"
                 try:
                     d = json.loads(raw)
                 except json.JSONDecodeError as e:

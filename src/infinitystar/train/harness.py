@@ -256,6 +256,8 @@ class Harness:
         """Train to train.max_steps, or stop after step `until` (the LR schedule still follows max_steps) and
         checkpoint there, as an interrupted run would; export the model folder when max_steps is reached."""
         cfg = self.config
+        if until is not None and until <= self.step:   # nothing to do is not a success to report
+            raise ConfigError(f"--until {until}: the run is already at step {self.step}")
         stop = cfg.train.max_steps if until is None else min(until, cfg.train.max_steps)
         t0 = time.perf_counter()
         if self.info.is_main:
