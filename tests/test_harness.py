@@ -31,7 +31,6 @@ def _log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_the_precision_used_is_resolved_once_and_recorded(tmp_path, precision):
     cfg = _tokenizer_cfg(tmp_path, precision, precision=precision)
@@ -51,7 +50,6 @@ def test_the_precision_used_is_resolved_once_and_recorded(tmp_path, precision):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
-@pytest.mark.slow
 def test_resuming_a_bf16_run_is_exact(tmp_path):
     full = TokenizerTrainer(_tokenizer_cfg(tmp_path, "full", precision="bf16", max_steps=3)).fit()
     TokenizerTrainer(_tokenizer_cfg(tmp_path, "split", precision="bf16", max_steps=3)).fit(until=1)
@@ -62,7 +60,6 @@ def test_resuming_a_bf16_run_is_exact(tmp_path):
     assert strip(_log(tmp_path / "full" / "metrics.jsonl")) == strip(_log(tmp_path / "split" / "metrics.jsonl"))
 
 
-@pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_fresh_and_a_used_folder_needs_resume(tmp_path, capsys):
     res = TokenizerTrainer(_tokenizer_cfg(tmp_path, "run", precision="fp32"), resume="latest").fit(until=1)
     assert res.step == 1 and "no checkpoint in" in capsys.readouterr().err

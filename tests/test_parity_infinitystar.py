@@ -9,7 +9,7 @@ from infinitystar.cli import main as cli_main
 from infinitystar.parity import FixtureError, run_checks
 
 
-@pytest.mark.parametrize("kind", ["schedules", "quantizer", pytest.param("transformer", marks=pytest.mark.slow), "apg"])
+@pytest.mark.parametrize("kind", ["schedules", "quantizer", "transformer", "apg"])
 def test_fixture_passes(fixtures_dir, kind):
     records = list(run_checks(fixtures_dir / "infinitystar" / kind))
     assert len(records) > 10

@@ -153,7 +153,6 @@ def test_a_few_steps_reduce_the_loss(tmp_path, continuous_dir, mode, inherit):
     assert torch.equal(reloaded.proj_up.weight, tr.model.proj_up.weight)
 
 
-@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, continuous_dir):
     over = {"mode": "bitwise", "init": str(continuous_dir), "model": None,
             "quant": {"drop_prob": 0.5, "sample_posterior": True}}
