@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from infinitystar.media import MediaError, export_to_video, save_image
+from infinitystar.memory import MemoryOptions
 from infinitystar.pipelines.infinity import InfinityPipeline, model_family as folder_family
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
 from infinitystar.pipelines.stream import VideoStream
@@ -40,8 +41,10 @@ def model_family(model: Union[str, Path]) -> str:
         raise UserError(str(e)) from None
 
 
-def load_pipeline(model: Union[str, Path], device: Union[str, torch.device, None] = "cpu") -> AnyPipeline:
-    """The pipeline of a model folder, InfinityStar or Infinity as its model_index.json says."""
+def load_pipeline(model: Union[str, Path], device: Union[str, torch.device, None] = "cpu",
+                  memory: Optional[MemoryOptions] = None) -> AnyPipeline:
+    """The pipeline of a model folder, InfinityStar or Infinity as its model_index.json says, placed as the memory
+    options say (default `MemoryOptions()`)."""
     d = model_path(model)
     if d == DEFAULT_MODEL_DIR and not (d / "model_index.json").is_file():
         raise UserError(f"the shipped default model is missing from this install ({d}); reinstall the package, or "
@@ -49,7 +52,7 @@ def load_pipeline(model: Union[str, Path], device: Union[str, torch.device, None
     dev = resolve_device(device)
     cls = InfinityPipeline if model_family(model) == "infinity" else InfinityStarPipeline
     try:
-        return cls.from_pretrained(d, device=dev)
+        return cls.from_pretrained(d, device=dev, memory=memory)
     except (FileNotFoundError, ValueError) as e:      # a missing part, a bad config, a strict-loading mismatch
         raise UserError(str(e)) from None
 

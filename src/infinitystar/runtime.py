@@ -110,7 +110,10 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def fp32_region(device: torch.device):
-    """Turn autocast off for a block that must compute in fp32; inputs must be cast with .float() by the caller."""
+    """Turn autocast off for a block that must compute in fp32; inputs must be cast with .float() by the caller.
+    On the meta device (memory plans, `infinitystar plan`) there is no autocast to turn off."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 

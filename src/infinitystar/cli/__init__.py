@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from infinitystar.cli import bench, convert, demo, generate, infinity, parity, tokenizer, train
+from infinitystar.cli import bench, convert, demo, generate, infinity, parity, plan, tokenizer, train
 from infinitystar.cli.args import OneLineParser
 from infinitystar.cli.errors import USER_ERRORS, run_command
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_cli(sub)
     generate.add_cli(sub)
     bench.add_cli(sub)
+    plan.add_cli(sub)
     train.add_cli(sub)
     tokenizer.add_cli(sub)
     convert.add_cli(sub)

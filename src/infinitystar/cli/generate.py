@@ -12,6 +12,7 @@ from infinitystar.generation import (IMAGE_SUFFIXES, generate_image, generate_vi
                                      save_result)
 from infinitystar.cli.args import (check_image_file, check_output_file, check_prompts_read_whole, finite_float,
                                    positive_float, positive_int, seed)
+from infinitystar.memory import add_memory_flags, memory_from_args
 from infinitystar.runtime import UserError, peak_memory_mb, resolve_device
 from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
 
@@ -61,7 +62,7 @@ def _cmd_generate(args) -> int:
         raise UserError(f"--out must end in .mp4 (video) or .png/.jpg (image), got {out.name}")
     prompts = _read_prompts(args)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, memory_from_args(args))
     load_s = time.perf_counter() - t0
     if args.strict_prompt:
         check_prompts_read_whole(pipe.text_encoder, prompts)
@@ -86,7 +87,7 @@ def _generate_interactive(args, out: Path) -> int:
                         "one line per clip")
     if out.suffix.lower() != ".mp4":
         raise UserError(f"--interactive writes a video: --out must end in .mp4, got {out.name}")
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, memory_from_args(args))
     return interactive.run(pipe, out, seed=args.seed, guidance_scale=args.cfg, temperature=args.tau,
                            inference=args.inference, image=args.image, video=args.video, as_json=args.json)
 
@@ -104,7 +105,7 @@ def _generate_infinity(args, out) -> int:
     if len(prompts) != 1:
         raise UserError(f"an Infinity model makes one image from one prompt; {len(prompts)} were given")
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, memory_from_args(args))
     load_s = time.perf_counter() - t0
     if args.strict_prompt:
         check_prompts_read_whole(pipe.text_encoder, prompts)
@@ -170,6 +171,7 @@ def add_cli(subparsers) -> None:
     sp.add_argument("--inference", choices=["clips", "interact"], default=None,
                     help="with --interactive: how clips continue (default: the model folder's; 'interact' needs an "
                          "InfinityStar-Interact model)")
+    add_memory_flags(sp)
     sp.set_defaults(func=_cmd_generate)
     sp = subparsers.add_parser("eval", help="evaluate a model on a synthetic world")
     esub = sp.add_subparsers(dest="world", required=True)

@@ -460,7 +460,7 @@ class InfinityTransformer(nn.Module):
         t = self.text_norm(features.to(self.word_embed.weight.dtype))
         cond = self.text_pool(t, mask)
         memory = self.text_mlp(t)
-        with torch.autocast(device_type=cond.device.type, enabled=False):   # adaLN in float32, as the reference
+        with fp32_region(cond.device):   # adaLN in float32, as the reference
             w, b = self.ada_lin.weight.float(), self.ada_lin.bias.float()
             ada = F.linear(F.silu(cond.float()), w, b).view(cond.shape[0], 6, -1)
         return TextConditioning(cond, memory, mask, ada)
@@ -499,7 +499,7 @@ class InfinityTransformer(nn.Module):
     def logits(self, h: torch.Tensor, text: TextConditioning) -> torch.Tensor:
         """Head: LN, adaLN from the pooled text (own SiLU+Linear, order scale, shift), Linear(C -> 2 bits), in
         float32 -> (B, L, bits, 2); [..., 0] scores bit value 0, [..., 1] bit value 1."""
-        with torch.autocast(device_type=h.device.type, enabled=False):
+        with fp32_region(h.device):
             cond = F.silu(text.cond.float())
             scale, shift = F.linear(cond, self.head_ada_lin.weight.float(),
                                     self.head_ada_lin.bias.float()).view(-1, 1, 2, h.shape[-1]).unbind(2)

@@ -7,7 +7,7 @@ bitwise heads predicts 2 logits per bit: 16 bits on semantic scales, 64 bits on 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from infinitystar.model.attention import AttentionContext, dense_mask, flex_bloc
 from infinitystar.model.layers import Block, RMSNorm
 from infinitystar.model.packing import PackedSequence
 from infinitystar.model.rope import Rope4D
+from infinitystar.runtime import fp32_region
 
 
 CONFIG_TYPE = "infinitystar_transformer"   # the "type" of our config.json
@@ -40,6 +41,7 @@ class InfinityStarTransformer(nn.Module):
         self.head_semantic = nn.Linear(C, 2 * cfg.semantic_bits)
         self.rope = Rope4D(cfg.head_dim, cfg.rope_base)
         self.gradient_checkpointing = False
+        self.token_chunk: Optional[int] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -77,6 +79,15 @@ class InfinityStarTransformer(nn.Module):
             raise ValueError(f"caption of {length} tokens is longer than the null text ({self.null_text.shape[0]})")
         return self.null_text[:length]
 
+    def set_token_chunk(self, tokens: Optional[int]) -> None:
+        """Run KV-cached passes over more than `tokens` tokens in chunks of that many (None: one pass); see
+        `Block`. Bounds generation memory at large scales."""
+        if tokens is not None and int(tokens) < 1:
+            raise ValueError(f"token_chunk must be a positive number of tokens, got {tokens}")
+        self.token_chunk = None if tokens is None else int(tokens)
+        for block in self.blocks:
+            block.token_chunk = self.token_chunk
+
     def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             # the embeddings are Linear layers, so autocast hands them over in bf16; the residual stream stays
@@ -95,8 +106,13 @@ class InfinityStarTransformer(nn.Module):
         head = self.head_semantic if bits == self.config.semantic_bits else self.head_detail
         if bits not in (self.config.semantic_bits, self.config.detail_bits):
             raise ValueError(f"no head for {bits} bits per token")
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            out = F.linear(self.final_norm(h).float(), head.weight.float(), head.bias.float())
+        n = self.token_chunk
+        with fp32_region(h.device):
+            if n and h.dim() == 3 and h.shape[1] > n:     # the float32 norm of a large scale, a chunk at a time
+                out = torch.cat([F.linear(self.final_norm(h[:, s:s + n]).float(), head.weight.float(),
+                                          head.bias.float()) for s in range(0, h.shape[1], n)], 1)
+            else:
+                out = F.linear(self.final_norm(h).float(), head.weight.float(), head.bias.float())
         return out.unflatten(-1, (bits, 2))
 
     # --- training: one packed sequence ----------------------------------------------------------------------

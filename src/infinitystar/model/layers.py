@@ -1,6 +1,8 @@
 """Transformer building blocks: RMSNorm, SwiGLU MLP, grouped-query attention with QK-RMSNorm, the block."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,19 +48,40 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
                 layer: int) -> torch.Tensor:
+        q = self.queries(x, cos, sin)
+        k, v = self.keys_values(x, cos, sin)
+        return self.output(attend(q, k, v, ctx, layer))
+
+    # (B, L, heads, hd) throughout: RoPE broadcasts over heads, and the attention gets transposed views, so
+    # gathering token rows (grouped attention) reads contiguous memory
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) -> rotated, normalised queries, (B, H, L, hd) as a transposed view."""
         B, L, _ = x.shape
-        # (B, L, heads, hd) throughout: RoPE broadcasts over heads, and the attention gets transposed views, so
-        # gathering token rows (grouped attention) reads contiguous memory
         q = self.q_norm(self.q_proj(x).view(B, L, self.num_heads, self.head_dim))
+        return apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2)).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, C) -> rotated, normalised keys and the values, (B, KV, L, hd) each as transposed views."""
+        B, L, _ = x.shape
         k = self.k_norm(self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx, layer)
+        return apply_rope(k, cos.unsqueeze(-2), sin.unsqueeze(-2)).transpose(1, 2), v.transpose(1, 2)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, H, L, hd) -> (B, L, C)."""
+        B, _, L, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
 class Block(nn.Module):
+    """Pre-norm block. `token_chunk` (set by `InfinityStarTransformer.set_token_chunk`): a KV-cached pass over more
+    tokens than this runs its attention queries and MLP in chunks of that many tokens, so the large temporaries
+    (the MLP's hidden activations, fp32 norms, RoPE) exist for one chunk at a time. Every token's result is
+    computed by the same operations as in one pass."""
+
+    token_chunk: Optional[int] = None
+
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, bias: bool, eps: float):
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
@@ -67,5 +90,26 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden)
 
     def forward(self, x, cos, sin, ctx: AttentionContext, layer: int):
+        n = self.token_chunk
+        if n and ctx.cache is not None and x.shape[1] > n:
+            return self._forward_chunked(x, cos, sin, ctx, layer, n)
         x = x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
         return x + self.mlp(self.mlp_norm(x))
+
+    def _forward_chunked(self, x, cos, sin, ctx: AttentionContext, layer: int, n: int):
+        # Keys and values of every token first (each query chunk attends to all of them), then per chunk:
+        # queries, attention, output projection, residual, MLP.
+        L = x.shape[1]
+        parts = [self.attn.keys_values(self.attn_norm(x[:, s:s + n]), cos.narrow(-2, s, min(n, L - s)),
+                                       sin.narrow(-2, s, min(n, L - s))) for s in range(0, L, n)]
+        k = torch.cat([p[0] for p in parts], 2)
+        v = torch.cat([p[1] for p in parts], 2)
+        del parts
+        out = torch.empty_like(x)
+        for s in range(0, L, n):
+            m = min(n, L - s)
+            xc = x[:, s:s + m]
+            q = self.attn.queries(self.attn_norm(xc), cos.narrow(-2, s, m), sin.narrow(-2, s, m))
+            h = xc + self.attn.output(attend(q, k, v, ctx, layer))
+            out[:, s:s + m] = h + self.mlp(self.mlp_norm(h))
+        return out

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from infinitystar.memory import MemoryOptions, home_devices, place_text_encoder, text_encoder_running
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
 from infinitystar.sampling.infinity_generate import generate_infinity
 from infinitystar.schedules.infinity_resolution import (PN_NUM_SCALES, Scale2D, all_templates, check_custom_scales,
@@ -115,7 +116,7 @@ def _load_text_encoder(d: Path, device):
 
 class InfinityPipeline:
     def __init__(self, transformer: InfinityTransformer, tokenizer: InfinityVAE, text_encoder,
-                 defaults: Optional[InfinityDefaults] = None):
+                 defaults: Optional[InfinityDefaults] = None, memory: Optional[MemoryOptions] = None):
         tc, vc = transformer.config, tokenizer.config
         if tc.latent_channels != vc.codebook_dim:
             hint = ""
@@ -131,6 +132,11 @@ class InfinityPipeline:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.defaults = defaults or InfinityDefaults()
+        # Of the memory options an image model uses the text encoder's placement (its largest scale is 4096
+        # tokens: token chunks and tiles would not help, and its blocks are also called outside their forward).
+        self.memory = memory or MemoryOptions()
+        if self.memory.sequential_offload:
+            raise ValueError("sequential offload is available for InfinityStar (video) models only")
 
     @property
     def device(self) -> torch.device:
@@ -142,13 +148,15 @@ class InfinityPipeline:
         return self.tokenizer.config.patch_size * (2 if self.transformer.config.spatial_patchify else 1)
 
     def to(self, device) -> "InfinityPipeline":
-        for m in (self.transformer, self.tokenizer, self.text_encoder):
+        for m in (self.transformer, self.tokenizer):
             m.to(device)
+        place_text_encoder(self.text_encoder, device, self.memory)
         return self
 
     # --- persistence ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device=None) -> "InfinityPipeline":
+    def from_pretrained(cls, path: Union[str, Path], device=None,
+                        memory: Optional[MemoryOptions] = None) -> "InfinityPipeline":
         d = Path(path)
         index = d / "model_index.json"
         if not index.is_file():
@@ -158,10 +166,11 @@ class InfinityPipeline:
             raise ValueError(f"{d} holds a {meta.get('family', 'infinitystar')!r} model, not an Infinity "
                              f"(text-to-image) one; use the matching pipeline")
         device = torch.device(device or "cpu")
+        memory = memory or MemoryOptions()
         return cls(InfinityTransformer.from_pretrained(d / "transformer", device=device),
                    InfinityVAE.from_pretrained(d / "tokenizer", device=device),
-                   _load_text_encoder(d / "text_encoder", device),
-                   InfinityDefaults.from_dict(meta.get("defaults", {})))
+                   _load_text_encoder(d / "text_encoder", home_devices(device, memory)["text_encoder"]),
+                   InfinityDefaults.from_dict(meta.get("defaults", {})), memory)
 
     def save_pretrained(self, path: Union[str, Path]) -> None:
         d = Path(path)
@@ -277,15 +286,16 @@ class InfinityPipeline:
 
     def _generate(self, prompts: list[str], res: Resolution, cfg, tau: float, top_p: float, negative_prompt,
                   generator: Optional[torch.Generator], t0: float) -> InfinityPipelineOutput:
-        text = self.text_encoder.encode(prompts, self.device)
-        neg = None
+        negs = None
         if negative_prompt is not None:
             negs = self._prompts(negative_prompt, "negative prompt")
             if len(negs) == 1:
                 negs = negs * len(prompts)
             if len(negs) != len(prompts):
                 raise ValueError(f"{len(negs)} negative prompts given for {len(prompts)} prompts")
-            neg = self.text_encoder.encode(negs, self.device)
+        with text_encoder_running(self.text_encoder, self.device, self.memory):
+            text = self.text_encoder.encode(prompts, self.device)
+            neg = None if negs is None else self.text_encoder.encode(negs, self.device)
         t1 = time.perf_counter()
         out = generate_infinity(self.transformer, text.features, text.mask, res.scales, cfg=cfg, tau=tau, top_p=top_p,
                                 generator=generator, negative_text=None if neg is None else neg.features,

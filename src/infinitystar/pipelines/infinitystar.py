@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from infinitystar.config import InteractConfig, PyramidConfig, TransformerConfig
+from infinitystar.memory import (MemoryOptions, home_devices, place_text_encoder, place_transformer,
+                                 text_encoder_running)
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.quant.residual import encode_targets
 from infinitystar.pipelines import stream as streaming
@@ -78,7 +80,9 @@ class InfinityStarPipeline:
 
     def __init__(self, transformer: InfinityStarTransformer, tokenizer, text_encoder, pyramid: PyramidConfig,
                  height: int, width: int, defaults: Optional[GenerationDefaults] = None,
-                 interact: Optional[InteractConfig] = None):
+                 interact: Optional[InteractConfig] = None, memory: Optional[MemoryOptions] = None):
+        """memory: where the parts live and in which pieces they run (see `infinitystar.memory`); it takes effect
+        in `to(device)` (placement) and in every call (text encoder, token chunks, VAE tiles)."""
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -88,6 +92,8 @@ class InfinityStarPipeline:
         if interact is not None:
             interact.check(pyramid)
         self.interact = interact
+        self.memory = memory or MemoryOptions()
+        self._offload = None
 
     @property
     def inference(self) -> str:
@@ -100,8 +106,10 @@ class InfinityStarPipeline:
 
     # --- persistence ----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path, None] = "default", device=None) -> "InfinityStarPipeline":
-        """Load a model folder; no argument (or "default") loads the model shipped inside the package."""
+    def from_pretrained(cls, path: Union[str, Path, None] = "default", device=None,
+                        memory: Optional[MemoryOptions] = None) -> "InfinityStarPipeline":
+        """Load a model folder; no argument (or "default") loads the model shipped inside the package. Each part is
+        read onto the device where the memory options keep it (see `to`)."""
         d = DEFAULT_MODEL_DIR if path in (None, "default") else Path(path)
         index = d / "model_index.json"
         if not index.is_file():
@@ -120,10 +128,13 @@ class InfinityStarPipeline:
         interact = InteractConfig.from_dict(meta.get("interact", {})) if inference == "interact" else None
         base = GenerationDefaults.interact() if interact else GenerationDefaults()
         defaults = GenerationDefaults(**{**base.__dict__, **meta.get("defaults", {})})
-        device = torch.device(device or "cpu")
-        return cls(InfinityStarTransformer.from_pretrained(d / "transformer", device), _load_tokenizer(d / "tokenizer", device),
-                   load_text_encoder(d / "text_encoder", device), PyramidConfig.from_dict(meta["pyramid"]),
-                   int(meta["height"]), int(meta["width"]), defaults, interact)
+        memory = memory or MemoryOptions()
+        home = home_devices(device or "cpu", memory)
+        pipe = cls(InfinityStarTransformer.from_pretrained(d / "transformer", home["transformer"]),
+                   _load_tokenizer(d / "tokenizer", home["tokenizer"]),
+                   load_text_encoder(d / "text_encoder", home["text_encoder"]), PyramidConfig.from_dict(meta["pyramid"]),
+                   int(meta["height"]), int(meta["width"]), defaults, interact, memory)
+        return pipe.to(device or "cpu")
 
     def save_pretrained(self, path: Union[str, Path]) -> None:
         d = Path(path)
@@ -158,8 +169,13 @@ class InfinityStarPipeline:
         return pipe.to(device) if device is not None else pipe
 
     def to(self, device) -> "InfinityStarPipeline":
-        for m in (self.transformer, self.tokenizer, self.text_encoder):
-            m.to(device)
+        """Move the pipeline to a device, keeping on the host what the memory options keep there."""
+        device = torch.device(device)
+        if self._offload is not None:
+            self._offload.remove()
+        self._offload = place_transformer(self.transformer, device, self.memory)
+        self.tokenizer.to(device)
+        place_text_encoder(self.text_encoder, device, self.memory)
         return self
 
     # --- inputs -----------------------------------------------------------------------------------------------
@@ -274,18 +290,22 @@ class InfinityStarPipeline:
             if temperature <= 0:
                 raise ValueError(f"temperature must be positive, got {temperature}")
             tau = [float(temperature)] * len(tau)
+        mem = self.memory
         captions = []
-        for k in range(len(grid[0])):
-            feats, mask = self.text_encoder.encode([seg[k] for seg in grid], self.device)
-            captions.append(Caption(feats, mask))
+        with text_encoder_running(self.text_encoder, self.device, mem):
+            for k in range(len(grid[0])):
+                feats, mask = self.text_encoder.encode([seg[k] for seg in grid], self.device)
+                captions.append(Caption(feats, mask))
         caption_of_clip = [0] + [min(c - 1, len(captions) - 1) for c in range(1, schedule.num_clips)]
         prefix = self._prefix(schedule, image, video, len(grid))
         t1 = time.perf_counter()
+        self.transformer.set_token_chunk(mem.token_chunk)
         out = generate(self.transformer, schedule, captions, caption_of_clip=caption_of_clip,
                        guidance_scale=cfg_scale, guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold,
                        tau=tau, generator=generator, prefix_bits=prefix, progress=progress)
         t2 = time.perf_counter()
-        frames = streaming.to_frames(self.tokenizer.decode(out.codes))
+        frames = streaming.to_frames(self.tokenizer.decode(out.codes, tile=mem.vae_tile,
+                                                          tile_overlap=mem.vae_tile_overlap))
         t3 = time.perf_counter()
         return PipelineOutput([f for f in frames], out.codes,
                               {"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0})

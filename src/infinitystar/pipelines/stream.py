@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from infinitystar.memory import text_encoder_running
 from infinitystar.runtime import UserError
 from infinitystar.sampling.bits import per_scale
 from infinitystar.sampling.generate import Caption, GenerationOutput, GenerationState, SamplingOptions, generate
@@ -103,7 +104,10 @@ class VideoStream:
         return frames
 
     def _caption(self, prompt: str) -> Caption:
-        feats, mask = self.pipe.text_encoder.encode([prompt], self.pipe.device)
+        pipe = self.pipe
+        with text_encoder_running(pipe.text_encoder, pipe.device, pipe.memory):
+            feats, mask = pipe.text_encoder.encode([prompt], pipe.device)
+        pipe.transformer.set_token_chunk(pipe.memory.token_chunk)
         return Caption(feats, mask)
 
     def _tau(self, schedule) -> list[float]:

@@ -54,6 +54,9 @@ DECODE_CHUNK_LATENTS = 2
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
+# Spatial tiling of the decoder (`VideoVAE.decode(tile=...)`): latent cells shared by neighbouring tiles.
+TILE_OVERLAP = 4
+
 # The official module registers its (unused here) BSQ quantizer twice, so its state dict carries these int64
 # bit-mask buffers under two prefixes. They hold no learned values: the loader checks their shape and drops them.
 _QUANT_PREFIXES = ("quantizer", "quantize")
@@ -270,6 +273,27 @@ def decode_chunks(latent_frames: int) -> list[tuple[int, bool]]:
     return [(first, n % 2 == 0)] + [(DECODE_CHUNK_LATENTS, False)] * ((n - first) // DECODE_CHUNK_LATENTS)
 
 
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """First cells of overlapping tiles covering `size` cells: stride tile - overlap, the last tile flush with the
+    end (so it may overlap its neighbour by more)."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, tile - overlap)) + [size - tile]
+
+
+def _blend_ramp(n: int, ramp: int, rise: bool, fall: bool, dtype, device) -> torch.Tensor:
+    """Per-pixel weights of a tile side of n pixels: linear over `ramp` pixels at an edge shared with a neighbour,
+    1 elsewhere (normalised by the sum of all tiles' weights afterwards)."""
+    w = torch.ones(n, dtype=dtype, device=device)
+    if ramp:
+        edge = (torch.arange(ramp, dtype=dtype, device=device) + 0.5) / ramp
+        if rise:
+            w[:ramp] = edge
+        if fall:
+            w[n - ramp:] = edge.flip(0)
+    return w
+
+
 # ---------------------------------------------------------------------------------------------------------------
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
 _MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -322,7 +346,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        if torch.is_grad_enabled():
+            return F.normalize(x, dim=1) * self.scale * self.gamma
+        return F.normalize(x, dim=1).mul_(self.scale).mul_(self.gamma)   # inference: same values, in place
 
 
 def _resize_latent(zq: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -360,7 +386,11 @@ class SpatialNorm3D(nn.Module):
 
     def forward(self, f: torch.Tensor, cond: _LatentCond) -> torch.Tensor:
         zq = cond.at(tuple(f.shape[2:]))
-        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        if torch.is_grad_enabled():
+            return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        # inference: the same operations in place, so one full-size temporary fewer is alive at a time (at 720p a
+        # decoder feature map is 3 GiB)
+        return self.norm_layer(f).mul_(self.conv_y(zq)).add_(self.conv_b(zq))
 
 
 class EncoderResnet(nn.Module):
@@ -386,8 +416,9 @@ class DecoderResnet(nn.Module):
         self.conv2 = CausalConv3d(channels, channels)
 
     def forward(self, x: torch.Tensor, cond: _LatentCond, cache: Cache = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, cond)), cache)
-        h = self.conv2(F.silu(self.norm2(h, cond)), cache)
+        inplace = not torch.is_grad_enabled()      # the norms' outputs are fresh temporaries
+        h = self.conv1(F.silu(self.norm1(x, cond), inplace=inplace), cache)
+        h = self.conv2(F.silu(self.norm2(h, cond), inplace=inplace), cache)
         return x + h
 
 
@@ -444,18 +475,47 @@ class DCUp3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, time_factor: int):
         super().__init__()
         self.time_factor = time_factor
+        self.out_channels = out_channels
         self.repeats = out_channels * 4 * time_factor // in_channels
         self.norm = RMSNorm(in_channels)
         self.conv = CausalConv3d(in_channels, out_channels * 4 * time_factor)
 
     def forward(self, h: torch.Tensor, cache: Cache = None, split_first: bool = False) -> torch.Tensor:
         tf = self.time_factor
+        if not torch.is_grad_enabled() and h.shape[1] % self.out_channels == 0:
+            return self._forward_inference(h, cache, split_first)
         x = depth_to_space(self.conv(F.silu(self.norm(h)), cache), tf)
         y = depth_to_space(h.repeat(1, self.repeats, 1, 1, 1), tf)
         if tf > 1 and (h.shape[2] % 2 == 1 or split_first):
             x = torch.cat([x[:, :, :tf].mean(2, keepdim=True), x[:, :, tf:]], dim=2)
             y = torch.cat([y[:, :, :tf].mean(2, keepdim=True), y[:, :, tf:]], dim=2)
         return x + y
+
+    def _forward_inference(self, h: torch.Tensor, cache: Cache, split_first: bool) -> torch.Tensor:
+        """`forward`'s values with two full-size temporaries fewer (the last upsampler's output is the decoder's
+        largest tensor): the shortcut is written straight into the output from h's channels (no tiled copy), the
+        convolution is added to it as a permuted view (no depth-to-space copy), and the averaged first frame is
+        computed from the first latent frame alone and written in place."""
+        tf, c = self.time_factor, self.out_channels
+        b, cin, t, hh, ww = h.shape
+        conv = self.conv(F.silu(self.norm(h), inplace=True), cache)
+        out = h.new_empty(b, c, t, tf, hh, 2, ww, 2)
+        for pt in range(tf):            # depth_to_space(h.repeat(...)): input channel ((pt*2 + ph)*2 + pw)*c + co
+            for ph in range(2):
+                for pw in range(2):
+                    k = ((pt * 2 + ph) * 2 + pw) * c % cin
+                    out[:, :, :, pt, :, ph, :, pw] = h[:, k:k + c]
+        average = tf > 1 and (t % 2 == 1 or split_first)
+        if average:
+            y0 = out[:, :, :1].reshape(b, c, tf, 2 * hh, 2 * ww).mean(2, keepdim=True)
+            first = depth_to_space(conv[:, :, :1], tf).mean(2, keepdim=True) + y0
+        out += conv.view(b, tf, 2, 2, c, t, hh, ww).permute(0, 4, 5, 1, 6, 2, 7, 3)
+        del conv
+        out = out.view(b, c, t * tf, 2 * hh, 2 * ww)
+        if not average:
+            return out
+        out[:, :, tf - 1:tf] = first
+        return out[:, :, tf - 1:]
 
 
 class _Resampler(nn.Module):
@@ -565,7 +625,7 @@ class Decoder(nn.Module):
         x = self.mid_block(x, cond, cache)
         for block in self.up_blocks:
             x = block(x, cond, cache, split_first)
-        return self.conv_out(F.silu(self.norm_out(x, cond)), cache)
+        return self.conv_out(F.silu(self.norm_out(x, cond), inplace=not torch.is_grad_enabled()), cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -706,19 +766,25 @@ class VideoVAE(nn.Module):
         return self.project_down(z_raw).to(video.dtype)
 
     # --- decode ---------------------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor, chunked: bool = True, precision: torch.dtype = torch.float32) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, chunked: bool = True, precision: torch.dtype = torch.float32,
+               tile: Optional[int] = None, tile_overlap: int = TILE_OVERLAP) -> torch.Tensor:
         """Latent (B, 64, T_lat, h, w) -> video (B, 3, 1 + 4(T_lat-1), 16h, 16w) (released strides), roughly in
         [-1, 1] (not clamped), in the input's dtype. Any T_lat >= 1 works. `chunked=False` runs one pass.
-        precision: the decoder's compute dtype (autocast); the latent projection stays in float32."""
+        precision: the decoder's compute dtype (autocast); the latent projection stays in float32.
+
+        tile: decode a latent larger than `tile` x `tile` cells in overlapping spatial tiles of at most that size
+        (each tile still chunked in time), blended linearly over `tile_overlap` cells. It bounds memory by the
+        tile's size; the decoder's convolutions see zero padding at a tile's inner edges, so the result differs
+        from one pass near tile seams (the tests state the tolerance)."""
         self._check_latent(z)
-        zq = unpatchify(self.project_up(self._prepare(z, "latent")))
-        with autocast(zq.device, precision):
-            if chunked:
-                out = self._decode_chunks(zq, {}, decode_chunks(zq.shape[2]))
-            else:
-                # one pass: an even count's first frame still is the clip's lone first frame
-                out = self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
-        return out.to(z.dtype)
+        if tile is not None:
+            if tile < 1 or not 0 <= tile_overlap < tile:
+                raise ValueError(f"tile must be a positive number of latent cells larger than tile_overlap >= 0, "
+                                 f"got tile={tile}, tile_overlap={tile_overlap}")
+            if max(z.shape[3:]) > tile:
+                return self._decode_tiled(self._prepare(z, "latent"), chunked, precision, tile,
+                                          tile_overlap).to(z.dtype)
+        return self._decode_latent(self._prepare(z, "latent"), chunked, precision).to(z.dtype)
 
     def _check_latent(self, z: torch.Tensor) -> None:
         cfg = self.config
@@ -729,6 +795,37 @@ class VideoVAE(nn.Module):
             raise ValueError(f"latent has {z.shape[1]} channels, the tokenizer's latent has {cfg.codebook_dim}")
         if min(z.shape[2:]) < 1:
             raise ValueError(f"latent has an empty dimension: {tuple(z.shape)}")
+
+    def _decode_latent(self, z: torch.Tensor, chunked: bool, precision: torch.dtype) -> torch.Tensor:
+        zq = unpatchify(self.project_up(z))
+        with autocast(zq.device, precision):
+            if chunked:
+                return self._decode_chunks(zq, {}, decode_chunks(zq.shape[2]))
+            # one pass: an even count's first frame still is the clip's lone first frame
+            return self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
+
+    def _decode_tiled(self, z: torch.Tensor, chunked: bool, precision: torch.dtype, tile: int,
+                      overlap: int) -> torch.Tensor:
+        s = self.config.spatial_stride
+        rows, cols = tile_starts(z.shape[3], tile, overlap), tile_starts(z.shape[4], tile, overlap)
+        th, tw = min(tile, z.shape[3]), min(tile, z.shape[4])
+        out = wy = wx = None
+        for y in rows:
+            for x in cols:
+                part = self._decode_latent(z[:, :, :, y:y + th, x:x + tw], chunked, precision)
+                if out is None:        # blended in float32 (at least) whatever the decoder computed in
+                    dt = torch.promote_types(part.dtype, torch.float32)
+                    out = part.new_zeros(*part.shape[:3], z.shape[3] * s, z.shape[4] * s, dtype=dt)
+                    wy, wx = out.new_zeros(out.shape[3]), out.new_zeros(out.shape[4])
+                ry = _blend_ramp(th * s, overlap * s, y > 0, y + th < z.shape[3], out.dtype, part.device)
+                rx = _blend_ramp(tw * s, overlap * s, x > 0, x + tw < z.shape[4], out.dtype, part.device)
+                out[..., y * s:(y + th) * s, x * s:(x + tw) * s] += part * (ry[:, None] * rx)
+                if x == cols[0]:
+                    wy[y * s:(y + th) * s] += ry
+                if y == rows[0]:
+                    wx[x * s:(x + tw) * s] += rx
+                del part
+        return out.div_(wy[:, None] * wx)
 
     def _decode_chunks(self, zq: torch.Tensor, cache: dict, plan: list[tuple[int, bool]]) -> torch.Tensor:
         parts, start = [], 0
@@ -871,5 +968,5 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoi
 
 __all__ = ["VideoVAEConfig", "VideoVAE", "VideoVAEPosterior", "PRESETS", "Encoder", "Decoder", "CausalConv3d",
            "RMSNorm", "SpatialNorm3D", "DCDown3d", "DCUp3d", "encode_chunks", "decode_chunks", "patchify",
-           "unpatchify", "read_official_video_vae", "drop_quantizer_buffers", "infer_config",
+           "unpatchify", "tile_starts", "read_official_video_vae", "drop_quantizer_buffers", "infer_config",
            "quantizer_buffer_shapes", "frame_count_message"]

@@ -1,0 +1,39 @@
+"""benchmarks/gpu.py in its --dry-run mode (a tiny configuration on the CPU): the script runs end to end."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dry_run_times_every_stage_beside_the_plan(gpu_bench, capsys):
+    assert gpu_bench.main(["--dry-run", "--json", "--flex", "--peak-tflops", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device"] == "cpu" and out["peak_tflops"] == 1.0
+    (res,) = out["results"]
+    stages = {s["stage"]: s for s in res["stages"]}
+    assert list(stages) == ["load", "text", "transformer", "decode"]
+    for name in ("text", "transformer", "decode"):
+        s = stages[name]
+        assert s["seconds"] > 0 and s["planned_flops"] > 0 and s["predicted_peak_bytes"] > 0
+        assert s["mfu"] == pytest.approx(s["planned_flops"] / s["seconds"] / (1e12 * (0.5 if name == "decode" else 1)))
+    assert res["predicted"]["flops"] == pytest.approx(sum(s["planned_flops"] for s in res["stages"]))
+    assert out["flex"]["visual_tokens"] > 0 and out["flex"]["flops"] > 0 and out["flex"]["seconds"] > 0
+
+
+def test_no_gpu_is_a_clear_error(gpu_bench):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_bench.main([])
