@@ -86,6 +86,16 @@ def test_small_values_are_known_and_large_ones_are_not():
             bool(mask.all())
 
 
+def test_finite_checks_of_the_real_code_pass():
+    """A plan assumes finite numbers: the generation's check on its logits must not stop it."""
+    with Simulator():
+        logits = torch.empty(2, 5000, 64, 2, device=META)
+        finite = torch.isfinite(logits)
+        assert bool(finite.all()) and not bool((~finite).any())
+        with pytest.raises(PlanError):
+            bool((logits > 0).all())                     # any other value stays unknown
+
+
 def test_matmul_and_attention_flops():
     with Simulator() as sim:
         with sim.stage("mm") as mm:

@@ -109,6 +109,11 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for the device's type (never on the meta device, which has no autocast)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
+
+
 def fp32_region(device: torch.device):
     """Turn autocast off for a block that must compute in fp32; inputs must be cast with .float() by the caller.
     On the meta device (memory plans, `infinitystar plan`) there is no autocast to turn off."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 from infinitystar.memory import add_memory_flags, memory_from_args
+from infinitystar.plan import compare_options, plan, render, resolve, to_json
+from infinitystar.plan.models import DEFAULT_TEXT_TOKENS, NAMES
 from infinitystar.runtime import UserError
 
 
 def _cmd_plan(args) -> int:
-    from infinitystar.plan import compare_options, plan, render, resolve, to_json
     try:
         target = resolve(args.name, frames=args.frames, prompt=args.prompt)
         options = memory_from_args(args)
@@ -22,7 +23,6 @@ def _cmd_plan(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    from infinitystar.plan.models import DEFAULT_TEXT_TOKENS, NAMES
     sp = subparsers.add_parser(
         "plan", help="predicted GPU memory and time of a generation (the real code on the meta device, no GPU)",
         description="Run a generation's real code (text encoder, transformer over every scale and clip with its KV "

@@ -19,7 +19,7 @@ from infinitystar.model.attention import AttentionContext, dense_mask, flex_bloc
 from infinitystar.model.layers import Block, RMSNorm
 from infinitystar.model.packing import PackedSequence
 from infinitystar.model.rope import Rope4D
-from infinitystar.runtime import fp32_region
+from infinitystar.runtime import autocast_enabled, fp32_region
 
 
 CONFIG_TYPE = "infinitystar_transformer"   # the "type" of our config.json
@@ -89,7 +89,7 @@ class InfinityStarTransformer(nn.Module):
             block.token_chunk = self.token_chunk
 
     def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device):
             # the embeddings are Linear layers, so autocast hands them over in bf16; the residual stream stays
             # float32 (each block adds its bf16 output to it); a bf16 stream raised the training loss by ~3 %
             x = x.float()

@@ -15,6 +15,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from infinitystar.config import PyramidConfig, TransformerConfig, pyramid_preset, transformer_preset
+from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline, model_family
+from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, GenerationDefaults, InfinityStarPipeline
+from infinitystar.text.builtin import WordTextEncoder
+from infinitystar.text.t5 import T5TextEncoder
+from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
+from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
+
 # flan-t5-xl's config.json (the text encoder of both official families): the encoder half is 1.22 B parameters.
 FLAN_T5_XL = dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
                   num_heads=32, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -74,16 +84,11 @@ def _make(factory: Callable[[], nn.Module], dtype: Optional[torch.dtype], device
 
 def t5_encoder(config: dict, dtype: torch.dtype, tokenizer, device="meta") -> nn.Module:
     from transformers import T5Config, T5EncoderModel
-    from infinitystar.text.t5 import T5TextEncoder
     cfg = T5Config(**config)
     return T5TextEncoder(_make(lambda: T5EncoderModel(cfg), dtype, device), tokenizer)
 
 
 def _infinitystar(pyramid: str, height: int, width: int, frames: int) -> Target:
-    from infinitystar.config import TransformerConfig, pyramid_preset, transformer_preset
-    from infinitystar.model.infinitystar import InfinityStarTransformer
-    from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
-    from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
 
     def build(dtype: torch.dtype, text_tokens: int, device="meta"):
         cfg: TransformerConfig = transformer_preset("infinity_qwen8b")
@@ -101,9 +106,6 @@ def _infinitystar(pyramid: str, height: int, width: int, frames: int) -> Target:
 
 
 def _infinity(preset: str, vae_preset: str) -> Target:
-    from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
-    from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline
-    from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
 
     def build(dtype: torch.dtype, text_tokens: int, device="meta"):
         cfg = InfinityConfig.preset(preset)
@@ -131,7 +133,6 @@ NAMES = ("infinitystar-8b-720p", "infinitystar-8b-480p", "infinity-2b", "infinit
 
 def folder_target(path: str, frames: Optional[int] = None, prompt: Optional[str] = None) -> Target:
     """A model folder (model_index.json + transformer/ tokenizer/ text_encoder/): configs are read, weights not."""
-    from infinitystar.pipelines.infinity import model_family
     d = Path(path)
     family = model_family(d)
     if family is None:
@@ -143,7 +144,6 @@ def folder_target(path: str, frames: Optional[int] = None, prompt: Optional[str]
     def text_encoder(dtype: torch.dtype, text_tokens: int, device):
         cfg = json.loads((d / "text_encoder" / "config.json").read_text())
         if cfg.get("type") == "builtin":
-            from infinitystar.text.builtin import WordTextEncoder
             conf = {k: v for k, v in cfg.items() if k != "type"}
             return _make(lambda: WordTextEncoder(conf.pop("vocab"), **conf), None, device)
         tokenizer = PlanTokenizer(text_tokens)
@@ -156,9 +156,6 @@ def folder_target(path: str, frames: Optional[int] = None, prompt: Optional[str]
         return t5_encoder(t5, torch.float16, tokenizer, device)
 
     if family == "infinity":
-        from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
-        from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline
-        from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
 
         def build(dtype, text_tokens, device="meta"):
             return InfinityPipeline(_make(lambda: InfinityTransformer(InfinityConfig.from_dict(read("transformer"))), dtype,
@@ -168,10 +165,6 @@ def folder_target(path: str, frames: Optional[int] = None, prompt: Optional[str]
                                     InfinityDefaults.from_dict(meta.get("defaults", {})))
         return Target(str(d), family, f"Infinity model folder {d}", build, {}, prompt or SHAPES_PROMPT)
 
-    from infinitystar.config import PyramidConfig, TransformerConfig
-    from infinitystar.model.infinitystar import InfinityStarTransformer
-    from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
-    from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
 
     def build(dtype, text_tokens, device="meta"):
         return InfinityStarPipeline(
@@ -188,7 +181,6 @@ def resolve(name: str, frames: Optional[int] = None, prompt: Optional[str] = Non
     if name in targets:
         return targets[name]
     if name == "default":
-        from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR
         return folder_target(str(DEFAULT_MODEL_DIR), frames, prompt)
     return folder_target(name, frames, prompt)
 

@@ -15,6 +15,8 @@ from unittest import mock
 
 import torch
 
+import infinitystar.sampling.generate as gen
+import infinitystar.sampling.infinity_generate as igen
 from infinitystar.memory import MemoryOptions
 from infinitystar.model.attention import KVCache
 from infinitystar.plan.gpus import GPUS, fits
@@ -90,8 +92,6 @@ def _tracked_cache(sim: Simulator):
 def plan(target: Target, options: Optional[MemoryOptions] = None, dtype: str = "bf16", batch: int = 1,
          text_tokens: int = DEFAULT_TEXT_TOKENS, mfu: float = 0.35, kernels: str = "cuda") -> PlanResult:
     """Run `target`'s generation under the simulator with the given memory options and weight dtype."""
-    import infinitystar.sampling.generate as gen
-    import infinitystar.sampling.infinity_generate as igen
     options = options or MemoryOptions()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

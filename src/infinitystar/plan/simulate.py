@@ -19,7 +19,8 @@ plain kernel (no oneDNN path).
 Speed: op outputs are memoised by (op, input shapes/strides/dtypes, other arguments), so the meta kernels (many
 written in Python) run once per signature; ops that alias or mutate their inputs always run. Small tensors whose
 values derive only from known data (token ids, masks, positions) also carry a real CPU copy of their values
-("shadow"), so data-dependent Python such as `mask.all()` or `.item()` gets the true answer.
+("shadow"), so data-dependent Python such as `mask.all()` or `.item()` gets the true answer. A plan assumes
+finite numbers: `torch.isfinite` of anything is all-true (the real code's NaN checks pass).
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ _MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
 _CONVS = {aten.convolution, aten._convolution}
 _FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLOP_OPS = _MATMULS | _CONVS | {_FLASH_CPU.overloadpacket}
+# Finiteness checks and the reductions of their all-true results (see `_Dispatch._constant`).
+_FINITE_OPS = {aten.all.default, aten.any.default, aten.logical_not.default, aten.bitwise_not.default}
 _KEEP_CATEGORY = {aten._to_copy.default, aten.clone.default}
 
 class PlanError(RuntimeError):
@@ -194,6 +197,7 @@ class Simulator:
         self._op_kind: dict = {}          # op -> outputs may be memoised (else the op always runs)
         self._flops_memo: dict = {}
         self._shadows: dict[int, torch.Tensor] = {}
+        self._constants: dict[int, object] = {}   # storages whose every element is known to be one value
         self._dispatch = _Dispatch(self)
         self._function = _Function(self)
         self._stack: Optional[contextlib.ExitStack] = None
@@ -322,6 +326,7 @@ class Simulator:
         if e is not None:
             self._unbook(e)
         self._shadows.pop(key, None)
+        self._constants.pop(key, None)
 
     def _note_peak(self, workspace: int) -> None:
         st = self._stage
@@ -390,6 +395,12 @@ class _Function(TorchFunctionMode):
                     return v.numpy()
                 # the frames handed back to the caller: an uninitialised array of their shape (no pages touched)
                 return np.empty(tuple(t.shape), dtype=torch.empty(0, dtype=t.dtype, device="cpu").numpy().dtype)
+        elif func is torch.isfinite:
+            t = args[0]
+            out = func(*args, **kwargs)
+            if isinstance(t, torch.Tensor) and t.device.type == "meta" and self.sim.value(out) is None:
+                self.sim._constants[id(out.untyped_storage())] = True     # see _Dispatch._constant
+            return out
         elif func is F.scaled_dot_product_attention:
             q = args[0]
             if isinstance(q, torch.Tensor) and q.device.type == "meta":
@@ -469,6 +480,9 @@ class _Dispatch(TorchDispatchMode):
                              sim._place_category or ACTIVATIONS)
         if func is aten._local_scalar_dense.default:
             v = sim.value(args[0])
+            c = sim._constants.get(id(args[0].untyped_storage()))
+            if v is None and c is not None:
+                return c
             if v is None:
                 raise PlanError("the code reads a value (.item(), a Python bool or int) of a tensor whose values a "
                                 "plan cannot know")
@@ -532,6 +546,8 @@ class _Dispatch(TorchDispatchMode):
         shadows = sim._shadows
         if not metas or (shadows and all(i in shadows for i in sids)) or (shadows and func._schema.is_mutable):
             self._shadow(func, args, kwargs, metas, sids, out, fresh)
+        if func in _FINITE_OPS and fresh:
+            self._constant(func, sids, fresh)
         flops, workspace = 0.0, 0
         packet = func.overloadpacket
         if packet in _FLOP_OPS:
@@ -545,6 +561,19 @@ class _Dispatch(TorchDispatchMode):
                 st.flops += flops
         sim._note_peak(0 if host else workspace)
         return out
+
+    def _constant(self, func, sids, fresh) -> None:
+        """Finiteness checks of the real code: a plan assumes finite numbers (a real run with NaN or inf logits
+        stops at its check), so `torch.isfinite` of anything is all-true (the function mode marks it) and
+        reductions and negations of such constant tensors are known."""
+        const = self.sim._constants
+        if all(i in const for i in sids):
+            with torch.utils._python_dispatch._disable_current_modes():
+                value = func(torch.tensor([const[i] for i in sids][:1])).reshape(-1)[0].item()
+        else:
+            return
+        for t in fresh:
+            const[id(t.untyped_storage())] = value
 
     def _flops(self, func, packet, args, kwargs, out, key) -> tuple[float, int]:
         if func is _FLASH_CPU:

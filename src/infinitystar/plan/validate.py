@@ -20,7 +20,11 @@ from typing import Callable
 
 import torch
 
+from infinitystar.config import PyramidConfig, TransformerConfig
+from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.plan.simulate import Simulator, register_module
+from infinitystar.sampling.generate import Caption, generate
+from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
 
 MMAP_THRESHOLD = 1 << 16
 
@@ -34,9 +38,6 @@ class Case:
 
 def _generation(token_chunk, size: int = 40):
     def build(device: torch.device):
-        from infinitystar.config import PyramidConfig, TransformerConfig
-        from infinitystar.model.infinitystar import InfinityStarTransformer
-        from infinitystar.sampling.generate import Caption, generate
         cfg = TransformerConfig(width=256, depth=4, num_heads=4, num_kv_heads=2, text_channels=64, text_maxlen=64,
                                 null_text_len=64)
         pyr = PyramidConfig(pn=None, custom_scales=[[1, 1], [4, 4], [16, 16], [size, size]], frames_per_clip=4,
@@ -54,7 +55,6 @@ def _generation(token_chunk, size: int = 40):
 
 def _decode(tile, size: int = 48):
     def build(device: torch.device):
-        from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
         torch.manual_seed(0)
         with torch.device(device):
             vae = VideoVAE(VideoVAEConfig.small()).eval()
