@@ -39,6 +39,7 @@ from infinitystar.config import ArchConfig
 from infinitystar.model.attention import AttentionContext, attend
 from infinitystar.model.layers import RMSNorm
 from infinitystar.model.rope import Rope2D, apply_rope, rope2d_positions
+from infinitystar.runtime import fp32_region
 from infinitystar.schedules.infinity_resolution import rope_anchor as default_rope_anchor
 
 Scale2D = tuple[int, int]
