@@ -304,8 +304,8 @@ class InfinityStarPipeline:
                        guidance_scale=cfg_scale, guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold,
                        tau=tau, generator=generator, prefix_bits=prefix, progress=progress)
         t2 = time.perf_counter()
-        frames = streaming.to_frames(self.tokenizer.decode(out.codes, tile=mem.vae_tile,
-                                                          tile_overlap=mem.vae_tile_overlap))
+        tiles = {} if mem.vae_tile is None else {"tile": mem.vae_tile, "tile_overlap": mem.vae_tile_overlap}
+        frames = streaming.to_frames(self.tokenizer.decode(out.codes, **tiles))
         t3 = time.perf_counter()
         return PipelineOutput([f for f in frames], out.codes,
                               {"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0})
