@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from pathlib import Path
 import resource
 import sys
 from typing import Literal
@@ -19,6 +20,17 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 class UserError(ValueError):
     """A problem with what the user asked for; the CLI prints it as one line and exits with status 2."""
+
+
+def read_utf8(path, what: str, error: type[Exception] = UserError) -> str:
+    """The text of a file a user named; a missing or non-UTF-8 file is `error` naming `what` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {what}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {what} is not UTF-8 text (invalid byte at {e.start})") from None
 
 
 def available_devices() -> list[str]:

@@ -13,20 +13,14 @@ from infinitystar.generation import (IMAGE_SUFFIXES, generate_image, generate_vi
 from infinitystar.cli.args import (check_image_file, check_output_file, check_prompts_read_whole, finite_float,
                                    positive_float, positive_int, seed)
 from infinitystar.memory import add_memory_flags, memory_from_args
-from infinitystar.runtime import UserError, peak_memory_mb, resolve_device
+from infinitystar.runtime import UserError, peak_memory_mb, read_utf8, resolve_device
 from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
 
 
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UserError(f"prompts file {path} does not exist")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"prompts file {path} is not UTF-8 text (byte {e.start})") from None
+        text = read_utf8(args.prompts_file, "prompts file")
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts or not all(p.strip() for p in prompts):
         raise UserError("give a non-empty --prompt (several --prompt flags, or --prompts-file, make a long video "

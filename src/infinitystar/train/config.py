@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union, 
 import yaml
 
 from infinitystar.config import PYRAMID_PRESETS, TRANSFORMER_PRESETS, InteractConfig, PyramidConfig, TransformerConfig
+from infinitystar.runtime import read_utf8
 
 
 class ConfigError(ValueError):
@@ -469,12 +470,7 @@ def build_config(cls, d: Any, overrides: Optional[Sequence[str]] = None,
 def read_config_file(path) -> Any:
     """The raw mapping of a `.yaml`/`.yml`, `.toml` or `.json` config file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a text config file (invalid UTF-8 at byte {e.start})") from None
+    text = read_utf8(path, "config file", ConfigError)
     try:
         if path.suffix == ".toml":
             try:
