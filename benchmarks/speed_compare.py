@@ -4,7 +4,8 @@
     python benchmarks/speed_compare.py --before /tmp/before [--rounds 3] [--cases train tokenizer model gen384]
 
 Every measurement runs in a fresh process (its peak memory is its own), with this checkout's benchmark code
-(src/infinitystar/bench.py, src/infinitystar/train/bench.py) and the package of the tree measured, so both rows of
+(src/infinitystar/bench.py, src/infinitystar/train/bench.py; --before-bench names another checkout whose copies
+run the older tree when this checkout's no longer import there) and the package of the tree measured, so both rows of
 a case time the same work. Rounds go before, after fp32, after auto, before, ... so load from other processes
 falls on all rows alike; the table shows medians over rounds and the JSON lines of every run go to --out. On a
 machine shared with other work, CPU time (the process's, all threads) moves less with the load than wall time;
@@ -46,13 +47,13 @@ getattr(bench_under_test, sys.argv[2])(**json.loads(sys.argv[3]), as_json=True)
 """
 
 
-def measure(tree: Path, case: str, precision: str) -> dict:
+def measure(tree: Path, case: str, precision: str, bench_tree: Path = HERE) -> dict:
     module, func, kwargs = CASES[case][:3]
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     if THREADS:
         env["OMP_NUM_THREADS"] = str(THREADS)
     args = json.dumps({**kwargs, "precision": precision})
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(HERE / "src" / "infinitystar" / module), func, args],
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(bench_tree / "src" / "infinitystar" / module), func, args],
                           cwd=HERE, env=env, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode or not lines:
@@ -63,6 +64,9 @@ def measure(tree: Path, case: str, precision: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, type=Path, help="checkout of the older code")
+    p.add_argument("--before-bench", type=Path, default=None,
+                   help="checkout whose benchmark modules time the older code, when this checkout's no longer import "
+                        "there (same work measured; default: this checkout)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per case (--rounds-for CASE N overrides)")
     p.add_argument("--rounds-for", nargs=2, action="append", default=[], metavar=("CASE", "N"))
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -74,10 +78,11 @@ def main(argv=None) -> int:
     rows: dict[tuple[str, str], list[dict]] = {}
     with a.out.open("w") as log:
         for case in a.cases:
-            runs = [("before", a.before, "fp32")] + [("after", HERE, prec) for prec in CASES[case][3]]
+            runs = [("before", a.before, "fp32", a.before_bench or HERE)] + [
+                ("after", HERE, prec, HERE) for prec in CASES[case][3]]
             for _ in range(dict((c, int(n)) for c, n in a.rounds_for).get(case, a.rounds)):
-                for label, tree, prec in runs:
-                    r = measure(tree, case, prec)
+                for label, tree, prec, bench_tree in runs:
+                    r = measure(tree, case, prec, bench_tree)
                     log.write(json.dumps(r) + "\n")
                     log.flush()
                     rows.setdefault((case, f"{label} {prec}"), []).append(r)

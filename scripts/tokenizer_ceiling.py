@@ -3,6 +3,7 @@ ground truth of `infinitystar eval shapes`' text-to-video (and text-to-image) pr
 with the same decoder. This is the ceiling the generator can reach with that tokenizer.
 
     python scripts/tokenizer_ceiling.py src/infinitystar/weights/default/tokenizer --n 200
+    python scripts/tokenizer_ceiling.py RUN/model --continuous --n 48     # a continuous stage, before quantization
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--continuous", action="store_true",
+                    help="decode the posterior mean without quantizing (a continuous stage's ceiling)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pathlib import Path
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
         pyr = json.loads((d / "pyramid.json").read_text())
     else:
         pyr = json.loads((d.parent / "model_index.json").read_text())["pyramid"]
-    pyramid = PyramidConfig.from_dict(pyr)
+    pyramid = None if a.continuous else PyramidConfig.from_dict(pyr)
     model = VideoVAE.from_pretrained(d).eval()
     scores, ps = [], []
     for task in ("t2i", "t2v"):
