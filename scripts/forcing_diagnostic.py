@@ -31,7 +31,8 @@ def run_task(pipe: InfinityStarPipeline, task: str, n: int, seed: int, guidance_
     frames = items[0].num_frames
     schedule = pipe.pyramid.build(frames)
     d = pipe.defaults
-    cfg = d.guidance_scale if guidance_scale is None else guidance_scale
+    guidance = d.guidance_config(guidance_scale)
+    cfg = guidance.scale
     tau = [d.tau_image if s.clip == 0 else d.tau_video for s in schedule.scales]
     truth = np.stack([render(it.spec, frames) for it in items])
     prompts = [it.prompts if isinstance(it.prompts, str) else it.prompts[0] for it in items]
@@ -41,8 +42,8 @@ def run_task(pipe: InfinityStarPipeline, task: str, n: int, seed: int, guidance_
     table = []
     for k in range(len(schedule.steps) + 1):
         g = torch.Generator().manual_seed(seed)
-        out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance_scale=cfg, guidance=d.guidance,
-                       tau=tau, generator=g, greedy=greedy, prefix_bits=targets.bits[:k])
+        out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance=guidance, tau=tau, generator=g,
+                       greedy=greedy, prefix_bits=targets.bits[:k])
         with torch.no_grad():
             video = video_to_frames(pipe.tokenizer.decode(out.codes).clamp(-1, 1))
         scores = [score_image(v[0], p) if frames == 1 else score_video(v, p, task="t2v")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.train.checkpoint import (MANIFEST, find_latest, load_optimizer, read_state, save_optimizer,
                                            verify_checkpoint, write_manifest, write_state)
 from infinitystar.train.config import config_from_dict

@@ -5,6 +5,7 @@ folder, plain and nested .pth files, bf16 and wrapped-name variants.
 """
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from infinitystar.cli import main as cli_main
 from infinitystar.convert.cli import KINDS, convert, detect_kind, load_converted, read_official
 from infinitystar.convert.infinity_official import load_official_infinity
 from infinitystar.convert.official import load_official_transformer
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.media import load_image
 from infinitystar.model.infinity import InfinityTransformer
 from infinitystar.pipelines.infinity import InfinityPipeline, parse_aspect_ratio
@@ -183,7 +184,7 @@ PROMPT = "a large red circle on a black background"
                                                     ("3:4", 1.333, False), (0.36, 0.333, True)])
 def test_aspect_ratios_snap_to_templates(pipe, recwarn, ratio, template, warns):
     g = lambda: torch.Generator().manual_seed(7)
-    out = pipe(PROMPT, aspect_ratio=ratio, generator=g())
+    out = pipe(PROMPT, aspect_ratio=ratio, generator=g(), output_type="uint8")
     H, W = pixel_size(spatial_scales("0.06M", template), 4)       # random_tiny: 4 pixels per token
     assert out.template == template and (out.height, out.width) == (H, W)
     assert out.images[0].shape == (H, W, 3) and out.images[0].dtype == np.uint8
@@ -191,18 +192,22 @@ def test_aspect_ratios_snap_to_templates(pipe, recwarn, ratio, template, warns):
     assert bool(snaps) == warns
     if warns:
         assert f"template h/w {template}: generating {W}x{H} (WxH)" in snaps[0]
-    assert np.array_equal(out.images[0], pipe(PROMPT, aspect_ratio=ratio, generator=g()).images[0])
+    assert np.array_equal(out.images[0], pipe(PROMPT, aspect_ratio=ratio, generator=g(), output_type="uint8").images[0])
 
 
 def test_pipeline_sizes_seeds_and_errors(pipe):
     g = lambda s: torch.Generator().manual_seed(s)
-    a, b = pipe(PROMPT, generator=g(1)), pipe(PROMPT, generator=g(2))
+    a, b = pipe(PROMPT, generator=g(1), output_type="np"), pipe(PROMPT, generator=g(2), output_type="np")
     assert not np.array_equal(a.images[0], b.images[0])
+    pil = pipe(PROMPT, generator=g(1)).images[0]                       # diffusers' default for images: PIL
+    assert pil.size == (64, 64) and np.array_equal(np.asarray(pil), pipe(PROMPT, generator=g(1),
+                                                                        output_type="uint8").images[0])
     with pytest.warns(UserWarning, match="60x100 snapped to the nearest template h/w 1.75: generating 48x84"):
         out = pipe([PROMPT, "a small blue square on a white background"], height=100, width=60,
-                   negative_prompt="a green triangle", guidance_scale=4.0, temperature=1.0, top_p=0.0)
-    assert len(out.images) == 2 and out.images[1].shape == (84, 48, 3)
-    assert pipe(PROMPT, pn="0.25M").images[0].shape == (128, 128, 3)
+                   negative_prompt="a green triangle", guidance_scale=4.0, temperature=1.0, top_p=0.0,
+                   num_images_per_prompt=2, output_type="np")
+    assert out.images.shape == (4, 84, 48, 3) and not np.array_equal(out.images[0], out.images[1])
+    assert pipe(PROMPT, pn="0.25M", output_type="pt").images.shape == (1, 3, 128, 128)
     assert parse_aspect_ratio("16:9") == 9 / 16 and parse_aspect_ratio("0.5") == 0.5
     for bad, msg in [("", "empty prompt"), ([], "empty prompt"), ([PROMPT, " "], "empty prompt")]:
         with pytest.raises(ValueError, match=msg):
@@ -226,8 +231,8 @@ def test_pipeline_save_load_round_trip(pipe, tmp_path):
     assert json.loads((tmp_path / "model" / "model_index.json").read_text())["family"] == "infinity"
     again = InfinityPipeline.from_pretrained(tmp_path / "model")
     g = lambda: torch.Generator().manual_seed(3)
-    assert np.array_equal(pipe(PROMPT, aspect_ratio=0.5, generator=g()).images[0],
-                          again(PROMPT, aspect_ratio=0.5, generator=g()).images[0])
+    assert np.array_equal(pipe(PROMPT, aspect_ratio=0.5, generator=g(), output_type="uint8").images[0],
+                          again(PROMPT, aspect_ratio=0.5, generator=g(), output_type="uint8").images[0])
     with pytest.raises(ValueError, match="holds a 'infinity' model"):
         InfinityStarPipeline.from_pretrained(tmp_path / "model")
     InfinityStarPipeline.random_tiny().save_pretrained(tmp_path / "star")
@@ -237,10 +242,10 @@ def test_pipeline_save_load_round_trip(pipe, tmp_path):
         InfinityPipeline.from_pretrained(tmp_path)
 
 
-def test_pipeline_with_a_t5_text_encoder(pipe, tmp_path):
+def _tiny_t5(folder: Path, d_model: int) -> Path:
+    """A flan-t5-shaped folder (config, safetensors weights, tokenizer files) with a tiny word-level vocabulary."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    from infinitystar.text.t5 import T5TextEncoder
     words = "a large red circle on black background".split()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
@@ -248,17 +253,23 @@ def test_pipeline_with_a_t5_text_encoder(pipe, tmp_path):
     tk.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
                                                unk_token="<unk>")
-    cfg = transformers.T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64, vocab_size=len(vocab),
+    cfg = transformers.T5Config(d_model=d_model, num_layers=1, num_heads=2, d_kv=16, d_ff=64, vocab_size=len(vocab),
                                 pad_token_id=0, eos_token_id=1)
-    t5_dir = tmp_path / "t5"
-    transformers.T5EncoderModel(cfg).save_pretrained(str(t5_dir), safe_serialization=True)
-    tok.save_pretrained(str(t5_dir))
+    torch.manual_seed(0)
+    transformers.T5EncoderModel(cfg).save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def test_pipeline_with_a_t5_text_encoder(pipe, tmp_path):
+    from infinitystar.text.t5 import T5TextEncoder
+    t5_dir = _tiny_t5(tmp_path / "t5", 32)
     model = tmp_path / "model"
     t5 = T5TextEncoder.from_pretrained(t5_dir)
     InfinityPipeline(pipe.transformer, pipe.tokenizer, t5, pipe.defaults).save_pretrained(model)
     loaded = InfinityPipeline.from_pretrained(model)
     assert isinstance(loaded.text_encoder, T5TextEncoder)
-    assert loaded(PROMPT, generator=torch.Generator().manual_seed(0)).images[0].shape == (64, 64, 3)
+    assert loaded(PROMPT, generator=torch.Generator().manual_seed(0)).images[0].size == (64, 64)
 
 
 # --- the generate command for both families -------------------------------------------------------------------------
@@ -273,7 +284,8 @@ def test_generate_command_picks_the_pipeline_from_the_folder(pipe, tmp_path, cap
     assert (summary["width"], summary["height"], summary["template_h_div_w"]) == (84, 48, 0.571)
     assert load_image(png).shape == (48, 84, 3)
     with pytest.warns(UserWarning, match="snapped"):
-        expected = pipe(PROMPT, aspect_ratio="16:9", generator=torch.Generator().manual_seed(5)).images[0]
+        expected = pipe(PROMPT, aspect_ratio="16:9", generator=torch.Generator().manual_seed(5),
+                        output_type="uint8").images[0]
     assert np.array_equal(load_image(png), expected)
     model = ["--model", str(tmp_path / "infinity"), "--prompt", PROMPT]
     for extra, msg in [(["--out", str(tmp_path / "v.mp4")], "must end in .png or .jpg"),
@@ -308,3 +320,62 @@ def test_converted_official_parts_make_a_pipeline(tmp_path):
     assert cli_main(["generate", "--model", str(model), "--prompt", "a red circle", "--pn", "0.06M",
                      "--out", str(out)]) == 0
     assert load_image(out).shape == (256, 256, 3)
+
+
+# --- an official release folder in one step -------------------------------------------------------------------------
+def test_convert_a_release_folder(tmp_path, capsys):
+    """Tiny weights in the released layout (names, shards, .pth entries, a flan-t5 folder) -> a model folder that
+    the pipelines load, with model_index.json and a model card."""
+    from infinitystar.pipelines import load
+    from infinitystar.text.t5 import T5TextEncoder
+    star = tmp_path / "InfinityStar"
+    star.mkdir()
+    _write_official("infinitystar-transformer", star).rename(star / "infinitystar_8b_480p_weights")
+    _write_official("video-vae", star)
+    _tiny_t5(star / "text_encoder" / "flan-t5-xl-official", 32)
+    out = tmp_path / "infinitystar-480p"
+    assert cli_main(["convert", "--release", str(star), str(out), "--text-maxlen", str(STAR_TEXT_MAXLEN)]) == 0
+    assert "infinitystar_8b_480p_weights + infinitystar_videovae.pth + flan-t5-xl-official" in capsys.readouterr().out
+    index = json.loads((out / "model_index.json").read_text())
+    assert (index["family"], index["height"], index["width"]) == ("infinitystar", 480, 848)
+    assert index["defaults"]["guidance"] == "apg" and index["defaults"]["guidance_scale"] == 34.0
+    assert (index["defaults"]["tau_image"], index["defaults"]["tau_video"]) == (1.0, 0.4)
+    card = (out / "README.md").read_text()
+    for fact in ("**Source:** the official FoundationVision/InfinityStar release (480p): infinitystar_8b_480p_weights",
+                 "**Licence:** not recorded", "**Written by:** infinitystar", "**Parity evidence:** every official "
+                 "tensor mapped strictly", "transformer logits within 1.5e-6"):
+        assert fact in card, fact
+    pipe = load(out)
+    assert type(pipe) is InfinityStarPipeline and isinstance(pipe.text_encoder, T5TextEncoder)
+    _assert_identical(pipe.transformer, _direct("infinitystar-transformer", star / "infinitystar_8b_480p_weights"))
+    _assert_identical(pipe.tokenizer, _direct("video-vae", star / "infinitystar_videovae.pth"))
+    assert pipe.pyramid.spatial_scales()[-1] == (30, 53)
+
+    inf = tmp_path / "Infinity"
+    inf.mkdir()
+    _write_official("infinity-transformer", inf)
+    _write_official("infinity-vae", inf)
+    _tiny_t5(inf / "flan-t5-xl", 256)
+    assert cli_main(["convert", "--release", str(inf), str(tmp_path / "infinity-2b"), "--license", "mit"]) == 0
+    index = json.loads((tmp_path / "infinity-2b" / "model_index.json").read_text())
+    assert index["family"] == "infinity" and index["defaults"]["temperature"] == 0.5
+    assert "license: mit\n" in (tmp_path / "infinity-2b" / "README.md").read_text()
+    two_b = load(tmp_path / "infinity-2b")
+    assert type(two_b) is InfinityPipeline
+    assert two_b("a red circle", pn="0.06M", output_type="codes", generator=torch.Generator().manual_seed(0)
+                 ).images.shape[0] == 1
+    capsys.readouterr()
+
+    # one-line errors, and nothing written
+    for argv, msg in [([str(inf), str(tmp_path / "infinity-2b")], "already exists; pass --force"),
+                      ([str(tmp_path / "nowhere"), str(tmp_path / "x")], "no such release folder"),
+                      ([str(inf), str(tmp_path / "x"), "--kind", "video-vae"], "do not apply to --release")]:
+        assert cli_main(["convert", "--release", *argv]) == 2
+        assert msg in capsys.readouterr().err
+    (inf / "infinity_vae_d16.pth").rename(inf / "vae.bin")
+    assert cli_main(["convert", "--release", str(inf), str(tmp_path / "x")]) == 2
+    assert "no infinity tokenizer (infinity_vae_*.pth) found; pass --vae PATH" in capsys.readouterr().err
+    shutil.copy(inf / "infinity_2b_reg.pth", inf / "infinity_8b_reg.pth")
+    assert cli_main(["convert", "--release", str(inf), str(tmp_path / "x"), "--vae", "vae.bin"]) == 2
+    assert "several transformer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*converting*"))

@@ -9,11 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from infinitystar.convert.infinity_official import (config_from_state_dict, load_official_infinity,
                                                     official_to_ours, ours_to_official, read_official_infinity)
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.model.infinity import INFINITY_PRESETS, InfinityConfig, InfinityTransformer, level_ids, text_from_varlen
 from infinitystar.model.rope import Rope2D, apply_rope, rope2d_positions
 from infinitystar.parity import CHECKERS, Fixture, run_checks
 from infinitystar.sampling.bits import sample_bits
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.sampling.infinity_generate import generate_infinity
 from infinitystar.schedules import infinity_resolution as ir
 from infinitystar.train.infinity_targets import (bitwise_self_correction, forward_loss, reduce_loss, replay_bits,
@@ -261,7 +262,7 @@ def test_kv_cached_generation_equals_teacher_forcing(cfg, scales, patchify):
         m.head.weight.normal_(0, 0.3)
     text, mask = _text()
     anchor = (8, 6) if patchify else None
-    out = generate_infinity(m, text, mask, scales, cfg=cfg, tau=0.7, top_p=0.0, rope_anchor=anchor,
+    out = generate_infinity(m, text, mask, scales, guidance=Guidance(cfg), tau=0.7, top_p=0.0, rope_anchor=anchor,
                             generator=torch.Generator().manual_seed(1), record=True)
     bits = out.token_bits
     assert bits.shape == (2, ir.seq_len(scales), m.config.bits)
@@ -279,23 +280,24 @@ def test_kv_cached_generation_equals_teacher_forcing(cfg, scales, patchify):
         else:
             assert out.logits[0]["uncond"] is None
     # teacher-forcing the sampled bits through prefix_bits reproduces the run
-    again = generate_infinity(m, text, mask, scales, cfg=cfg, tau=0.7, rope_anchor=anchor, prefix_bits=out.bits)
+    again = generate_infinity(m, text, mask, scales, guidance=Guidance(cfg), tau=0.7, rope_anchor=anchor,
+                              prefix_bits=out.bits)
     assert torch.equal(again.token_bits, bits)
 
 
 def test_negative_prompt_and_padding_invariance(model):
     text, mask = _text()
     s = ir.spatial_scales("0.06M", 1.0)[:4]
-    a = generate_infinity(model, text, mask, s, cfg=3.0, greedy=True, record=True)
+    a = generate_infinity(model, text, mask, s, guidance=Guidance(3.0), greedy=True, record=True)
     # extra padded rows with garbage change nothing (keys are masked per sample)
     pad = torch.cat([text, torch.full((2, 3, 256), 123.0)], 1)
     pmask = torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)
-    b = generate_infinity(model, pad, pmask, s, cfg=3.0, greedy=True, record=True)
+    b = generate_infinity(model, pad, pmask, s, guidance=Guidance(3.0), greedy=True, record=True)
     assert torch.equal(a.token_bits, b.token_bits)
     assert (a.logits[-1]["guided"] - b.logits[-1]["guided"]).abs().max() < 1e-5
     neg, nmask = _text(seed=5, Lt=4, lens=(4, 2))
-    c = generate_infinity(model, text, mask, s, cfg=3.0, greedy=True, negative_text=neg, negative_mask=nmask,
-                          record=True)
+    c = generate_infinity(model, text, mask, s, guidance=Guidance(3.0), greedy=True, negative_text=neg,
+                          negative_mask=nmask, record=True)
     assert not torch.equal(c.text["uncond"], a.text["uncond"])
     assert torch.equal(c.text["cond"], a.text["cond"])
 

@@ -81,7 +81,8 @@ def test_transformer_resume_is_bit_identical_and_exports_a_pipeline(parts, tmp_p
 
     pipe = InfinityPipeline.from_pretrained(straight.model_dir)
     assert pipe.defaults.scales[-1] == [8, 8]
-    out = pipe("a large red circle on a black background", generator=torch.Generator().manual_seed(0))
+    out = pipe("a large red circle on a black background", generator=torch.Generator().manual_seed(0),
+               output_type="uint8")
     assert out.images[0].shape == (64, 64, 3) and out.images[0].dtype == np.uint8 and out.pn == "custom"
     with pytest.raises(ValueError, match="only 64x64"):
         pipe("a large red circle on a black background", pn="0.06M")

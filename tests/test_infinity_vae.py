@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.parity import main as parity_main
 from infinitystar.tokenizer.infinity_vae import (PRESETS, InfinityVAE, InfinityVAEConfig, infer_config,
                                                  norm_groups)

@@ -29,7 +29,7 @@ class FrameTokenizer:
     """A causal stand-in for the video VAE (8x space, 4x time): latent frame 0 -> 1 frame, every later latent frame
     -> 4 frames, each frame from its latent alone; encode keeps frames 0, 1, 5, 9, ... pooled to 8x8."""
 
-    def decode(self, z, first=True):
+    def decode(self, z, first=True, precision=torch.float32):
         x = torch.tanh(z[:, :3]).repeat_interleave(8, 3).repeat_interleave(8, 4)
         if not first:
             return x.repeat_interleave(4, dim=2)
@@ -43,7 +43,7 @@ class FrameTokenizer:
         tok, started = self, []
 
         class Stream:
-            def decode(self, z):
+            def decode(self, z, precision=torch.float32):
                 out = tok.decode(z, first=not started)
                 started.append(True)
                 return out
@@ -85,7 +85,7 @@ def test_stream_equals_batch_video_and_keeps_only_the_last_scale(pipe):
         assert stream.state.cache.keys() == [("text", m - 1), (m + 1) * n - 1]
         sizes.append(stream.state.cache.nbytes())
     assert sizes[0] == sizes[1]
-    batch = pipe([PROMPTS], num_frames=49, generator=g())
+    batch = pipe([PROMPTS], num_frames=49, generator=g(), output_type="uint8")
     assert stream.video().shape == (49, 64, 64, 3) and stream.num_frames == 49
     assert np.array_equal(stream.video(), batch.frames[0])
     assert stream.prompts == PROMPTS and len(stream.timings) == 3
@@ -94,12 +94,13 @@ def test_stream_equals_batch_video_and_keeps_only_the_last_scale(pipe):
 def test_stream_from_a_first_frame_or_a_video(pipe):
     frame = np.full((64, 64, 3), 200, np.uint8)
     stream = pipe.start(PROMPTS[0], image=frame, generator=g())
-    assert np.array_equal(stream.clips[0], pipe(PROMPTS[0], num_frames=17, image=frame, generator=g()).frames[0])
+    assert np.array_equal(stream.clips[0], pipe(PROMPTS[0], num_frames=17, image=frame, generator=g(),
+                                                output_type="uint8").frames[0])
     start = (np.arange(17 * 64 * 64 * 3) % 251).astype(np.uint8).reshape(17, 64, 64, 3)
     stream = pipe.start(PROMPTS[0], video=start, generator=g())
     assert stream.clips[0].shape == (17, 64, 64, 3)            # the given video, through the tokenizer
     stream.extend(PROMPTS[1])
-    batch = pipe([PROMPTS[:2]], num_frames=33, video=start, generator=g())
+    batch = pipe([PROMPTS[:2]], num_frames=33, video=start, generator=g(), output_type="uint8")
     assert np.array_equal(stream.video(), batch.frames[0])
 
 
@@ -130,7 +131,7 @@ def test_interact_stream_segments(interact_pipe, tmp_path):
     assert torch.equal(stream.previous[:, :, :1], previous[:, :, -1:])        # P <- last 1 + T of [P[1:], new]
     assert torch.equal(stream.previous[:, :, 1:], stream.last_codes)
     stream.extend(PROMPTS[2])
-    whole = pipe([PROMPTS], num_frames=49, generator=g())                     # the batch path streams too
+    whole = pipe([PROMPTS], num_frames=49, generator=g(), output_type="uint8")   # the batch path streams too
     assert np.array_equal(stream.video(), whole.frames[0]) and whole.codes.shape == (1, 64, 13, 8, 8)
     # the "clips" path of the same weights differs from the interactive segments
     other = pipe.start(PROMPTS[0], inference="clips", generator=g())

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from infinitystar.convert.strict import CheckpointError  # noqa: E402
+from infinitystar.checkpoint_io import CheckpointError  # noqa: E402
 from infinitystar.text.base import TextEncoder, TextFeatures  # noqa: E402
 from infinitystar.text.t5 import T5TextEncoder  # noqa: E402
 
@@ -100,7 +100,7 @@ def test_frozen_eval_and_dtype(t5_dir, enc):
     enc.train()
     assert not enc.model.training
     assert enc.dtype == torch.float32       # CPU default
-    e64 = T5TextEncoder.from_pretrained(t5_dir, dtype=torch.float64)
+    e64 = T5TextEncoder.from_pretrained(t5_dir, torch_dtype=torch.float64)
     assert e64.dtype == torch.float64
     f = e64.encode(PROMPTS).features
     assert f.dtype == torch.float32

@@ -3,12 +3,13 @@ import torch
 
 from infinitystar.config import PyramidConfig, TransformerConfig
 from infinitystar.convert.official import load_official_transformer, official_to_ours, ours_to_official
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.model.attention import dense_mask, segment_groups
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.packing import PackSample, pack_sequence, select_steps
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.train.targets import reference_closure
 
 TINY = TransformerConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, text_channels=16, text_maxlen=16,
@@ -158,7 +159,7 @@ def test_bf16_generation_keeps_logits_close_and_heads_in_float32():
     cap = Caption(torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(4)))
     z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
     forced = encode_targets(z, schedule).bits           # same inputs at every step in both precisions
-    kw = dict(guidance_scale=2.0, prefix_bits=forced, record_logits=True)
+    kw = dict(guidance=Guidance(2.0), prefix_bits=forced, record_logits=True)
     a = generate(model, schedule, cap, **kw)
     b = generate(model, schedule, cap, precision=torch.bfloat16, **kw)
     for la, lb in zip(a.logits, b.logits):
@@ -188,7 +189,7 @@ def test_sampling_is_seeded_and_prefix_skips_work_without_changing_results():
     model = _model()
     schedule = _pyramid().build(9)
     cap = Caption(torch.randn(2, 4, 16))
-    kw = dict(guidance_scale=3.0, tau=[1.0] * 3 + [0.5] * 3)
+    kw = dict(guidance=Guidance(3.0), tau=[1.0] * 3 + [0.5] * 3)
     a = generate(model, schedule, cap, generator=torch.Generator().manual_seed(7), **kw)
     b = generate(model, schedule, cap, generator=torch.Generator().manual_seed(7), **kw)
     c = generate(model, schedule, cap, generator=torch.Generator().manual_seed(8), **kw)
@@ -220,8 +221,8 @@ def test_padded_captions_in_a_batch_match_unpadded_runs():
     feats = torch.zeros(2, 6, 16)
     feats[0, :3], feats[1] = short[0], long[0]
     mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 6])
-    batch = generate(model, schedule, Caption(feats, mask), greedy=True, guidance_scale=2.0, record_logits=True)
-    alone = generate(model, schedule, Caption(short), greedy=True, guidance_scale=2.0, record_logits=True)
+    batch = generate(model, schedule, Caption(feats, mask), greedy=True, guidance=Guidance(2.0), record_logits=True)
+    alone = generate(model, schedule, Caption(short), greedy=True, guidance=Guidance(2.0), record_logits=True)
     assert torch.allclose(batch.logits[-1]["guided"][0], alone.logits[-1]["guided"][0], atol=1e-5)
 
 

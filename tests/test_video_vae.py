@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.parity import FixtureError, main as parity_main, run_checks
 from infinitystar.tokenizer.video_vae import (VideoVAE, VideoVAEConfig, decode_chunks, encode_chunks,
                                               infer_config, quantizer_buffer_shapes)

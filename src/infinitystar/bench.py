@@ -21,6 +21,7 @@ import torch
 
 from infinitystar.config import PyramidConfig, TransformerConfig
 from infinitystar.runtime import peak_memory_mb, precision_name, resolve_device, resolve_precision
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.schedules.pyramid import Schedule
 
 BENCH_MODEL = dict(width=256, depth=4, num_heads=4, num_kv_heads=2, mlp_ratio=4.0, text_channels=64, text_maxlen=64,
@@ -87,7 +88,7 @@ def _run_case(attention: str, clips: int, device: str, precision: str, model: di
     torch.manual_seed(0)
     net = InfinityStarTransformer(cfg).to(dev).eval()
     cap = Caption(torch.randn(1, TEXT_TOKENS, cfg.text_channels, device=dev))
-    kw = dict(guidance_scale=3.0, generator=torch.Generator(device=dev).manual_seed(0))
+    kw = dict(guidance=Guidance(3.0), generator=torch.Generator(device=dev).manual_seed(0))
     if dtype != torch.float32:
         kw["precision"] = dtype
     generate(net, PyramidConfig(**BENCH_PYRAMID).build(1), cap, **kw)           # warm-up
@@ -169,8 +170,7 @@ def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, de
         c0, t0 = time.process_time(), time.perf_counter()
         feats, mask = pipe.text_encoder.encode([prompt], dev)
         t1 = time.perf_counter()
-        out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance_scale=d.guidance_scale,
-                       guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold, tau=tau,
+        out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance=d.guidance_config(), tau=tau,
                        generator=torch.Generator().manual_seed(i), **kw)
         t2 = time.perf_counter()
         pipe.tokenizer.decode(out.codes, **kw)
@@ -180,7 +180,7 @@ def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, de
                          "cpu_s": time.process_time() - c0})
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     rate = matmul_rate(dev, dtype)
-    use_cfg = d.guidance_scale != 1.0
+    use_cfg = d.guidance_config().active(len(schedule.scales))
     useful = generation_flops(cfg, schedule, 2 if use_cfg else 1, feats.shape[1]) / med["generate_s"]
     res = {"bench": "model", "model": str(model), "device": str(dev), "threads": torch.get_num_threads(),
            "precision": precision_name(dtype), "frames": num_frames, "seconds_per_video": round(med["total_s"], 3),

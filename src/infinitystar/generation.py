@@ -16,43 +16,45 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from infinitystar.media import MediaError, export_to_video, save_image
+from infinitystar.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, export_to_video, save_image
 from infinitystar.memory import MemoryOptions
-from infinitystar.pipelines.infinity import InfinityPipeline, model_family as folder_family
-from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
+from infinitystar.pipelines import (DEFAULT_MODEL_DIR, InfinityPipeline, InfinityStarPipeline, ModelIndex, load,
+                                    read_model_index, resolve_model_path)
 from infinitystar.pipelines.stream import VideoStream
 from infinitystar.runtime import UserError, resolve_device
 
 AnyPipeline = Union[InfinityStarPipeline, InfinityPipeline]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def model_path(model: Union[str, Path]) -> Path:
-    """The folder of a model name: "default" is the model shipped inside the package."""
-    return DEFAULT_MODEL_DIR if str(model) == "default" else Path(model)
-
-
-def model_family(model: Union[str, Path]) -> str:
-    """`family` of a model folder's model_index.json: "infinitystar" (also for a folder without an index, which
-    loading then reports) or "infinity"."""
+def model_index(model: Union[str, Path]) -> ModelIndex:
+    """The model_index.json of a model name ("default": the model shipped inside the package; a folder; a Hugging
+    Face Hub repo id), read once: its family decides what the request may ask and which pipeline runs."""
     try:
-        return folder_family(model_path(model)) or "infinitystar"
+        return read_model_index(resolve_model_path(model))
+    except FileNotFoundError as e:
+        if str(model) == "default":
+            raise UserError(f"the shipped default model is missing from this install ({DEFAULT_MODEL_DIR}); "
+                            f"reinstall the package, or pass --model DIR (scripts/train_default_model.sh trains "
+                            f"it)") from None
+        raise UserError(str(e)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def load_pipeline(model: Union[str, Path], device: Union[str, torch.device, None] = "cpu",
-                  memory: Optional[MemoryOptions] = None) -> AnyPipeline:
-    """The pipeline of a model folder, InfinityStar or Infinity as its model_index.json says, placed as the memory
-    options say (default `MemoryOptions()`)."""
-    d = model_path(model)
-    if d == DEFAULT_MODEL_DIR and not (d / "model_index.json").is_file():
-        raise UserError(f"the shipped default model is missing from this install ({d}); reinstall the package, or "
-                        f"pass --model DIR (scripts/train_default_model.sh trains it)")
+def model_family(model: Union[str, Path]) -> str:
+    """`family` of a model's model_index.json: "infinitystar" or "infinity"."""
+    return model_index(model).family
+
+
+def load_pipeline(model: Union[str, Path, ModelIndex], device: Union[str, torch.device, None] = "cpu",
+                  precision: str = "auto", memory: Optional[MemoryOptions] = None) -> AnyPipeline:
+    """The pipeline of a model (a name as `model_index` takes, or its already read index), InfinityStar or Infinity
+    as its model_index.json says, placed as the memory options say (default `MemoryOptions()`); the device is
+    checked first."""
     dev = resolve_device(device)
-    cls = InfinityPipeline if model_family(model) == "infinity" else InfinityStarPipeline
+    index = model if isinstance(model, ModelIndex) else model_index(model)
     try:
-        return cls.from_pretrained(d, device=dev, memory=memory)
+        return load(index, device=dev, precision=precision, memory=memory)
     except (FileNotFoundError, ValueError) as e:      # a missing part, a bad config, a strict-loading mismatch
         raise UserError(str(e)) from None
 
@@ -79,6 +81,7 @@ class VideoResult:
     fps: int
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    precision: str = "fp32"                # what sampling and decoding computed in
 
 
 @dataclass
@@ -91,13 +94,14 @@ class ImageResult:
     pn: str
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    precision: str = "fp32"
 
 
 def generate_video(pipe: InfinityStarPipeline, prompts: Sequence[str], num_frames: int = 17, *, image=None,
                    video=None, guidance_scale: Optional[float] = None, temperature: Optional[float] = None,
-                   seed: int = 0, progress: bool = False) -> VideoResult:
+                   seed: int = 0, progress: bool = False, negative_prompt: Optional[str] = None) -> VideoResult:
     """Frames of one video (one frame: an image). prompts: one per clip (the last one carries on); image: a first
-    frame to animate; video: frames to continue (paths or arrays)."""
+    frame to animate; video: frames to continue (paths or arrays); negative_prompt: what guidance steers from."""
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise UserError("give a non-empty prompt describing what to generate")
     try:   # the first frame is a clip of its own that shares the first prompt
@@ -109,29 +113,34 @@ def generate_video(pipe: InfinityStarPipeline, prompts: Sequence[str], num_frame
         raise UserError(f"{len(prompts)} prompts for {num_frames} frames ({clips} clip(s)): each clip takes one "
                         f"prompt; ask for {1 + per_clip * len(prompts)} frames or give fewer prompts")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    pipe.set_progress_bar_config(disable=not progress)
     with collect_notes() as notes:
         try:
             out = pipe([list(prompts)], num_frames=num_frames, image=image, video=video,
-                       guidance_scale=guidance_scale, temperature=temperature, generator=generator,
-                       progress=progress)
+                       negative_prompt=negative_prompt, guidance_scale=guidance_scale, temperature=temperature,
+                       generator=generator, output_type="uint8")
         except ValueError as e:                      # bad frames, too short a video, unreadable media, ...
             raise UserError(str(e)) from None
-    return VideoResult(out.frames[0], int(seed), pipe.defaults.fps, notes, out.timings)
+    return VideoResult(out.frames[0], int(seed), pipe.defaults.fps, notes, out.timings, out.precision)
 
 
 def generate_image(pipe: InfinityPipeline, prompt: str, *, aspect_ratio: Union[float, str, None] = None,
                    pn: Optional[str] = None, guidance_scale: Optional[float] = None,
-                   temperature: Optional[float] = None, seed: int = 0) -> ImageResult:
+                   temperature: Optional[float] = None, seed: int = 0, progress: bool = False,
+                   negative_prompt: Optional[str] = None) -> ImageResult:
     """One image from an Infinity (text-to-image) model; aspect_ratio h/w or 'W:H', snapped with a note."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("give a non-empty prompt describing the image")
+    pipe.set_progress_bar_config(disable=not progress)
     with collect_notes() as notes:
         try:
-            out = pipe(prompt, aspect_ratio=aspect_ratio, pn=pn, guidance_scale=guidance_scale,
-                       temperature=temperature, generator=torch.Generator(device="cpu").manual_seed(int(seed)))
+            out = pipe(prompt, aspect_ratio=aspect_ratio, pn=pn, negative_prompt=negative_prompt,
+                       guidance_scale=guidance_scale, temperature=temperature,
+                       generator=torch.Generator(device="cpu").manual_seed(int(seed)), output_type="uint8")
         except ValueError as e:
             raise UserError(str(e)) from None
-    return ImageResult(out.images[0], int(seed), out.height, out.width, out.template, out.pn, notes, out.timings)
+    return ImageResult(out.images[0], int(seed), out.height, out.width, out.template, out.pn, notes, out.timings,
+                       out.precision)
 
 
 def _stream_step(call):
@@ -162,23 +171,33 @@ def extend_stream(stream: VideoStream, prompt: str) -> tuple[np.ndarray, list[st
     return _stream_step(lambda: stream.extend(prompt))
 
 
-def save_result(frames: np.ndarray, out: Union[str, Path], fps: int = 16) -> Path:
-    """Write frames to `out` atomically: an image path (.png/.jpg) takes one frame, an .mp4 a video."""
+def check_output(out: Union[str, Path]) -> Path:
+    """An output path whose suffix is a video (.mp4, .gif, .npy) or an image (.png, .jpg) one, checked before any
+    work (the folder: `cli.args.check_output_file`)."""
     out = Path(out)
+    if out.suffix.lower() not in (*VIDEO_SUFFIXES, *IMAGE_SUFFIXES):
+        raise UserError(f"the output must end in {', '.join(VIDEO_SUFFIXES)} (video) or {', '.join(IMAGE_SUFFIXES)} "
+                        f"(image), got {out.name}")
+    return out
+
+
+def save_result(frames: np.ndarray, out: Union[str, Path], fps: float = 16, lossless: bool = False) -> Path:
+    """Write frames to `out` atomically: an image path (.png/.jpg) takes one frame, a video path (.mp4 in yuv420p,
+    or exact RGB with `lossless`; .gif; .npy) a video."""
+    out = check_output(out)
     frames = np.asarray(frames)
     try:
         if out.suffix.lower() in IMAGE_SUFFIXES:
             if frames.ndim == 4 and frames.shape[0] != 1:
-                raise UserError(f"{out} is an image; use an .mp4 output for {frames.shape[0]} frames")
+                raise UserError(f"{out} is an image; use a video output for {frames.shape[0]} frames")
             return save_image(frames, out)
-        if out.suffix.lower() != ".mp4":
-            raise UserError(f"the output must end in .mp4 (video) or .png/.jpg (image), got {out.name}")
-        return export_to_video(frames, out, fps=fps)
+        return export_to_video(frames, out, fps=fps, lossless=lossless)
     except MediaError as e:
         raise UserError(str(e)) from None
     except OSError as e:   # disk full, quota, the folder gone: the write is atomic, an existing file is intact
         raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
 
 
-__all__ = ["model_path", "model_family", "load_pipeline", "collect_notes", "generate_video", "generate_image",
-           "start_stream", "extend_stream", "save_result", "VideoResult", "ImageResult", "IMAGE_SUFFIXES"]
+__all__ = ["model_index", "model_family", "load_pipeline", "check_output", "collect_notes", "generate_video",
+           "generate_image", "start_stream", "extend_stream", "save_result", "VideoResult", "ImageResult",
+           "IMAGE_SUFFIXES"]

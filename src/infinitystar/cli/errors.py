@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Callable
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.media import MediaError
 from infinitystar.runtime import UserError
 from infinitystar.train.config import ConfigError

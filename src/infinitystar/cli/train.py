@@ -17,7 +17,7 @@ import torch
 
 from infinitystar.cli.args import OneLineParser, positive_int
 from infinitystar.cli.errors import run_command
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.runtime import PRECISIONS, UserError, resolve_device
 from infinitystar.train import infinity, infinity_tokenizer, tokenizer, trainer
 from infinitystar.train.config import ConfigError, RunConfig, load_config

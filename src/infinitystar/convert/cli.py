@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from infinitystar.convert.strict import CheckpointError, read_state_dict
+from infinitystar.checkpoint_io import CheckpointError, read_state_dict
 
 PathLike = Union[str, Path]
 
@@ -48,7 +48,7 @@ def _load_infinitystar_transformer(sd, preset, text_maxlen):
 
 def _load_dir_infinitystar_transformer(d: Path, device=None):
     from infinitystar.model.infinitystar import InfinityStarTransformer
-    return InfinityStarTransformer.from_pretrained(d, device)
+    return InfinityStarTransformer.from_pretrained(d, device=device)
 
 
 def _load_infinity_transformer(sd, preset, text_maxlen):

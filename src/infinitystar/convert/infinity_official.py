@@ -38,9 +38,8 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from infinitystar.convert.strict import CheckpointError, check_state_dict, read_tensors
+from infinitystar.checkpoint_io import CheckpointError, check_state_dict, read_tensors
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
-from infinitystar.model.rope import Rope2D
 
 PathLike = Union[str, Path]
 
@@ -309,6 +308,5 @@ def load_official_infinity(source: Union[PathLike, Mapping[str, torch.Tensor]],
     check_official(model, raw, name)
     if big:
         model = model.to_empty(device=device or "cpu")
-        model.rope = Rope2D(config.head_dim, config.rope_base).to(device or "cpu")   # non-persistent buffer
     model.load_state_dict(sd, strict=True)
     return model.to(device=device, dtype=dtype)

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 
 from infinitystar.config import TransformerConfig
-from infinitystar.convert.strict import CheckpointError, check_state_dict, read_state_dict, read_tensors
+from infinitystar.checkpoint_io import CheckpointError, check_state_dict, read_state_dict, read_tensors
 
 _TOP = {
     "cfg_uncond": "null_text",

@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from infinitystar.generation import (extend_stream, generate_image, generate_video, load_pipeline, model_family,
+from infinitystar.generation import (extend_stream, generate_image, generate_video, load_pipeline, model_index,
                                      save_result, start_stream)
 from infinitystar.media import export_to_video, save_image
 from infinitystar.pipelines.stream import VideoStream
@@ -120,8 +120,9 @@ class DemoModel:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.pipe, self.error = None, None
         try:
-            self.family = model_family(model)
-            self.pipe = load_pipeline(model, device)
+            index = model_index(model)            # read once: the family and the pipeline
+            self.family = index.family
+            self.pipe = load_pipeline(index, device)
         except UserError as e:
             self.family = "infinitystar"
             self.error = f"the model did not load: {e}"

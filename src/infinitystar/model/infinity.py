@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinitystar.checkpoint_io import PretrainedMixin
 from infinitystar.config import ArchConfig
 from infinitystar.model.attention import AttentionContext, attend
 from infinitystar.model.layers import RMSNorm
@@ -345,7 +346,9 @@ def as_scales(scales: Sequence) -> list[Scale2D]:
     return out
 
 
-class InfinityTransformer(nn.Module):
+class InfinityTransformer(PretrainedMixin, nn.Module):
+    config_type, folder_what, config_class = CONFIG_TYPE, "Infinity transformer", InfinityConfig
+
     def __init__(self, config: InfinityConfig):
         super().__init__()
         self.config = cfg = config
@@ -405,26 +408,6 @@ class InfinityTransformer(nn.Module):
             nn.init.zeros_(b.cross.v_bias)
             for lin in (b.attn.proj, b.cross.proj, b.mlp.fc2):
                 lin.weight.div_(math.sqrt(2 * depth))
-
-    # --- our checkpoint folder: config.json + model.safetensors ---------------------------------------------------
-    def save_pretrained(self, directory) -> None:
-        from infinitystar.convert.strict import save_folder
-        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
-
-    @classmethod
-    def from_pretrained(cls, directory, device=None, dtype: Optional[torch.dtype] = None) -> "InfinityTransformer":
-        """Load a folder written by `save_pretrained` (or `infinitystar convert`), strictly."""
-        from infinitystar.convert.strict import check_state_dict, read_folder
-        raw, sd = read_folder(directory, CONFIG_TYPE, "Infinity transformer")
-        config = InfinityConfig.from_dict(raw)
-        # shapes only first: a 2B/8B model would spend minutes on a random init that the copy overwrites
-        with torch.device("meta"):
-            model = cls(config)
-        check_state_dict(model.state_dict(), sd, f"{directory}/model.safetensors")
-        model = model.to_empty(device=device or "cpu")
-        model.rope = Rope2D(config.head_dim, config.rope_base).to(device or "cpu")   # to_empty lost it
-        model.load_state_dict(sd, strict=True)
-        return model.to(device=device, dtype=dtype).eval()
 
     # --- text -------------------------------------------------------------------------------------------------------
     def null_text_features(self, mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from infinitystar.checkpoint_io import PretrainedMixin
 from infinitystar.config import TransformerConfig
 from infinitystar.model.attention import AttentionContext, dense_mask, flex_block_mask, resolve_backend
 from infinitystar.model.layers import Block, RMSNorm
@@ -25,7 +26,9 @@ from infinitystar.runtime import autocast_enabled, fp32_region
 CONFIG_TYPE = "infinitystar_transformer"   # the "type" of our config.json
 
 
-class InfinityStarTransformer(nn.Module):
+class InfinityStarTransformer(PretrainedMixin, nn.Module):
+    config_type, folder_what, config_class = CONFIG_TYPE, "InfinityStar transformer", TransformerConfig
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = cfg = config
@@ -57,20 +60,6 @@ class InfinityStarTransformer(nn.Module):
         null = _trunc_normal(self.null_text.shape, std=1.2, bound=2.0, seed=0)
         with torch.no_grad():
             self.null_text.copy_(null / math.sqrt(self.config.text_channels))
-
-    # --- persistence ------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> None:
-        from infinitystar.convert.strict import save_folder
-        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
-
-    @classmethod
-    def from_pretrained(cls, directory, device=None, dtype=None) -> "InfinityStarTransformer":
-        """Load a folder written by `save_pretrained`, a training checkpoint or `infinitystar convert`, strictly."""
-        from infinitystar.convert.strict import load_strict, read_folder
-        config, sd = read_folder(directory, CONFIG_TYPE, "InfinityStar transformer")
-        model = cls(TransformerConfig.from_dict(config))
-        load_strict(model, sd, f"{directory}/model.safetensors")
-        return model.to(device=device, dtype=dtype).eval()
 
     # --- pieces -------------------------------------------------------------------------------------------
     def null_text_features(self, length: int) -> torch.Tensor:
@@ -157,6 +146,6 @@ def _trunc_normal(shape, std: float, bound: float, seed: int) -> torch.Tensor:
     cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
     lo, hi = cdf(-bound / std), cdf(bound / std)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    u = torch.empty(shape).uniform_(2 * lo - 1, 2 * hi - 1, generator=g)
+    u = torch.empty(shape, device="cpu").uniform_(2 * lo - 1, 2 * hi - 1, generator=g)
     return (u.erfinv_() * (std * math.sqrt(2))).clamp_(-bound, bound)
 

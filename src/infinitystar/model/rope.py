@@ -50,18 +50,38 @@ def condition_positions(block: ConditionBlock, full_hw: tuple[int, int], text_ma
     return _grid_positions(text_maxlen + block.position, frames, block.h, block.w, full_hw, device)
 
 
+class _Frequencies:
+    """RoPE inverse frequencies: float32, computed once on the CPU, copied to each device on first use. Not a
+    buffer, on purpose: `module.to(torch.bfloat16)` must not round them (at the visual tokens' positions, 512 and
+    up, a bf16 frequency puts the angle off by up to a radian), and a module built on the meta device (loading)
+    still has them."""
+
+    def __init__(self, cpu: torch.Tensor):
+        self._by_device = {torch.device("cpu"): cpu}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        f = self._by_device.get(device)
+        if f is None:
+            f = self._by_device[device] = self._by_device[torch.device("cpu")].to(device)
+        return f
+
+
 class Rope4D(torch.nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         if head_dim % 8:
             raise ValueError(f"4-D RoPE needs a head dim divisible by 8, got {head_dim}")
         quarter = head_dim // 4
-        inv_freq = 1.0 / (base ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._freqs = _Frequencies(1.0 / (base ** (torch.arange(0, quarter, 2, dtype=torch.float32, device="cpu")
+                                                   / quarter)))
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self._freqs.on(torch.device("cpu"))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (..., 4) -> cos, sin (..., hd/2), float32."""
-        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq   # (..., 4, hd/8)
+        angles = positions.to(torch.float32).unsqueeze(-1) * self._freqs.on(positions.device)   # (..., 4, hd/8)
         angles = angles.flatten(-2)
         return angles.cos(), angles.sin()
 
@@ -107,10 +127,14 @@ class Rope2D(torch.nn.Module):
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
         quarter = head_dim // 4
-        inv_freq = 1.0 / (base ** (torch.arange(0, quarter, dtype=torch.float32) * 4 / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._freqs = _Frequencies(1.0 / (base ** (torch.arange(0, quarter, dtype=torch.float32, device="cpu") * 4
+                                                   / head_dim)))
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self._freqs.on(torch.device("cpu"))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (..., 2) -> cos, sin (..., hd/2), float32: row angles first, then column angles."""
-        angles = (positions.to(torch.float32).unsqueeze(-1) * self.inv_freq).flatten(-2)
+        angles = (positions.to(torch.float32).unsqueeze(-1) * self._freqs.on(positions.device)).flatten(-2)
         return angles.cos(), angles.sin()

@@ -19,6 +19,7 @@ from infinitystar.convert.infinity_official import load_official_infinity
 from infinitystar.model.attention import AttentionContext
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer, block_causal_mask
 from infinitystar.parity import Fixture, FixtureError, Record, compare
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.sampling.infinity_generate import generate_infinity
 from infinitystar.schedules.infinity_resolution import rope_anchor, template_anchor
 from infinitystar.train.infinity_targets import (forward_loss, recorded_flips, reduce_loss, replay_bits,
@@ -191,7 +192,7 @@ def check_sampling(fx: Fixture) -> Iterator[Record]:
     scales = _scales(fx, kw)
     anchor = _anchor(fx, scales, fallback=mfx)
     text, mask = fx.tensor(io, "text_emb"), fx.tensor(io, "text_mask").bool()
-    out = generate_infinity(model, text, mask, scales, cfg=kw["cfg_list"], tau=kw["tau_list"], top_p=top_p,
+    out = generate_infinity(model, text, mask, scales, guidance=Guidance(kw["cfg_list"]), tau=kw["tau_list"], top_p=top_p,
                             generator=torch.Generator().manual_seed(int(kw.get("g_seed", 0))), rope_anchor=anchor,
                             record=True)
     yield compare("bits", out.token_bits, fx.tensor(io, "bits"), tol.get("bits"))

@@ -20,7 +20,7 @@ from infinitystar.model.rope import text_positions
 from infinitystar.parity import Fixture, FixtureError, Record, compare
 from infinitystar.quant.residual import RecordedFlips, encode_targets
 from infinitystar.sampling.generate import Caption, generate
-from infinitystar.sampling.guidance import apg, cfg
+from infinitystar.sampling.guidance import Guidance, apg, cfg
 from infinitystar.schedules import dynamic_resolution as dr
 from infinitystar.schedules.pyramid import Schedule, latent_frames
 from infinitystar.train.loss import bitwise_loss, scale_loss_weights
@@ -255,7 +255,7 @@ def check_transformer(fx: Fixture) -> Iterator[Record]:
     teacher = [qfx.tensor("io.safetensors", f"nobsc/step{i:03d}/bits") for i in range(n)]
     tf = c.get("teacher_forced", {})
     run = tf.get("cfg_run", {"cfg": 3.0})
-    out = generate(model, schedule, caption, guidance_scale=float(run.get("cfg", 3.0)), tau=tau,
+    out = generate(model, schedule, caption, guidance=Guidance(float(run.get("cfg", 3.0))), tau=tau,
                    prefix_bits=teacher, record_logits=True)
     for i in range(n):
         for half in ("cond", "uncond"):
@@ -266,9 +266,9 @@ def check_transformer(fx: Fixture) -> Iterator[Record]:
     # (b) greedy APG run, checked robustly: force the stored bits, our argmax must agree outside near ties
     g = fx.need("greedy_apg")
     stored = [fx.tensor(io, f"greedy_apg/step{i:03d}/bits") for i in range(n)]
-    out = generate(model, schedule, caption, guidance_scale=float(g["cfg"]), guidance="apg",
-                   apg_norm_threshold=float(g.get("apg_norm_threshold", 0.05)), apg_eta=float(g.get("eta", 0.0)),
-                   tau=tau, prefix_bits=stored, record_logits=True)
+    apg_guidance = Guidance(float(g["cfg"]), "apg", apg_eta=float(g.get("eta", 0.0)),
+                            apg_norm_threshold=float(g.get("apg_norm_threshold", 0.05)))
+    out = generate(model, schedule, caption, guidance=apg_guidance, tau=tau, prefix_bits=stored, record_logits=True)
     yield greedy_mismatch_record("greedy_apg/argmax_mismatches_outside_near_ties",
                                  [out.logits[i]["guided"][0] for i in range(n)], stored, g.get("near_ties", []))
     yield compare("greedy_apg/summed_codes", out.codes, fx.tensor(io, "greedy_apg/summed_codes"))

@@ -16,8 +16,9 @@ from infinitystar.model.rope import condition_positions, visual_positions
 from infinitystar.parity import Fixture, FixtureError, Record, compare
 from infinitystar.parity.infinitystar import (_exact, _replist, _transformer_config, greedy_mismatch_record,
                                               rope_table_records)
-from infinitystar.sampling.generate import Caption, generate
 from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
+from infinitystar.sampling.generate import Caption, generate
+from infinitystar.sampling.guidance import Guidance
 
 IO = "io.safetensors"
 
@@ -94,7 +95,7 @@ def check_interact(fx: Fixture) -> Iterator[Record]:
     guidance = fx.need("guidance")
     if not guidance.get("use_cfg", 1) or guidance.get("use_apg", 0):
         raise FixtureError(f"{fx.path}: only plain CFG (use_cfg=1, use_apg=0) is pinned by this checker")
-    run = dict(conditions=maps, guidance_scale=[float(g) for g in guidance["cfg_list"]],
+    run = dict(conditions=maps, guidance=Guidance([float(g) for g in guidance["cfg_list"]]),
                tau=[float(t) for t in guidance["tau_list"]], record_logits=True)
 
     # (b) teacher-forced clip: cond / uncond logits of every step (detail steps: the stored frames only)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.parity import Fixture, FixtureError, Record, compare
 from infinitystar.tokenizer.video_vae import (VideoVAE, VideoVAEConfig, decode_chunks, encode_chunks,
                                               quantizer_buffer_shapes)

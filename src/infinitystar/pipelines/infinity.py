@@ -13,36 +13,36 @@ training, and a different size, ratio or budget is an error.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 
-from infinitystar.memory import MemoryOptions, home_devices, place_text_encoder, text_encoder_running
+from infinitystar.memory import MemoryOptions, text_encoder_running
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
+from infinitystar.pipelines.base import (Callback, GuidanceDefaults, ImagePipelineOutput, ModelCard, ModelIndex,
+                                         Pipeline, postprocess)
+from infinitystar.sampling.bits import Generators
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.sampling.infinity_generate import generate_infinity
 from infinitystar.schedules.infinity_resolution import (PN_NUM_SCALES, Scale2D, all_templates, check_custom_scales,
                                                         nearest_template, pixel_size)
+from infinitystar.shapes.world import vocabulary
+from infinitystar.text.builtin import WordTextEncoder
 from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
 
-FAMILY = "infinity"
 # A ratio further than this factor from every template is refused rather than silently bent into shape.
 MAX_SNAP_FACTOR = 1.5
 _SAME_RATIO = 0.01    # within 1 % a ratio *is* its template (the table spells 2/3 as 0.666)
 
 
 @dataclass
-class InfinityDefaults:
+class InfinityDefaults(GuidanceDefaults):
     """Sampling defaults (reference/infinity.md 6.2: the 2B's notebooks use cfg 3, tau 0.5; the 8B's tau 1.0;
     top-p 0.97 drops a bit value of probability <= 0.03)."""
-    guidance_scale: float = 3.0
     temperature: float = 0.5
     top_p: float = 0.97
     pn: str = "1M"
@@ -50,6 +50,7 @@ class InfinityDefaults:
     scales: Optional[list[list[int]]] = None   # a fixed custom schedule (replaces the templates; see the module doc)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.scales is not None:
             self.scales = [list(s) for s in check_custom_scales(self.scales, "defaults.scales")]
         if self.pn not in PN_NUM_SCALES:
@@ -59,25 +60,6 @@ class InfinityDefaults:
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         self.aspect_ratio = parse_aspect_ratio(self.aspect_ratio)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InfinityDefaults":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"model_index.json defaults: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
-
-
-@dataclass
-class InfinityPipelineOutput:
-    images: list[np.ndarray]          # one (H, W, 3) uint8 RGB array per prompt
-    codes: torch.Tensor               # (B, d, h, w) summed codes (the tokenizer's decoder input)
-    height: int
-    width: int
-    template: float                   # h/w of the template used
-    pn: str
-    scales: list[Scale2D]
-    timings: dict = field(default_factory=dict)
 
 
 def parse_aspect_ratio(value: Union[float, int, str]) -> float:
@@ -105,18 +87,41 @@ class Resolution:
     rope_anchor: Optional[Scale2D] = None   # None: the template's 1M grid
 
 
-def _load_text_encoder(d: Path, device):
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d}: no text encoder (config.json missing); put the flan-t5-xl files there "
-                                f"(config.json, model.safetensors or its shards + index, tokenizer.json or "
-                                f"spiece.model, tokenizer_config.json)")
-    from infinitystar.text import load_text_encoder as load   # one loader for both families
-    return load(d, device)
+@dataclass
+class InfinityPipelineOutput(ImagePipelineOutput):
+    """`ImagePipelineOutput` plus the size that was generated (the template and budget a request snapped to)."""
+    resolution: Optional[Resolution] = None
+
+    @property
+    def height(self) -> int:
+        return self.resolution.height
+
+    @property
+    def width(self) -> int:
+        return self.resolution.width
+
+    @property
+    def template(self) -> float:
+        return self.resolution.template
+
+    @property
+    def pn(self) -> str:
+        return self.resolution.pn
+
+    @property
+    def scales(self) -> list[Scale2D]:
+        return self.resolution.scales
 
 
-class InfinityPipeline:
+class InfinityPipeline(Pipeline):
+    family = "infinity"
+    transformer_class = InfinityTransformer
+    tokenizer_class = InfinityVAE
+    default_output_type = "pil"
+
     def __init__(self, transformer: InfinityTransformer, tokenizer: InfinityVAE, text_encoder,
-                 defaults: Optional[InfinityDefaults] = None, memory: Optional[MemoryOptions] = None):
+                 defaults: Optional[InfinityDefaults] = None, card: Optional[ModelCard] = None,
+                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
         tc, vc = transformer.config, tokenizer.config
         if tc.latent_channels != vc.codebook_dim:
             hint = ""
@@ -128,65 +133,30 @@ class InfinityPipeline:
         if text_encoder.channels != tc.text_channels:
             raise ValueError(f"the text encoder gives {text_encoder.channels} channels, the transformer reads "
                              f"{tc.text_channels}")
-        self.transformer = transformer
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.defaults = defaults or InfinityDefaults()
         # Of the memory options an image model uses the text encoder's placement (its largest scale is 4096
         # tokens: token chunks and tiles would not help, and its blocks are also called outside their forward).
-        self.memory = memory or MemoryOptions()
-        if self.memory.sequential_offload:
+        if memory is not None and memory.sequential_offload:
             raise ValueError("sequential offload is available for InfinityStar (video) models only")
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.word_embed.weight.device
+        super().__init__(transformer, tokenizer, text_encoder, defaults or InfinityDefaults(), card, precision, memory)
 
     @property
     def token_stride(self) -> int:
         """Pixels per transformer token side."""
         return self.tokenizer.config.patch_size * (2 if self.transformer.config.spatial_patchify else 1)
 
-    def to(self, device) -> "InfinityPipeline":
-        for m in (self.transformer, self.tokenizer):
-            m.to(device)
-        place_text_encoder(self.text_encoder, device, self.memory)
-        return self
-
     # --- persistence ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device=None,
-                        memory: Optional[MemoryOptions] = None) -> "InfinityPipeline":
-        d = Path(path)
-        index = d / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"{d}: not an infinitystar model folder, no model_index.json")
-        meta = json.loads(index.read_text())
-        if meta.get("family") != FAMILY:
-            raise ValueError(f"{d} holds a {meta.get('family', 'infinitystar')!r} model, not an Infinity "
-                             f"(text-to-image) one; use the matching pipeline")
-        device = torch.device(device or "cpu")
-        memory = memory or MemoryOptions()
-        return cls(InfinityTransformer.from_pretrained(d / "transformer", device=device),
-                   InfinityVAE.from_pretrained(d / "tokenizer", device=device),
-                   _load_text_encoder(d / "text_encoder", home_devices(device, memory)["text_encoder"]),
-                   InfinityDefaults.from_dict(meta.get("defaults", {})), memory)
+    def _read_index(cls, index: ModelIndex) -> dict:
+        where = f"{index.path / 'model_index.json'} defaults"
+        return dict(defaults=InfinityDefaults.from_dict(index.field("defaults", dict, {}), where))
 
-    def save_pretrained(self, path: Union[str, Path]) -> None:
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(d / "transformer")
-        self.tokenizer.save_pretrained(d / "tokenizer")
-        self.text_encoder.save_pretrained(d / "text_encoder")
-        meta = {"family": FAMILY, "defaults": dataclasses.asdict(self.defaults)}
-        (d / "model_index.json").write_text(json.dumps(meta, indent=1))
+    def _index_fields(self) -> dict:
+        return {}
 
     @classmethod
     def random_tiny(cls, seed: int = 0, device=None) -> "InfinityPipeline":
         """A tiny random-weight pipeline (Shapes World vocabulary, 4 pixels per token, pn 0.06M: 64x64 images at
         1:1): it runs every code path, its outputs are noise. For tests and demos."""
-        from infinitystar.shapes.world import vocabulary
-        from infinitystar.text.builtin import WordTextEncoder
         torch.manual_seed(seed)
         text = WordTextEncoder(vocabulary(), width=32, depth=1, num_heads=2, max_len=32).eval()
         vae = InfinityVAE(InfinityVAEConfig(codebook_dim=16, patch_size=4, base_ch=32, encoder_ch_mult=(1, 1, 1),
@@ -252,75 +222,66 @@ class InfinityPipeline:
         return Resolution(H / W, "custom", scales, H, W, rope_anchor=scales[-1])
 
     # --- generation -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _prompts(prompt, what: str = "prompt") -> list[str]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError(f"empty {what}: give a non-empty text (or a list of them) describing the image")
-        return prompts
-
     def __call__(self, prompt: Union[str, Sequence[str]], height: Optional[int] = None, width: Optional[int] = None,
-                 aspect_ratio: Union[float, str, None] = None, pn: Optional[str] = None,
-                 guidance_scale: Union[float, Sequence[float], None] = None, temperature: Optional[float] = None,
-                 top_p: Optional[float] = None, negative_prompt: Union[str, Sequence[str], None] = None,
-                 generator: Optional[torch.Generator] = None) -> InfinityPipelineOutput:
-        """Generate one image per prompt.
+                 *, aspect_ratio: Union[float, str, None] = None, pn: Optional[str] = None,
+                 negative_prompt: Union[str, Sequence[str], None] = None, num_images_per_prompt: int = 1,
+                 guidance_scale: Union[float, Sequence[float], None] = None, guidance: Optional[Guidance] = None,
+                 temperature: Optional[float] = None, top_p: Optional[float] = None, generator: Generators = None,
+                 output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callback] = None, precision: Optional[str] = None):
+        """Generate images.
 
         height/width or aspect_ratio (h/w, or 'W:H' such as '16:9') with pn ('0.06M', '0.25M', '0.60M', '1M')
-        choose the size (see `resolution`). guidance_scale: CFG on the logits (a number or one per scale);
-        temperature: tau of every scale; top_p: per-bit filter (0 = none); negative_prompt replaces the learned
-        null text of the unconditional half (one text, or one per prompt). generator: a torch.Generator (CPU is
-        fine on any device) for reproducible bits.
+        choose the size (see `resolution`). negative_prompt replaces the learned null text of the unconditional
+        half (one text, or one per prompt). num_images_per_prompt: samples per prompt (outputs are prompt-major).
+        guidance_scale: a number or one per scale; guidance: a `Guidance` (CFG as the reference, or APG;
+        guidance_scale, if given, replaces its scale). temperature: tau of every scale; top_p: per-bit filter
+        (0 = none). generator: one torch.Generator (CPU is fine on any device), or a list with one per output.
+        output_type: "pil", "np" (float in [0, 1]), "uint8", "pt" or "codes" (no decoding); return_dict=False
+        returns `(images,)`. callback_on_step_end(pipe, step, scale, kwargs) runs after every scale; setting
+        `pipe._interrupt = True` stops. precision: "auto", "fp32" or "bf16" (default: the pipeline's).
         """
         t0 = time.perf_counter()
-        prompts = self._prompts(prompt)
+        self._check_call(num_images_per_prompt, output_type, "num_images_per_prompt")
+        prompts = self._texts(prompt, "prompt")
+        n = num_images_per_prompt
+        negatives = self._negatives(negative_prompt, len(prompts), n)
+        prompts = [p for p in prompts for _ in range(n)]
         res = self.resolution(height, width, aspect_ratio, pn, stacklevel=3)   # the warning names the caller
         d = self.defaults
-        cfg = d.guidance_scale if guidance_scale is None else guidance_scale
+        guide = self._guidance(guidance_scale, guidance)
         tau = d.temperature if temperature is None else float(temperature)
         top_p = d.top_p if top_p is None else float(top_p)
-        if tau <= 0:
-            raise ValueError(f"temperature must be positive, got {tau}")
-        with torch.no_grad():
-            return self._generate(prompts, res, cfg, tau, top_p, negative_prompt, generator, t0)
-
-    def _generate(self, prompts: list[str], res: Resolution, cfg, tau: float, top_p: float, negative_prompt,
-                  generator: Optional[torch.Generator], t0: float) -> InfinityPipelineOutput:
-        negs = None
-        if negative_prompt is not None:
-            negs = self._prompts(negative_prompt, "negative prompt")
-            if len(negs) == 1:
-                negs = negs * len(prompts)
-            if len(negs) != len(prompts):
-                raise ValueError(f"{len(negs)} negative prompts given for {len(prompts)} prompts")
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"temperature must be a positive number, got {tau}")
         with text_encoder_running(self.text_encoder, self.device, self.memory):
             text = self.text_encoder.encode(prompts, self.device)
-            neg = None if negs is None else self.text_encoder.encode(negs, self.device)
+            neg = None if negatives is None else self.text_encoder.encode(negatives, self.device)
         t1 = time.perf_counter()
-        out = generate_infinity(self.transformer, text.features, text.mask, res.scales, cfg=cfg, tau=tau, top_p=top_p,
-                                generator=generator, negative_text=None if neg is None else neg.features,
-                                negative_mask=None if neg is None else neg.mask,
-                                rope_anchor=res.rope_anchor or all_templates()[res.template][-1])
-        t2 = time.perf_counter()
-        x = self.tokenizer.decode(out.codes).float()
-        # (x + 1) / 2 * 255 truncated to uint8, as the reference (which then flips to BGR; we keep RGB)
-        images = ((x + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        timing = {}
+
+        def sample(on_step, dtype):
+            out = generate_infinity(self.transformer, text.features, text.mask, res.scales, guidance=guide, tau=tau,
+                                    top_p=top_p, generator=generator,
+                                    negative_text=None if neg is None else neg.features,
+                                    negative_mask=None if neg is None else neg.mask,
+                                    rope_anchor=res.rope_anchor or all_templates()[res.template][-1],
+                                    on_step=on_step, precision=dtype)
+            timing["generate_s"] = time.perf_counter() - t1
+            return out
+
+        def decode(codes, dtype):
+            return ((self.tokenizer.decode(codes, precision=dtype).float() + 1) / 2).clamp(0, 1)
+
+        out, pixels, used = self._run(sample, decode, len(prompts), generator, len(res.scales),
+                                      callback_on_step_end, precision, output_type)
+        # uint8 is (x + 1) / 2 * 255 truncated, as the reference (which then flips to BGR; we keep RGB)
+        images = out.codes if pixels is None else postprocess(pixels, output_type, truncate=True)
         t3 = time.perf_counter()
-        return InfinityPipelineOutput(list(images), out.codes, res.height, res.width, res.template, res.pn,
-                                      res.scales, {"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2,
-                                                   "total_s": t3 - t0})
+        timings = {"encode_s": t1 - t0, "generate_s": timing["generate_s"],
+                   "decode_s": t3 - t1 - timing["generate_s"], "total_s": t3 - t0}
+        result = InfinityPipelineOutput(images, out.codes, out.bits, timings, used, res)
+        return result if return_dict else result.to_tuple()
 
 
-def model_family(path: Union[str, Path]) -> Optional[str]:
-    """The `family` of a model folder's model_index.json ("infinitystar" when absent), None without an index."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return None
-    try:
-        return str(json.loads(index.read_text()).get("family", "infinitystar"))
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{index}: unreadable model index ({e})") from None
-
-
-__all__ = ["InfinityPipeline", "InfinityPipelineOutput", "InfinityDefaults", "Resolution", "parse_aspect_ratio",
-           "model_family"]
+__all__ = ["InfinityPipeline", "InfinityPipelineOutput", "InfinityDefaults", "Resolution", "parse_aspect_ratio"]

@@ -4,46 +4,57 @@ long videos whose prompt changes clip by clip, and clip-by-clip streaming with `
 A model folder holds `model_index.json` (pyramid, defaults, frame size, and `inference`: "clips" for text-to-video
 models, "interact" for InfinityStar-Interact models, with optional `interact` settings) and three sub-folders, each
 loadable on its own: `transformer/`, `tokenizer/` (the video VAE) and `text_encoder/` (the built-in word encoder or
-a T5).
+a T5). What plays diffusers' `num_inference_steps` is the scale schedule (`pyramid`): one step per scale and
+repetition.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 from infinitystar.config import InteractConfig, PyramidConfig, TransformerConfig
-from infinitystar.memory import (MemoryOptions, home_devices, place_text_encoder, place_transformer,
-                                 text_encoder_running)
+from infinitystar.media import as_uint8, load_image, load_video
+from infinitystar.memory import MemoryOptions, text_encoder_running
 from infinitystar.model.infinitystar import InfinityStarTransformer
-from infinitystar.quant.residual import encode_targets
 from infinitystar.pipelines import stream as streaming
+from infinitystar.pipelines.base import (DEFAULT_MODEL_DIR, Callback, GuidanceDefaults, ModelCard, ModelIndex,
+                                         Pipeline, VideoPipelineOutput, postprocess)
+from infinitystar.quant.residual import encode_targets
+from infinitystar.runtime import precision_name
+from infinitystar.sampling.bits import Generators
 from infinitystar.sampling.generate import Caption, generate
-from infinitystar.text import load_text_encoder
+from infinitystar.sampling.guidance import Guidance
+from infinitystar.shapes.world import vocabulary
+from infinitystar.text.builtin import WordTextEncoder
+from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 PromptInput = Union[str, Sequence[str], Sequence[Sequence[str]]]
 
 
-class VideoTokenizer(Protocol):
-    def encode(self, video: torch.Tensor) -> torch.Tensor: ...      # (B,3,T,H,W) in [-1,1] -> (B,C,T',h,w)
-    def decode(self, z: torch.Tensor) -> torch.Tensor: ...          # inverse
-
-
 @dataclass
-class GenerationDefaults:
-    guidance_scale: float = 3.0
-    guidance: str = "cfg"                 # "cfg" or "apg"
-    apg_norm_threshold: float = 0.05
+class GenerationDefaults(GuidanceDefaults):
+    """Generation defaults of an InfinityStar model (model_index.json "defaults")."""
     tau_image: float = 1.0                # temperature of the image pyramid's scales
     tau_video: float = 0.4                # temperature of video clips' scales
-    fps: int = 16
+    fps: int = 16                         # frame rate of written videos
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("tau_image", "tau_video"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not (isinstance(self.fps, int) and self.fps > 0):
+            raise ValueError(f"fps must be a positive integer, got {self.fps!r}")
 
     @classmethod
     def interact(cls) -> "GenerationDefaults":
@@ -52,24 +63,7 @@ class GenerationDefaults:
         return cls(guidance_scale=3.0, guidance="cfg", tau_image=0.5, tau_video=0.5, fps=16)
 
 
-@dataclass
-class PipelineOutput:
-    frames: list[np.ndarray]              # one (T, H, W, 3) uint8 array per sample
-    codes: torch.Tensor                   # (B, C, T_lat, h, w) latent code maps
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def images(self) -> list[np.ndarray]:
-        """First frame of each sample (text-to-image)."""
-        return [f[0] for f in self.frames]
-
-
-def _load_tokenizer(d: Path, device):
-    from infinitystar.tokenizer.video_vae import VideoVAE
-    return VideoVAE.from_pretrained(d).to(device).eval()
-
-
-class InfinityStarPipeline:
+class InfinityStarPipeline(Pipeline):
     """Text (and optionally a first frame or a video) to frames.
 
     `pipe(prompt, num_frames=...)` generates a whole video at once; `pipe.start(prompt)` starts a video that grows
@@ -77,18 +71,21 @@ class InfinityStarPipeline:
     `interact` (an `InteractConfig`) makes an InfinityStar-Interact pipeline: its videos grow by interactive
     segments (model_index.json "inference": "interact").
     """
+    family = "infinitystar"
+    transformer_class = InfinityStarTransformer
+    tokenizer_class = VideoVAE
+    default_output_type = "np"
 
-    def __init__(self, transformer: InfinityStarTransformer, tokenizer, text_encoder, pyramid: PyramidConfig,
-                 height: int, width: int, defaults: Optional[GenerationDefaults] = None,
-                 interact: Optional[InteractConfig] = None, memory: Optional[MemoryOptions] = None):
+    def __init__(self, transformer: InfinityStarTransformer, tokenizer: VideoVAE, text_encoder,
+                 pyramid: PyramidConfig, height: int, width: int, defaults: Optional[GenerationDefaults] = None,
+                 interact: Optional[InteractConfig] = None, card: Optional[ModelCard] = None,
+                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
         """memory: where the parts live and in which pieces they run (see `infinitystar.memory`); it takes effect
         in `to(device)` (placement) and in every call (text encoder, token chunks, VAE tiles)."""
-        self.transformer = transformer
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+        defaults = defaults or (GenerationDefaults.interact() if interact else GenerationDefaults())
+        super().__init__(transformer, tokenizer, text_encoder, defaults, card, precision, memory)
         self.pyramid = pyramid
         self.height, self.width = height, width
-        self.defaults = defaults or (GenerationDefaults.interact() if interact else GenerationDefaults())
         if interact is not None:
             interact.check(pyramid)
         self.interact = interact
@@ -100,53 +97,37 @@ class InfinityStarPipeline:
         """The inference path the model needs: "interact" (InfinityStar-Interact) or "clips"."""
         return "clips" if self.interact is None else "interact"
 
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.word_embed.weight.device
-
     # --- persistence ----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path, None] = "default", device=None,
-                        memory: Optional[MemoryOptions] = None) -> "InfinityStarPipeline":
-        """Load a model folder; no argument (or "default") loads the model shipped inside the package. Each part is
-        read onto the device where the memory options keep it (see `to`)."""
-        d = DEFAULT_MODEL_DIR if path in (None, "default") else Path(path)
-        index = d / "model_index.json"
-        if not index.is_file():
-            hint = (" (the shipped default model is missing from this install)" if d == DEFAULT_MODEL_DIR
-                    else "")
-            raise FileNotFoundError(f"{d}: not an infinitystar model folder, no model_index.json{hint}")
-        meta = json.loads(index.read_text())
-        if meta.get("family", "infinitystar") != "infinitystar":
-            raise ValueError(f"{d} holds a {meta.get('family')!r} model; use the matching pipeline")
-        inference = meta.get("inference", "clips")
+    def _read_index(cls, index: ModelIndex) -> dict:
+        where = str(index.path / "model_index.json")
+        try:
+            pyramid = PyramidConfig.from_dict(index.field("pyramid", dict))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: pyramid: {e}") from None
+        height, width = index.field("height", int), index.field("width", int)
+        if height < 1 or width < 1:
+            raise ValueError(f"{where}: height and width must be positive, got {height} x {width}")
+        inference = index.field("inference", str, "clips")
         if inference not in streaming.INFERENCE_KINDS:
-            raise ValueError(f"{index}: unknown inference {inference!r}; choose one of "
+            raise ValueError(f"{where}: unknown inference {inference!r}; choose one of "
                              f"{', '.join(streaming.INFERENCE_KINDS)}")
-        if "interact" in meta and inference != "interact":
-            raise ValueError(f"{index}: \"interact\" settings need \"inference\": \"interact\"")
-        interact = InteractConfig.from_dict(meta.get("interact", {})) if inference == "interact" else None
-        base = GenerationDefaults.interact() if interact else GenerationDefaults()
-        defaults = GenerationDefaults(**{**base.__dict__, **meta.get("defaults", {})})
-        memory = memory or MemoryOptions()
-        home = home_devices(device or "cpu", memory)
-        pipe = cls(InfinityStarTransformer.from_pretrained(d / "transformer", home["transformer"]),
-                   _load_tokenizer(d / "tokenizer", home["tokenizer"]),
-                   load_text_encoder(d / "text_encoder", home["text_encoder"]), PyramidConfig.from_dict(meta["pyramid"]),
-                   int(meta["height"]), int(meta["width"]), defaults, interact, memory)
-        return pipe.to(device or "cpu")
+        if "interact" in index.data and inference != "interact":
+            raise ValueError(f"{where}: \"interact\" settings need \"inference\": \"interact\"")
+        try:
+            interact = InteractConfig.from_dict(index.field("interact", dict, {})) if inference == "interact" else None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: interact: {e}") from None
+        base = dataclasses.asdict(GenerationDefaults.interact() if interact else GenerationDefaults())
+        defaults = GenerationDefaults.from_dict({**base, **index.field("defaults", dict, {})}, f"{where} defaults")
+        return dict(pyramid=pyramid, height=height, width=width, defaults=defaults, interact=interact)
 
-    def save_pretrained(self, path: Union[str, Path]) -> None:
-        d = Path(path)
-        d.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(d / "transformer")
-        self.tokenizer.save_pretrained(d / "tokenizer")
-        self.text_encoder.save_pretrained(d / "text_encoder")
-        meta = {"family": "infinitystar", "pyramid": self.pyramid.to_dict(), "height": self.height,
-                "width": self.width, "defaults": self.defaults.__dict__, "inference": self.inference}
+    def _index_fields(self) -> dict:
+        fields = {"pyramid": self.pyramid.to_dict(), "height": self.height, "width": self.width,
+                  "inference": self.inference}
         if self.interact is not None:
-            meta["interact"] = self.interact.to_dict()
-        (d / "model_index.json").write_text(json.dumps(meta, indent=1))
+            fields["interact"] = self.interact.to_dict()
+        return fields
 
     @classmethod
     def random_tiny(cls, seed: int = 0, device=None, interact: Optional[InteractConfig] = None
@@ -154,9 +135,6 @@ class InfinityStarPipeline:
         """A tiny random-weight pipeline with the default model's shapes (64x64 frames, 8x8 latents, Shapes World
         vocabulary): it runs every code path, but its outputs are noise. For tests and demos. `interact` makes it
         an InfinityStar-Interact pipeline (e.g. InteractConfig(semantic_scale=2))."""
-        from infinitystar.shapes.world import vocabulary
-        from infinitystar.text.builtin import WordTextEncoder
-        from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
         torch.manual_seed(seed)
         vae_cfg = VideoVAEConfig.small()
         text = WordTextEncoder(vocabulary(), width=32, depth=1, num_heads=2).eval()
@@ -167,16 +145,6 @@ class InfinityStarPipeline:
                                 temporal_compression=vae_cfg.temporal_stride, detail_min_tokens=36)
         pipe = cls(transformer, VideoVAE(vae_cfg).eval(), text, pyramid, 64, 64, interact=interact)
         return pipe.to(device) if device is not None else pipe
-
-    def to(self, device) -> "InfinityStarPipeline":
-        """Move the pipeline to a device, keeping on the host what the memory options keep there."""
-        device = torch.device(device)
-        if self._offload is not None:
-            self._offload.remove()
-        self._offload = place_transformer(self.transformer, device, self.memory)
-        self.tokenizer.to(device)
-        place_text_encoder(self.text_encoder, device, self.memory)
-        return self
 
     # --- inputs -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -206,11 +174,14 @@ class InfinityStarPipeline:
 
     @staticmethod
     def _batch_media(media, batch: int, ndim: int, load, what: str) -> np.ndarray:
-        """One item (path or array) for every sample, or a list / stacked array of `batch` items."""
-        items = media if isinstance(media, (list, tuple)) else [media]
-        items = [load(m) if isinstance(m, (str, Path)) else np.asarray(m) for m in items]
-        if len(items) == 1 and items[0].ndim == ndim + 1:
-            items = list(items[0])
+        """One item for every sample, or a list / stacked array of `batch` items. An item is a path, a uint8 or
+        [0, 1] float array, a PIL image or (video) a list of them, as `as_uint8` takes."""
+        single = isinstance(media, (str, Path, Image.Image)) or (
+            isinstance(media, (np.ndarray, torch.Tensor)) and media.ndim == ndim)
+        if isinstance(media, (list, tuple)) and ndim == 4 and media and isinstance(media[0], Image.Image):
+            single = True                          # a video given as a list of PIL frames
+        items = [media] if single else list(media)
+        items = [load(m) if isinstance(m, (str, Path)) else as_uint8(m, what) for m in items]
         if len(items) == 1:
             items = items * batch
         if len(items) != batch:
@@ -221,7 +192,6 @@ class InfinityStarPipeline:
 
     def _prefix(self, schedule, image, video, batch: int) -> list[torch.Tensor]:
         """Teacher bits of the given first frame (image-to-video) or frames (continuation)."""
-        from infinitystar.media import load_image, load_video
         if image is not None and video is not None:
             raise ValueError("give either image (image-to-video) or video (continuation), not both")
         if image is None and video is None:
@@ -261,57 +231,93 @@ class InfinityStarPipeline:
         frames); the stream continues after it. inference: "clips" or "interact" (default: the model folder's);
         "interact" needs an InfinityStar-Interact model. guidance_scale / temperature override the model's
         defaults for the whole stream; generator seeds the sampling (a CPU generator reproduces across devices).
-        Batch size 1. See `infinitystar.pipelines.stream` for what each kind keeps between calls.
+        Batch size 1; frames are uint8; the pipeline's precision applies. See `infinitystar.pipelines.stream`.
         """
         return streaming.start(self, prompt, inference=inference, image=image, video=video,
                                guidance_scale=guidance_scale, temperature=temperature, generator=generator)
 
-    @torch.no_grad()
-    def __call__(self, prompt: PromptInput, num_frames: int = 17, image=None, video=None,
-                 guidance_scale: Optional[float] = None, temperature: Optional[float] = None,
-                 generator: Optional[torch.Generator] = None, progress: bool = False) -> PipelineOutput:
-        """Generate frames.
+    def __call__(self, prompt: PromptInput, num_frames: int = 17, *, image=None, video=None,
+                 negative_prompt: Union[str, Sequence[str], None] = None, num_videos_per_prompt: int = 1,
+                 guidance_scale: Union[float, Sequence[float], None] = None, guidance: Optional[Guidance] = None,
+                 temperature: Optional[float] = None, generator: Generators = None, output_type: str = "np",
+                 return_dict: bool = True, callback_on_step_end: Optional[Callback] = None,
+                 precision: Optional[str] = None):
+        """Generate videos (or images with num_frames=1).
 
         prompt: a text, a list of texts (a batch), or a list of per-clip text lists (a long video whose prompt
         changes: clip k uses the k-th text, the first frame the first). num_frames: 1 (an image) or 1 + 4k.
-        image: the first frame (image-to-video); video: frames to continue (a path or an array, one for every
-        sample or a list with one per prompt). temperature overrides both
-        the image and the video temperatures.
+        image: the first frame (image-to-video); video: frames to continue (a path, an array, PIL images; one for
+        every prompt or a list with one per prompt). negative_prompt: replaces the learned null text of the
+        unconditional half (one text, or one per prompt). num_videos_per_prompt: samples per prompt (outputs are
+        prompt-major). guidance_scale: a number or one per scale (the schedule's scales); guidance: a `Guidance`
+        (CFG or APG with its settings; guidance_scale, if given, replaces its scale). temperature overrides both
+        the image and the video temperatures. generator: one torch.Generator, or a list with one per output.
+        output_type: "np" (float in [0, 1]), "uint8", "pt", "pil" or "codes" (no decoding). return_dict=False
+        returns `(frames,)`. callback_on_step_end(pipe, step, scale, kwargs) runs after every step (kwargs:
+        clip, shape, bits, forced, num_steps); setting `pipe._interrupt = True` stops, and what was generated so
+        far is decoded. precision: "auto", "fp32" or "bf16" for the sampling and the decode (default: the
+        pipeline's).
         """
         t0 = time.perf_counter()
+        self._check_call(num_videos_per_prompt, output_type, "num_videos_per_prompt")
         grid = self._prompt_grid(prompt)
+        n = num_videos_per_prompt
+        negatives = self._negatives(negative_prompt, len(grid), n)
         if self.interact is not None:
-            return self._interact_video(grid, num_frames, image, video, guidance_scale, temperature, generator, t0)
+            unsupported = [name for name, v in (("negative_prompt", negatives), ("guidance", guidance),
+                                                ("callback_on_step_end", callback_on_step_end)) if v is not None]
+            if isinstance(generator, Sequence):
+                unsupported.append("a list of generators")
+            if unsupported:
+                raise ValueError(f"an interactive model streams its videos: {', '.join(unsupported)} cannot be "
+                                 f"used with it")
+            grid = [seg for seg in grid for _ in range(n)]
+            return self._interact_video(grid, num_frames, image, video, guidance_scale, temperature, generator,
+                                        output_type, return_dict, t0)
         schedule = self.pyramid.build(num_frames)
         d = self.defaults
-        cfg_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guide = self._guidance(guidance_scale, guidance)
         tau = [d.tau_image if s.clip == 0 else d.tau_video for s in schedule.scales]
         if temperature is not None:
-            if temperature <= 0:
-                raise ValueError(f"temperature must be positive, got {temperature}")
+            if not (math.isfinite(temperature) and temperature > 0):
+                raise ValueError(f"temperature must be a positive number, got {temperature}")
             tau = [float(temperature)] * len(tau)
+        prefix = [b.repeat_interleave(n, 0) for b in self._prefix(schedule, image, video, len(grid))]
+        grid = [seg for seg in grid for _ in range(n)]
         mem = self.memory
-        captions = []
         with text_encoder_running(self.text_encoder, self.device, mem):
-            for k in range(len(grid[0])):
-                feats, mask = self.text_encoder.encode([seg[k] for seg in grid], self.device)
-                captions.append(Caption(feats, mask))
+            captions = [Caption(*self.text_encoder.encode([seg[k] for seg in grid], self.device))
+                        for k in range(len(grid[0]))]
+            negative_captions = None
+            if negatives is not None:
+                negative_captions = [Caption(*self.text_encoder.encode(negatives, self.device))] * len(captions)
         caption_of_clip = [0] + [min(c - 1, len(captions) - 1) for c in range(1, schedule.num_clips)]
-        prefix = self._prefix(schedule, image, video, len(grid))
         t1 = time.perf_counter()
         self.transformer.set_token_chunk(mem.token_chunk)
-        out = generate(self.transformer, schedule, captions, caption_of_clip=caption_of_clip,
-                       guidance_scale=cfg_scale, guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold,
-                       tau=tau, generator=generator, prefix_bits=prefix, progress=progress)
-        t2 = time.perf_counter()
         tiles = {} if mem.vae_tile is None else {"tile": mem.vae_tile, "tile_overlap": mem.vae_tile_overlap}
-        frames = streaming.to_frames(self.tokenizer.decode(out.codes, **tiles))
-        t3 = time.perf_counter()
-        return PipelineOutput([f for f in frames], out.codes,
-                              {"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0})
+        timing = {}
 
-    def _interact_video(self, grid, num_frames, image, video, guidance_scale, temperature, generator,
-                        t0) -> PipelineOutput:
+        def sample(on_step, dtype):
+            out = generate(self.transformer, schedule, captions, caption_of_clip=caption_of_clip, guidance=guide,
+                           negative_captions=negative_captions, tau=tau, generator=generator, prefix_bits=prefix,
+                           on_step=on_step, precision=dtype)
+            timing["generate_s"] = time.perf_counter() - t1
+            return out
+
+        def decode(codes, dtype):
+            return to_unit(self.tokenizer.decode(codes, precision=dtype, **tiles))
+
+        out, pixels, used = self._run(sample, decode, len(grid), generator, len(schedule.steps),
+                                      callback_on_step_end, precision, output_type)
+        frames = out.codes if pixels is None else postprocess(pixels, output_type)
+        t3 = time.perf_counter()
+        timings = {"encode_s": t1 - t0, "generate_s": timing["generate_s"],
+                   "decode_s": t3 - t1 - timing["generate_s"], "total_s": t3 - t0}
+        result = VideoPipelineOutput(frames, out.codes, out.bits, timings, used)
+        return result if return_dict else result.to_tuple()
+
+    def _interact_video(self, grid, num_frames, image, video, guidance_scale, temperature, generator, output_type,
+                        return_dict, t0):
         """An InfinityStar-Interact model makes a whole video by streaming it: the first clip, then one
         interactive segment per further clip (clip k uses the k-th text of its prompt list)."""
         per_clip = self.pyramid.frames_per_clip * self.pyramid.temporal_compression
@@ -331,4 +337,18 @@ class InfinityStarPipeline:
                 latents.append(stream.last_codes)
             frames.append(stream.video())
             codes.append(torch.cat(latents, dim=2))
-        return PipelineOutput(frames, torch.cat(codes), {"total_s": time.perf_counter() - t0})
+        codes = torch.cat(codes)
+        pixels = torch.from_numpy(np.stack(frames)).movedim(-1, 2).float() / 255     # exact: uint8 / 255 * 255
+        result = VideoPipelineOutput(codes if output_type == "codes" else postprocess(pixels, output_type), codes,
+                                     timings={"total_s": time.perf_counter() - t0},
+                                     precision=precision_name(self.compute_dtype()))
+        return result if return_dict else result.to_tuple()
+
+
+def to_unit(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video (B, 3, T, H, W) in [-1, 1] -> (B, T, 3, H, W) in [0, 1], float32: the pipelines' pixels
+    (`postprocess` makes uint8 as round(x * 255), the same values as `stream.to_frames`)."""
+    return (video.float().clamp(-1, 1) + 1).div(2).transpose(1, 2)
+
+
+__all__ = ["InfinityStarPipeline", "GenerationDefaults", "VideoPipelineOutput", "DEFAULT_MODEL_DIR"]

@@ -12,8 +12,9 @@
 * "clips" (every text-to-video model, the default model included): the video is one growing schedule (image
   pyramid, then clip pyramids). Between calls the stream keeps the KV cache entries later clips attend to (with
   sparse attention: the previous clip's last scale) and the tokenizer decoder's causal state, and nothing that
-  grows with the video, so every extension costs the same. The frames equal those of one batch generation of
-  the whole video with the same prompts and generator draws.
+  grows with the video, so every extension costs the same. In fp32 the frames equal those of one batch
+  generation of the whole video with the same prompts and generator draws (measured: identical codes and
+  pixels); in bf16 the two compute in different layouts and can sample different bits.
 * "interact" (InfinityStar-Interact models): every extension is an official interactive segment: a lone clip
   conditioned on two blocks made from the previous 1 + T latents and the session's first latent
   (`infinitystar.quant.interact`). The first clip is either given (`video=`, as the official script: its last
@@ -32,7 +33,6 @@ import torch
 
 from infinitystar.memory import text_encoder_running
 from infinitystar.runtime import UserError
-from infinitystar.sampling.bits import per_scale
 from infinitystar.sampling.generate import Caption, GenerationOutput, GenerationState, SamplingOptions, generate
 from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
 
@@ -62,12 +62,18 @@ class VideoStream:
                  generator: Optional[torch.Generator]):
         d = pipe.defaults
         self.pipe = pipe
-        self.guidance_scale = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+        try:
+            self.guidance = d.guidance_config(guidance_scale)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if isinstance(self.guidance.scale, tuple):     # the schedule grows with every clip
+            raise UserError("a stream takes one guidance scale for every scale, not a list")
         if temperature is not None and temperature <= 0:
             raise UserError(f"temperature must be positive, got {temperature}")
         self.tau_image = d.tau_image if temperature is None else float(temperature)
         self.tau_video = d.tau_video if temperature is None else float(temperature)
-        self.options = SamplingOptions(d.guidance, d.apg_norm_threshold, generator=generator)
+        self.precision = pipe.compute_dtype()          # the pipeline's precision: the blocks and the decoder
+        self.options = SamplingOptions(self.guidance, generator=generator)
         self.clips: list[np.ndarray] = []
         self.prompts: list[str] = []
         self.timings: list[dict] = []
@@ -114,9 +120,6 @@ class VideoStream:
         return [self.tau_image if s.clip == 0 and schedule.clips[0][1] == 1 else self.tau_video
                 for s in schedule.scales]
 
-    def _guidance(self, schedule) -> list[float]:
-        return per_scale(self.guidance_scale, len(schedule.scales), "guidance_scale")
-
     def _frames_of(self, clips: int) -> int:
         """Video frames of the first `clips` clips of the "clips" layout (clip 0 = the first frame)."""
         p = self.pipe.pyramid
@@ -134,7 +137,8 @@ class ClipStream(VideoStream):
 
     def __init__(self, pipe, guidance_scale, temperature, generator):
         super().__init__(pipe, guidance_scale, temperature, generator)
-        self.state = GenerationState(pipe.transformer, 1, pipe.device, use_cfg=self.guidance_scale != 1.0)
+        self.state = GenerationState(pipe.transformer, 1, pipe.device, use_cfg=self.guidance.scale != 1.0,
+                                     precision=self.precision)
         self.decoder = pipe.tokenizer.decode_stream()
         self.caption_of_clip: list[int] = []
         self.num_clips = 0                     # clips of the schedule generated so far (clip 0 = first frame)
@@ -144,8 +148,8 @@ class ClipStream(VideoStream):
         schedule = self.pipe.pyramid.build(self._frames_of(clip + 1))
         keep_for = self.pipe.pyramid.build(self._frames_of(clip + 2))   # the next clip's references stay cached
         out = GenerationOutput(codes=torch.empty(0), bits=[])
-        codes = self.state.run_clip(schedule, clip, self.caption_of_clip, self._guidance(schedule),
-                                    self._tau(schedule), self.options, out, prefix, keep_for=keep_for)
+        codes = self.state.run_clip(schedule, clip, self.caption_of_clip, self._tau(schedule), self.options, out,
+                                    prefix, keep_for=keep_for)
         self.num_clips += 1
         return codes
 
@@ -163,7 +167,7 @@ class ClipStream(VideoStream):
         self.state.add_caption(0, self._caption(prompt))
         self.caption_of_clip = [0] * given
         self.last_codes = torch.cat([self._run(prefix) for _ in range(given)], dim=2)
-        return to_frames(self.decoder.decode(self.last_codes))[0]
+        return to_frames(self.decoder.decode(self.last_codes, precision=self.precision))[0]
 
     def _extend(self, prompt) -> np.ndarray:
         key = len(self.prompts)
@@ -171,7 +175,7 @@ class ClipStream(VideoStream):
         self.caption_of_clip.append(key)
         self.last_codes = self._run()
         self.state.drop_caption(self.caption_of_clip[-2])        # no later clip reads the previous caption
-        return to_frames(self.decoder.decode(self.last_codes))[0]
+        return to_frames(self.decoder.decode(self.last_codes, precision=self.precision))[0]
 
 
 class InteractStream(VideoStream):
@@ -196,21 +200,23 @@ class InteractStream(VideoStream):
         else:                       # the first segment from text (or a first frame) by the "clips" path
             schedule = pipe.pyramid.build(need)
             prefix = pipe._prefix(schedule, image, None, 1) if image is not None else ()
-            z = generate(pipe.transformer, schedule, self._caption(prompt), guidance_scale=self.guidance_scale,
-                         guidance=self.options.guidance, apg_norm_threshold=self.options.apg_norm_threshold,
-                         tau=self._tau(schedule), generator=self.options.generator, prefix_bits=prefix).codes
+            z = generate(pipe.transformer, schedule, self._caption(prompt), guidance=self.guidance,
+                         tau=self._tau(schedule), generator=self.options.generator, prefix_bits=prefix,
+                         precision=self.precision).codes
         self.previous, self.first, self.last_codes = z, z[:, :, :1], z
-        return to_frames(pipe.tokenizer.decode(z))[0]
+        return to_frames(pipe.tokenizer.decode(z, precision=self.precision))[0]
 
     def _extend(self, prompt) -> np.ndarray:
         pipe, s = self.pipe, self.schedule
-        state = GenerationState(pipe.transformer, 1, pipe.device, use_cfg=self.guidance_scale != 1.0)
+        state = GenerationState(pipe.transformer, 1, pipe.device, use_cfg=self.guidance.scale != 1.0,
+                                precision=self.precision)
         state.add_caption(0, self._caption(prompt))
         state.add_conditions(s, condition_maps(self.previous, self.first, s))
         out = GenerationOutput(codes=torch.empty(0), bits=[])
-        new = state.run_clip(s, 0, [0], self._guidance(s), self._tau(s), self.options, out)
+        new = state.run_clip(s, 0, [0], self._tau(s), self.options, out)
         keep = pipe.pyramid.frames_per_clip * pipe.pyramid.temporal_compression
-        frames = to_frames(pipe.tokenizer.decode(decode_window(self.previous, new))[:, :, -keep:])[0]
+        window = pipe.tokenizer.decode(decode_window(self.previous, new), precision=self.precision)
+        frames = to_frames(window[:, :, -keep:])[0]
         self.previous, self.last_codes = next_previous(self.previous, new), new
         return frames
 

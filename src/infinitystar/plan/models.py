@@ -15,11 +15,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from infinitystar.config import PyramidConfig, TransformerConfig, pyramid_preset, transformer_preset
+from infinitystar.config import TransformerConfig, pyramid_preset, transformer_preset
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
 from infinitystar.model.infinitystar import InfinityStarTransformer
-from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline, model_family
-from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, GenerationDefaults, InfinityStarPipeline
+from infinitystar.pipelines.base import DEFAULT_MODEL_DIR, INDEX_FILE, read_model_index
+from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline
+from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
 from infinitystar.text.builtin import WordTextEncoder
 from infinitystar.text.t5 import T5TextEncoder
 from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
@@ -134,18 +135,17 @@ NAMES = ("infinitystar-8b-720p", "infinitystar-8b-480p", "infinity-2b", "infinit
 def folder_target(path: str, frames: Optional[int] = None, prompt: Optional[str] = None) -> Target:
     """A model folder (model_index.json + transformer/ tokenizer/ text_encoder/): configs are read, weights not."""
     d = Path(path)
-    family = model_family(d)
-    if family is None:
-        raise FileNotFoundError(f"{d}: not a model name ({', '.join(NAMES)}) nor a model folder (no "
-                                f"model_index.json)")
-    meta = json.loads((d / "model_index.json").read_text())
+    if not (d / INDEX_FILE).is_file():
+        raise FileNotFoundError(f"{d}: not a model name ({', '.join(NAMES)}) nor a model folder (no {INDEX_FILE})")
+    index = read_model_index(d)
+    cls = InfinityPipeline if index.family == "infinity" else InfinityStarPipeline
+    fields = cls._read_index(index)        # the pipeline's own fields, validated as loading does
     read = lambda sub: {k: v for k, v in json.loads((d / sub / "config.json").read_text()).items() if k != "type"}
 
-    def text_encoder(dtype: torch.dtype, text_tokens: int, device):
+    def text_encoder(text_tokens: int, device):
         cfg = json.loads((d / "text_encoder" / "config.json").read_text())
-        if cfg.get("type") == "builtin":
-            conf = {k: v for k, v in cfg.items() if k != "type"}
-            return _make(lambda: WordTextEncoder(conf.pop("vocab"), **conf), None, device)
+        if cfg.get("type") == WordTextEncoder.config_type:
+            return _make(lambda: WordTextEncoder.from_config(read("text_encoder")), None, device)
         tokenizer = PlanTokenizer(text_tokens)
         try:
             from transformers import AutoTokenizer
@@ -155,25 +155,15 @@ def folder_target(path: str, frames: Optional[int] = None, prompt: Optional[str]
         t5 = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
         return t5_encoder(t5, torch.float16, tokenizer, device)
 
-    if family == "infinity":
-
-        def build(dtype, text_tokens, device="meta"):
-            return InfinityPipeline(_make(lambda: InfinityTransformer(InfinityConfig.from_dict(read("transformer"))), dtype,
-                                          device),
-                                    _make(lambda: InfinityVAE(InfinityVAEConfig.from_dict(read("tokenizer"))), None, device),
-                                    text_encoder(dtype, text_tokens, device),
-                                    InfinityDefaults.from_dict(meta.get("defaults", {})))
-        return Target(str(d), family, f"Infinity model folder {d}", build, {}, prompt or SHAPES_PROMPT)
-
-
     def build(dtype, text_tokens, device="meta"):
-        return InfinityStarPipeline(
-            _make(lambda: InfinityStarTransformer(TransformerConfig.from_dict(read("transformer"))), dtype, device),
-            _make(lambda: VideoVAE(VideoVAEConfig.from_dict(read("tokenizer"))), None, device),
-            text_encoder(dtype, text_tokens, device), PyramidConfig.from_dict(meta["pyramid"]), int(meta["height"]),
-            int(meta["width"]), GenerationDefaults(**meta.get("defaults", {})))
-    return Target(str(d), family, f"InfinityStar model folder {d} ({meta['width']}x{meta['height']})", build,
-                  {"num_frames": frames or 17}, prompt or SHAPES_PROMPT)
+        transformer = _make(lambda: cls.transformer_class.from_config(read("transformer")), dtype, device)
+        vae = _make(lambda: cls.tokenizer_class.from_config(read("tokenizer")), None, device)
+        return cls(transformer, vae, text_encoder(text_tokens, device), **fields)
+
+    if index.family == "infinity":
+        return Target(str(d), index.family, f"Infinity model folder {d}", build, {}, prompt or SHAPES_PROMPT)
+    return Target(str(d), index.family, f"InfinityStar model folder {d} ({fields['width']}x{fields['height']})",
+                  build, {"num_frames": frames or 17}, prompt or SHAPES_PROMPT)
 
 
 def resolve(name: str, frames: Optional[int] = None, prompt: Optional[str] = None) -> Target:

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from infinitystar.model.attention import AttentionContext, KVCache, visible_context
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.quant.residual import CodeAccumulator
 from infinitystar.runtime import autocast
-from infinitystar.sampling.bits import per_scale, sample_bits
-from infinitystar.sampling.guidance import guide
+from infinitystar.sampling.bits import Generators, OnStep, StepInfo, check_generators, per_scale, sample_bits
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.schedules.pyramid import Schedule, Step
 
 
@@ -49,17 +48,17 @@ class GenerationOutput:
     bits: list[torch.Tensor]                             # per step (B, t, h, w, c), uint8
     logits: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per step when recorded
     peak_cache_bytes: int = 0
+    stopped: bool = False                                # `on_step` asked to stop before the schedule's end
 
 
 @dataclass
 class SamplingOptions:
-    """How bits are drawn from the logits of a step (per-scale guidance and temperature are lists elsewhere)."""
-    guidance: str = "cfg"                 # "cfg" or "apg"; applied on scales whose guidance scale is not 1
-    apg_norm_threshold: float = 0.05
-    apg_eta: float = 0.0
-    generator: Optional[torch.Generator] = None
+    """How bits are drawn from the logits of a step (per-scale temperatures are a list elsewhere)."""
+    guidance: Guidance = field(default_factory=Guidance)   # applied on scales whose guidance scale is not 1
+    generator: Generators = None          # one, or a list with one per sample
     greedy: bool = False
     record_logits: bool = False           # keep per step the cond / uncond / guided logits (parity tests)
+    on_step: OnStep = None                # called after every step with a StepInfo; True stops the generation
 
 
 class GenerationState:
@@ -87,19 +86,37 @@ class GenerationState:
     def _note_memory(self) -> None:
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache.nbytes())
 
-    def add_caption(self, key: int, caption: Caption) -> None:
-        """Run a caption through the blocks and cache it as ("text", key) (with the null text when guided)."""
+    def add_caption(self, key: int, caption: Caption, negative: Optional[Caption] = None) -> None:
+        """Run a caption through the blocks and cache it as ("text", key); when guided, its unconditional half
+        is the learned null text, or the `negative` caption (a negative prompt)."""
         feats, mask = caption.features.to(device=self.device, dtype=self.dtype), caption.mask
         if feats.shape[0] != self.batch:
             raise ValueError(f"caption batch {feats.shape[0]} differs from the generation batch {self.batch}")
         if self.use_cfg:
-            null = self.model.null_text_features(feats.shape[1]).to(self.dtype)[None].expand_as(feats)
-            feats = torch.cat([feats, null])
-            mask = None if mask is None else torch.cat([mask, mask])
+            feats, mask = self._with_unconditional(feats, mask, negative)
         ctx = AttentionContext(cache=self.cache, write=("text", key), self_mask=mask)
         with autocast(self.device, self.precision):
             self.model.run_blocks(self.model.text_proj(feats), text_positions(feats.shape[1], self.device), ctx)
         self._note_memory()
+
+    def _with_unconditional(self, feats: torch.Tensor, mask: Optional[torch.Tensor], negative: Optional[Caption]
+                            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """[conditional ; unconditional] text: the null text with the caption's length, or the negative caption
+        (both padded to the longer one; padded keys are masked)."""
+        if negative is None:
+            null = self.model.null_text_features(feats.shape[1]).to(self.dtype)[None].expand_as(feats)
+            return torch.cat([feats, null]), None if mask is None else torch.cat([mask, mask])
+        neg = negative.features.to(device=self.device, dtype=self.dtype)
+        if neg.shape[0] != feats.shape[0]:
+            raise ValueError(f"negative caption batch {neg.shape[0]} differs from the caption batch {feats.shape[0]}")
+        real = lambda t: torch.ones(t.shape[:2], dtype=torch.bool, device=self.device)
+        neg_mask = negative.mask.to(self.device) if negative.mask is not None else real(neg)
+        mask = mask.to(self.device) if mask is not None else real(feats)
+        L = max(feats.shape[1], neg.shape[1])
+        pad = lambda t, m: (torch.nn.functional.pad(t, (0, 0, 0, L - t.shape[1])),
+                            torch.nn.functional.pad(m, (0, L - m.shape[1])))
+        (feats, mask), (neg, neg_mask) = pad(feats, mask), pad(neg, neg_mask)
+        return torch.cat([feats, neg]), torch.cat([mask, neg_mask])
 
     def drop_caption(self, key: int) -> None:
         self.cache.evict(("text", key))
@@ -125,16 +142,17 @@ class GenerationState:
                                                              self.device), ctx)
         self._note_memory()
 
-    def run_clip(self, schedule: Schedule, clip: int, caption_of_clip: Sequence[int], guidance_scale: Sequence[float],
-                 tau: Sequence[float], options: SamplingOptions, out: "GenerationOutput",
-                 prefix_bits: Sequence[torch.Tensor] = (), keep_for: Optional[Schedule] = None,
-                 progress=None) -> torch.Tensor:
+    def run_clip(self, schedule: Schedule, clip: int, caption_of_clip: Sequence[int], tau: Sequence[float],
+                 options: SamplingOptions, out: "GenerationOutput", prefix_bits: Sequence[torch.Tensor] = (),
+                 keep_for: Optional[Schedule] = None) -> torch.Tensor:
         """Generate clip `clip` of `schedule`; returns its code map (B, C, t, H, W) and appends its bits (and
-        logits) to `out`. guidance_scale / tau: one value per scale of the schedule. keep_for: the schedule whose
-        later scales decide which keys/values outlive this clip (default `schedule`; streaming passes the
-        schedule with one more clip, so the last scale stays for the next call)."""
+        logits) to `out`. tau: one value per scale of the schedule. keep_for: the schedule whose later scales
+        decide which keys/values outlive this clip (default `schedule`; streaming passes the schedule with one
+        more clip, so the last scale stays for the next call). When `options.on_step` asks to stop, the clip's
+        map so far is returned and `out.stopped` is set."""
         model, B, dtype = self.model, self.batch, self.dtype
         cfgm = model.config
+        guidance_scale = options.guidance.scales(len(schedule.scales))
         last_ref = (keep_for or schedule).last_reference
         acc = CodeAccumulator(B, cfgm.latent_channels, schedule.clip_size(clip), device=self.device,
                               dtype=torch.float32)
@@ -159,8 +177,12 @@ class GenerationState:
                     for r in [r for r, last in last_ref.items() if last == scale.index]:
                         self.cache.evict(r)
                 self._note_memory()
-                if progress is not None:
-                    progress.update(1)
+                if options.on_step is not None and options.on_step(StepInfo(
+                        step.index, len(schedule.steps), scale.index, scale.clip, tuple(scale.shape), bits, forced)):
+                    out.stopped = True
+                    break
+            if out.stopped:
+                break
         out.peak_cache_bytes = max(out.peak_cache_bytes, self.peak_cache_bytes)
         return acc.F
 
@@ -183,9 +205,7 @@ class GenerationState:
         logits = self.model.logits(h, bits) / tau                  # (B or 2B, L, c, 2)
         if self.use_cfg:
             cond, uncond = logits[:self.batch], logits[self.batch:]
-            extra = ({"norm_threshold": options.apg_norm_threshold, "eta": options.apg_eta}
-                     if options.guidance == "apg" else {})
-            guided = guide(cond.flatten(2), uncond.flatten(2), scale_cfg, options.guidance, **extra).view_as(cond)
+            guided = options.guidance(cond.flatten(2), uncond.flatten(2), scale_cfg).view_as(cond)
         else:
             cond, uncond, guided = logits, None, logits
         if options.record_logits:
@@ -201,27 +221,28 @@ def generate(
     *,
     caption_of_clip: Optional[Sequence[int]] = None,
     conditions: Optional[Mapping[str, torch.Tensor]] = None,
-    guidance_scale: Union[float, Sequence[float]] = 1.0,
-    guidance: str = "cfg",
-    apg_norm_threshold: float = 0.05,
-    apg_eta: float = 0.0,
+    guidance: Guidance = Guidance(),
+    negative_captions: Optional[Sequence[Caption]] = None,
     tau: Union[float, Sequence[float]] = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     greedy: bool = False,
     prefix_bits: Sequence[torch.Tensor] = (),
     record_logits: bool = False,
-    progress: bool = False,
+    on_step: OnStep = None,
     precision: torch.dtype = torch.float32,
 ) -> GenerationOutput:
     """Generate the latent code map of `schedule` for a batch of captions.
 
     captions: one Caption for every clip, or a list with `caption_of_clip[k]` naming clip k's caption (a long
     video whose prompt changes). conditions: the latent map of every condition block of the schedule (an
-    interactive segment; see `infinitystar.sampling.interact`). guidance_scale and tau are a number or one value
-    per scale; guidance is applied when a scale's value differs from 1 (the batch then carries the learned null
-    text). prefix_bits: teacher bits (B, t, h, w, c) of the first len(prefix_bits) steps. record_logits keeps,
-    per step, the conditional/unconditional logits after temperature and the guided logits (for parity tests).
-    precision: the compute dtype of the transformer blocks (see `GenerationState`); default fp32.
+    interactive segment; see `infinitystar.sampling.interact`). guidance: its scale (a number or one value per
+    scale) applies where it differs from 1; the unconditional half then reads the learned null text, or
+    `negative_captions` (one per caption, same batch). tau: a number or one value per scale. generator: one, or
+    a list with one per sample. prefix_bits: teacher bits (B, t, h, w, c) of the first len(prefix_bits) steps.
+    record_logits keeps, per step, the conditional/unconditional logits after temperature and the guided logits
+    (for parity tests). on_step is called after every step with a `StepInfo`; when it returns True the loop
+    stops and the codes so far are returned (the clips begun, each as far as it got). precision: the compute
+    dtype of the transformer blocks (see `GenerationState`); default fp32.
     """
     captions = [captions] if isinstance(captions, Caption) else list(captions)
     if not captions:
@@ -233,18 +254,23 @@ def generate(
     if len(prefix_bits) > len(schedule.steps):
         raise ValueError(f"{len(prefix_bits)} teacher steps given, the schedule has {len(schedule.steps)}")
     n_scales = len(schedule.scales)
-    scales_cfg = per_scale(guidance_scale, n_scales, "guidance_scale")
     taus = per_scale(tau, n_scales, "tau")
-    options = SamplingOptions(guidance, apg_norm_threshold, apg_eta, generator, greedy, record_logits)
-    state = GenerationState(model, captions[0].features.shape[0], captions[0].features.device,
-                            use_cfg=any(g != 1.0 for g in scales_cfg), precision=precision)
+    batch = captions[0].features.shape[0]
+    check_generators(generator, batch)
+    if negative_captions is not None and len(negative_captions) != len(captions):
+        raise ValueError(f"{len(negative_captions)} negative captions given for {len(captions)} captions")
+    options = SamplingOptions(guidance, generator, greedy, record_logits, on_step)
+    state = GenerationState(model, batch, captions[0].features.device,
+                            use_cfg=guidance.active(n_scales), precision=precision)
     for ci, cap in enumerate(captions):
-        state.add_caption(ci, cap)
+        state.add_caption(ci, cap, None if negative_captions is None else negative_captions[ci])
     if schedule.conditions or conditions:
         state.add_conditions(schedule, conditions or {})
     out = GenerationOutput(codes=torch.empty(0), bits=[])
-    with tqdm(total=len(schedule.steps), desc="generating", unit="step", disable=not progress, leave=False) as bar:
-        maps = [state.run_clip(schedule, clip, caption_of_clip, scales_cfg, taus, options, out, prefix_bits,
-                               progress=bar) for clip in range(schedule.num_clips)]
+    maps = []
+    for clip in range(schedule.num_clips):
+        maps.append(state.run_clip(schedule, clip, caption_of_clip, taus, options, out, prefix_bits))
+        if out.stopped:
+            break
     out.codes = torch.cat(maps, dim=2)
     return out

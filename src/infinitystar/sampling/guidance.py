@@ -1,7 +1,16 @@
-"""Guidance on bit logits: classifier-free guidance (CFG) and adaptive projected guidance (APG)."""
+"""Guidance on bit logits: classifier-free guidance (CFG) and adaptive projected guidance (APG), and `Guidance`,
+the one description of it that both generation loops and both pipelines take."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
 import torch
+
+from infinitystar.sampling.bits import per_scale
+
+METHODS = ("cfg", "apg")
 
 
 def cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -28,9 +37,49 @@ def apg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, eta: float = 0.0
     return cond + (scale - 1) * (orthogonal.to(cond.dtype) + eta * parallel.to(cond.dtype))
 
 
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, method: str = "cfg", **apg_kwargs) -> torch.Tensor:
-    if method == "cfg":
-        return cfg(cond, uncond, scale)
-    if method == "apg":
-        return apg(cond, uncond, scale, **apg_kwargs)
-    raise ValueError(f"unknown guidance {method!r}; use 'cfg' or 'apg'")
+@dataclass(frozen=True)
+class Guidance:
+    """How the conditional and unconditional logits are mixed.
+
+    scale: one number, or one value per scale of the schedule (1 everywhere: no guidance, no unconditional pass).
+    method: "cfg" (scale * cond + (1 - scale) * uncond) or "apg" (see `apg`, with `apg_eta` and
+    `apg_norm_threshold`)."""
+    scale: Union[float, tuple[float, ...]] = 1.0
+    method: str = "cfg"
+    apg_eta: float = 0.0
+    apg_norm_threshold: float = 0.05
+
+    def __post_init__(self):
+        scale = self.scale
+        if isinstance(scale, Sequence) and not isinstance(scale, str):
+            scale = tuple(float(s) for s in scale)
+            if not scale:
+                raise ValueError("guidance scale: an empty list (give a number, or one value per scale)")
+        elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            scale = float(scale)
+        else:
+            raise ValueError(f"guidance scale must be a number or a list of numbers, got {scale!r}")
+        object.__setattr__(self, "scale", scale)
+        values = scale if isinstance(scale, tuple) else (scale,)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"guidance scale must be finite, got {self.scale}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown guidance {self.method!r}; use one of {', '.join(METHODS)}")
+        if not math.isfinite(self.apg_eta):
+            raise ValueError(f"apg_eta must be finite, got {self.apg_eta}")
+        if not (math.isfinite(self.apg_norm_threshold) and self.apg_norm_threshold >= 0):
+            raise ValueError(f"apg_norm_threshold must be a finite number >= 0, got {self.apg_norm_threshold}")
+
+    def scales(self, n: int) -> list[float]:
+        """The guidance scale of each of `n` scales (checked)."""
+        return per_scale(self.scale, n, "guidance scale")
+
+    def active(self, n: int) -> bool:
+        """Whether the unconditional half is needed at all."""
+        return any(s != 1.0 for s in self.scales(n))
+
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Guided logits of one scale; `cond`/`uncond` are (B, ...) with a sample's entries after the batch axis."""
+        if self.method == "cfg":
+            return cfg(cond, uncond, scale)
+        return apg(cond, uncond, scale, eta=self.apg_eta, norm_threshold=self.apg_norm_threshold)

@@ -4,7 +4,8 @@ Per scale k (batch 2B = [cond ; uncond] when any guidance scale differs from 1):
   1. tokens: the start token at k = 0, else word_embed(bilinear resize of the running code map to scale k);
      + level_embed[k]; every block attends to the cached keys/values of scales < k and to its own scale, with
      the RoPE-2D positions of scale k (the slice starting at the scale's token offset);
-  2. logits / tau_k, then CFG on all logits: l = cfg_k * l_cond + (1 - cfg_k) * l_uncond;
+  2. logits / tau_k, then guidance on all logits (`Guidance`: CFG l = cfg_k * l_cond + (1 - cfg_k) * l_uncond as
+     the reference, or APG);
   3. each bit independently: p1 = softmax(l)[..., 1]; with top_p > 0 a bit whose less likely value has
      probability <= 1 - top_p takes the likely value (the reference's top-p over the two classes), otherwise
      it is drawn from Bernoulli(p1);
@@ -25,8 +26,8 @@ from infinitystar.model.infinity import (InfinityTransformer, Scale2D, as_scales
 from infinitystar.model.rope import rope2d_positions
 from infinitystar.quant.residual import CodeAccumulator
 from infinitystar.runtime import autocast
-from infinitystar.sampling.bits import per_scale, sample_bits
-from infinitystar.sampling.guidance import cfg as cfg_mix
+from infinitystar.sampling.bits import Generators, OnStep, StepInfo, check_generators, per_scale, sample_bits
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.schedules.infinity_resolution import rope_anchor as default_rope_anchor
 
 
@@ -51,25 +52,28 @@ def generate_infinity(
     text_mask: Optional[torch.Tensor],
     scales: Sequence,
     *,
-    cfg: Union[float, Sequence[float]] = 3.0,
+    guidance: Guidance = Guidance(3.0),
     tau: Union[float, Sequence[float]] = 1.0,
     top_p: float = 0.0,
     greedy: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     negative_text: Optional[torch.Tensor] = None,
     negative_mask: Optional[torch.Tensor] = None,
     rope_anchor: Optional[Scale2D] = None,
     prefix_bits: Sequence[torch.Tensor] = (),
     record: bool = False,
+    on_step: OnStep = None,
     precision: torch.dtype = torch.float32,
 ) -> InfinityGenerationOutput:
     """Generate the bits and summed codes of `scales` ((h, w) or (1, h, w) token grids) for a batch of captions.
 
-    text (B, Lt, Ct) padded T5 features with text_mask (B, Lt) bool (None: all real). cfg and tau: a number or
-    one value per scale. negative_text/negative_mask replace the null text of the unconditional half.
-    prefix_bits: bits (B, h, w, bits) that replace the sampled bits of the first scales (reconstruction and
-    debugging). record keeps per-scale logits and the pooled texts (for parity tests). Decode the image with
-    the tokenizer: `vae.decode(out.codes)`. precision: the resolved compute dtype (`runtime.resolve_precision`)
+    text (B, Lt, Ct) padded T5 features with text_mask (B, Lt) bool (None: all real). guidance: its scale (a number
+    or one per scale) and method; tau: a number or one value per scale. negative_text/negative_mask replace the
+    null text of the unconditional half. generator: one, or a list with one per sample. prefix_bits: bits
+    (B, h, w, bits) that replace the sampled bits of the first scales (reconstruction and debugging). record
+    keeps per-scale logits and the pooled texts (for parity tests). on_step is called after every scale with a
+    `StepInfo`; when it returns True the loop stops and the codes so far are returned. Decode the image with the
+    tokenizer: `vae.decode(out.codes)`. precision: the resolved compute dtype (`runtime.resolve_precision`)
     of the text encoder and the blocks, which run under its autocast; adaLN, the bit head, guidance, sampling
     and the code map stay float32 either way.
     """
@@ -80,11 +84,12 @@ def generate_infinity(
         raise ValueError(f"{n} scales but the model has {cfgm.num_levels} level embeddings")
     if len(prefix_bits) > n:
         raise ValueError(f"{len(prefix_bits)} teacher scales given, the schedule has {n}")
-    cfgs, taus = per_scale(cfg, n, "cfg"), per_scale(tau, n, "tau")
+    cfgs, taus = guidance.scales(n), per_scale(tau, n, "tau")
     if any(t <= 0 for t in taus):
         raise ValueError(f"tau must be positive, got {taus}")
-    use_cfg = any(c != 1.0 for c in cfgs)
+    use_cfg = guidance.active(n)
     B = text.shape[0]
+    check_generators(generator, B)
     device = text.device
     if text_mask is None:
         text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device)
@@ -132,10 +137,11 @@ def generate_infinity(
             hs = model.run_blocks(x, tc, cos[start:start + h * w], sin[start:start + h * w], ctx, cross_kvs)
             raw = model.logits(hs, tc)
         logits = raw / taus[k]
-        guided = cfg_mix(logits[:B], logits[B:], cfgs[k]) if use_cfg else logits
+        guided = guidance(logits[:B], logits[B:], cfgs[k]) if use_cfg else logits
         if record:
             out.logits.append({"cond": raw[:B], "uncond": raw[B:] if use_cfg else None, "guided": guided})
-        if k < len(prefix_bits):
+        forced = k < len(prefix_bits)
+        if forced:
             bits = prefix_bits[k].to(device=device, dtype=torch.uint8).reshape(B, h, w, cfgm.bits)
         else:
             bits = sample_bits(guided, top_p, generator, greedy).reshape(B, h, w, cfgm.bits)
@@ -143,6 +149,8 @@ def generate_infinity(
         cell_bits = tokens_to_latent(bits.reshape(B, h * w, -1), hw, cfgm.spatial_patchify)
         acc.add(cell_bits.reshape(B, 1, *hw, cfgm.latent_channels))
         start += h * w
+        if on_step is not None and on_step(StepInfo(k, n, k, 0, (1, h, w), bits[:, None], forced)):
+            break
     out.codes = acc.F.squeeze(2)
     return out
 

@@ -78,7 +78,8 @@ def pipeline_generator(pipe, guidance_scale: Optional[float] = None) -> Generato
             kw["video"] = [it.condition for it in items]
         prompts = [it.prompts for it in items]
         g = torch.Generator(device="cpu").manual_seed(seed)
-        return pipe(prompts, num_frames=items[0].num_frames, guidance_scale=guidance_scale, generator=g, **kw).frames
+        return list(pipe(prompts, num_frames=items[0].num_frames, guidance_scale=guidance_scale, generator=g,
+                         output_type="uint8", **kw).frames)
     return run
 
 
@@ -92,7 +93,7 @@ def infinity_generator(pipe, guidance_scale: Optional[float] = None, temperature
             raise ValueError("an Infinity (text-to-image) pipeline runs the t2i task only")
         g = torch.Generator(device="cpu").manual_seed(seed)
         out = pipe([it.prompts[0] for it in items], guidance_scale=guidance_scale, temperature=temperature,
-                   generator=g)
+                   generator=g, output_type="uint8")
         return [img[None] for img in out.images]
     return run
 

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from infinitystar.media import as_uint8
+
 from .world import BACKGROUNDS, CANVAS, PALETTE, SEGMENT_FRAMES
 
 FOREGROUND_DISTANCE: float = 60.0
@@ -87,7 +89,7 @@ class VideoDecode:
 
 
 def _as_frame(frame: np.ndarray) -> np.ndarray:
-    a = np.asarray(frame)
+    a = as_uint8(frame)       # float [0, 1] pixels are judged as the uint8 pixels they stand for
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"a frame must be (H, W, 3) RGB, got shape {a.shape}")
     if a.shape[0] < 3 or a.shape[1] < 3:
@@ -96,7 +98,7 @@ def _as_frame(frame: np.ndarray) -> np.ndarray:
 
 
 def _as_video(frames: np.ndarray) -> np.ndarray:
-    a = np.asarray(frames)
+    a = as_uint8(frames)
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or a.shape[3] != 3:

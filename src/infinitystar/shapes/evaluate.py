@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
+from infinitystar.media import as_uint8
+
 from .decoder import decode_frame, decode_from_frames, decode_motion, segment_range
 from .world import (
     HELD_OUT_PAIRS, SEGMENT_FRAMES, ShapeSpec, caption_image, caption_video, captions_per_segment,
@@ -88,7 +90,7 @@ def split_of(parsed: dict) -> str:
 
 
 def _video(frames: np.ndarray) -> np.ndarray:
-    a = np.asarray(frames)
+    a = as_uint8(frames)      # a pipeline's float [0, 1] output is scored as the pixels it stands for
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or a.shape[-1] != 3:

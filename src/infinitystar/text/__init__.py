@@ -5,19 +5,28 @@ import json
 from pathlib import Path
 from typing import Union
 
+from infinitystar.checkpoint_io import CheckpointError
+from infinitystar.text.builtin import WordTextEncoder
+from infinitystar.text.t5 import T5TextEncoder
 
-def load_text_encoder(directory: Union[str, Path], device=None):
-    """A text encoder folder: the built-in word encoder (config type "builtin") or a T5 folder."""
+
+def load_text_encoder(directory: Union[str, Path], *, torch_dtype=None, device=None):
+    """A text encoder folder: the built-in word encoder (config type "builtin") or a T5 folder, loaded in
+    `torch_dtype` (None: the encoder's default) on `device`."""
     d = Path(directory)
     cfg = d / "config.json"
     if not cfg.is_file():
-        raise FileNotFoundError(f"{cfg} does not exist: not a text encoder folder")
-    kind = json.loads(cfg.read_text()).get("type", "t5")
-    if kind == "builtin":
-        from infinitystar.text.builtin import WordTextEncoder
-        return WordTextEncoder.from_pretrained(d, device)
+        raise FileNotFoundError(f"{d}: no text encoder (config.json missing); put a text encoder folder there: the "
+                                f"built-in word encoder's, or the flan-t5-xl files (config.json, model.safetensors "
+                                f"or its shards + index, tokenizer.json or spiece.model, tokenizer_config.json)")
     try:
-        from infinitystar.text.t5 import T5TextEncoder
-    except ImportError as e:
-        raise ImportError(f"{d} is a {kind!r} text encoder, which needs the transformers package ({e})") from None
-    return T5TextEncoder.from_pretrained(d, device=device)
+        raw = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg}: not a JSON file ({e})") from None
+    kind = raw.get("type", "t5") if isinstance(raw, dict) else None
+    if kind == WordTextEncoder.config_type:
+        return WordTextEncoder.from_pretrained(d, torch_dtype=torch_dtype, device=device)
+    return T5TextEncoder.from_pretrained(d, torch_dtype=torch_dtype, device=device)
+
+
+__all__ = ["load_text_encoder", "WordTextEncoder", "T5TextEncoder"]

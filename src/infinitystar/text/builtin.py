@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 import unicodedata
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from infinitystar.checkpoint_io import PretrainedMixin
 from infinitystar.text.base import PromptCutWarning, TextEncoder, TextFeatures, check_prompts
 
 SPECIAL = ("<pad>", "<eos>", "<unk>")
@@ -33,7 +33,9 @@ def split_words(prompt: str) -> list[str]:
     return [w for w in _WORD.findall(text) if not (len(w) == 1 and unicodedata.category(w).startswith(("P", "Z")))]
 
 
-class WordTextEncoder(nn.Module, TextEncoder):
+class WordTextEncoder(PretrainedMixin, nn.Module, TextEncoder):
+    config_type, folder_what = "builtin", "built-in text encoder"
+
     def __init__(self, vocab: Sequence[str], width: int = 128, depth: int = 2, num_heads: int = 4,
                  max_len: int = 32):
         super().__init__()
@@ -47,7 +49,7 @@ class WordTextEncoder(nn.Module, TextEncoder):
         self.config = dict(vocab=words, width=width, depth=depth, num_heads=num_heads, max_len=max_len)
         self.max_len = max_len
         self.embed = nn.Embedding(len(SPECIAL) + len(words), width)
-        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        self.pos = nn.Parameter(nn.init.normal_(torch.empty(max_len, width), std=0.02))   # = randn * 0.02
         layer = nn.TransformerEncoderLayer(width, num_heads, 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
@@ -107,17 +109,12 @@ class WordTextEncoder(nn.Module, TextEncoder):
         out = TextFeatures(self(ids, mask), mask, mask.sum(1))
         return out if device is None else out.to(device)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        from infinitystar.convert.strict import save_folder
-        save_folder(directory, "builtin", self.config, self)
+    def pretrained_config(self) -> dict:
+        return self.config
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device=None) -> "WordTextEncoder":
-        from infinitystar.convert.strict import load_strict, read_folder
-        config, sd = read_folder(directory, "builtin", "built-in text encoder")
-        model = cls(**config)
-        load_strict(model, sd, f"{directory}/model.safetensors")
-        return model.to(device).eval()
+    def from_config(cls, config: dict) -> "WordTextEncoder":
+        return cls(**config)
 
 
 def main(argv=None) -> int:

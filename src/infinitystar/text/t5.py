@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.text.base import PromptCutWarning, TextEncoder, TextFeatures, check_prompts
 
 MAX_LENGTH = 512
@@ -117,15 +117,16 @@ class T5TextEncoder(TextEncoder, nn.Module):
 
     # --- loading / saving ------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, local_dir: Union[str, Path], device=None, dtype: Optional[torch.dtype] = None,
+    def from_pretrained(cls, local_dir: Union[str, Path], *, torch_dtype: Optional[torch.dtype] = None, device=None,
                         max_length: int = MAX_LENGTH) -> "T5TextEncoder":
         """Load config, encoder weights and tokenizer from a local folder (never downloads).
 
-        device: where the encoder runs (default CPU). dtype: default float16 off-CPU, float32 on CPU.
+        device: where the encoder runs (default CPU). torch_dtype: default float16 off-CPU, float32 on CPU.
         """
         transformers = _import_transformers()
         d = check_t5_dir(local_dir)
         device = torch.device(device if device is not None else "cpu")
+        dtype = torch_dtype
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else torch.float16
         model_type = json.loads((d / "config.json").read_text()).get("model_type")

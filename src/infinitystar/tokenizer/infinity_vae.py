@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinitystar.checkpoint_io import CheckpointError, PretrainedMixin, load_strict, read_state_dict
 from infinitystar.config import ArchConfig
-from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
 from infinitystar.runtime import autocast
 
 PathLike = Union[str, Path]
@@ -262,9 +262,10 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-class InfinityVAE(nn.Module):
+class InfinityVAE(PretrainedMixin, nn.Module):
     """Encoder + decoder of the Infinity BSQ-VAE. Images are (B, 3, H, W) in [-1, 1], H and W multiples of
     `patch_size`; latents are (B, codebook_dim, H / patch_size, W / patch_size)."""
+    config_type, folder_what, config_class = CONFIG_TYPE, "Infinity VAE", InfinityVAEConfig
 
     def __init__(self, config: InfinityVAEConfig):
         super().__init__()
@@ -350,15 +351,6 @@ class InfinityVAE(nn.Module):
         model.load_official_state_dict(sd, source)
         return model.to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, directory: PathLike) -> None:
-        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
-
-    @classmethod
-    def from_pretrained(cls, directory: PathLike, device=None, dtype: Optional[torch.dtype] = None) -> "InfinityVAE":
-        config, sd = read_folder(directory, CONFIG_TYPE, "Infinity VAE")
-        model = cls(InfinityVAEConfig.from_dict(config))
-        load_strict(model, sd, str(Path(directory) / "model.safetensors"))
-        return model.to(device=device, dtype=dtype).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinitystar.checkpoint_io import CheckpointError, PretrainedMixin, load_strict, read_state_dict
 from infinitystar.config import ArchConfig
-from infinitystar.convert.strict import CONFIG_FILE as CONFIG_NAME  # noqa: F401  (re-exported)
-from infinitystar.convert.strict import CheckpointError, load_strict, read_folder, read_state_dict, save_folder
 from infinitystar.runtime import autocast
 
 PathLike = Union[str, Path]
@@ -670,8 +669,10 @@ class VideoVAEPosterior:
         return self.mean + self.std * noise.to(device=self.mean.device, dtype=self.mean.dtype)
 
 
-class VideoVAE(nn.Module):
-    """The video tokenizer. Use `encode` / `decode` (continuous latents; quantization is the generator's job)."""
+class VideoVAE(PretrainedMixin, nn.Module):
+    """The video tokenizer. Use `encode` / `decode` (continuous latents; quantization is the generator's job).
+    Our folder (`save_pretrained` / `from_pretrained`) holds the official key names, without quantizer buffers."""
+    config_type, folder_what, config_class = CONFIG_TYPE, "video tokenizer", VideoVAEConfig
 
     def __init__(self, config: VideoVAEConfig):
         super().__init__()
@@ -861,17 +862,6 @@ class VideoVAE(nn.Module):
         load_strict(model, sd, source)
         return model.eval()
 
-    def save_pretrained(self, directory: PathLike) -> None:
-        """Write `config.json` + `model.safetensors` (our format; official key names, no quantizer buffers)."""
-        save_folder(directory, CONFIG_TYPE, self.config.to_dict(), self)
-
-    @classmethod
-    def from_pretrained(cls, directory: PathLike, device: Union[str, torch.device, None] = None,
-                        dtype: Optional[torch.dtype] = None) -> "VideoVAE":
-        config, sd = read_folder(directory, CONFIG_TYPE, "video tokenizer")
-        model = cls(VideoVAEConfig.from_dict(config))
-        load_strict(model, sd, str(Path(directory) / "model.safetensors"))
-        return model.to(device=device, dtype=dtype).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------

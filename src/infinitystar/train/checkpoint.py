@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from infinitystar.convert.strict import CheckpointError, check_state_dict, read_tensors
+from infinitystar.checkpoint_io import CheckpointError, check_state_dict, read_tensors
 from infinitystar.model.infinitystar import CONFIG_TYPE
 from infinitystar.train.distributed import DistInfo, barrier, broadcast_object, full_tensor
 

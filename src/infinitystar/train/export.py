@@ -8,15 +8,17 @@ run's `text_encoder.path` folder, its weights from the checkpoint. A frozen text
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Union
 
+from infinitystar.checkpoint_io import CheckpointError, load_strict, read_tensors
 from infinitystar.config import TransformerConfig
-from infinitystar.convert.strict import CheckpointError, load_strict, read_tensors
 from infinitystar.model.infinitystar import InfinityStarTransformer
-from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline, _load_tokenizer
+from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
 from infinitystar.text import load_text_encoder
+from infinitystar.tokenizer.video_vae import VideoVAE
 from infinitystar.train.checkpoint import TEXT_PREFIX, find_resume, is_complete, read_json, read_meta
 from infinitystar.train.config import config_from_dict
 
@@ -72,8 +74,8 @@ def export_model(checkpoint: PathLike, out: PathLike, *, ema: bool = True, token
     h, w = pyramid.spatial_scales()[-1]
     px = run.data.pixels_per_latent
     base = GenerationDefaults.interact() if run.interact else GenerationDefaults()
-    pipe = InfinityStarPipeline(transformer.eval(), _load_tokenizer(Path(tok_path), "cpu"), text.eval(), pyramid,
-                                h * px, w * px, GenerationDefaults(**{**base.__dict__, **(defaults or {})}),
+    pipe = InfinityStarPipeline(transformer.eval(), VideoVAE.from_pretrained(tok_path), text.eval(), pyramid,
+                                h * px, w * px, GenerationDefaults(**{**dataclasses.asdict(base), **(defaults or {})}),
                                 interact=run.interact)
     pipe.save_pretrained(out)
     return ckpt

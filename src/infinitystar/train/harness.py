@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from infinitystar.convert.strict import load_strict, read_tensors
+from infinitystar.checkpoint_io import load_strict, read_tensors
 from infinitystar.runtime import autocast, peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.train.checkpoint import (EMA, STEP_DIR, TRAINER_FILE, CheckpointManager, _atomic_write_text,
                                            list_checkpoints, load_optimizer_file, publish_checkpoint, read_meta,

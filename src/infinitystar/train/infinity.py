@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.model.infinity import INFINITY_PRESETS, InfinityConfig, InfinityTransformer
 from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline
 from infinitystar.schedules.infinity_resolution import check_custom_scales

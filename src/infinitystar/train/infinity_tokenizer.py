@@ -41,7 +41,7 @@ from infinitystar.train.tokenizer import (QuantConfig, TokenizerTrainer, Tokeniz
                                           check_same_architecture, check_tokenizer_run)
 from infinitystar.train.tokenizer_data import ShapesSource
 from infinitystar.train.tokenizer_loss import LossConfig, bit_usage, reconstruction_loss, sample_drop
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 
 SCALES_FILE = "scales.json"       # next to the tokenizer's config.json: the image schedule it was trained with
 # 64x64 Shapes World images -> 8x8 latents of 16 bits (stride 8: four levels, three halvings), narrow because the
@@ -185,7 +185,7 @@ def init_vae_config(folder: Union[str, Path]) -> InfinityVAEConfig:
         raise ConfigError(f"init: {path}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"init: {path}: expected a JSON object")
-    if raw.get("type", VAE_CONFIG_TYPE) != VAE_CONFIG_TYPE:   # a folder without a type is taken as one (read_folder)
+    if raw.get("type", VAE_CONFIG_TYPE) != VAE_CONFIG_TYPE:   # a folder without a type is taken as one (read_config)
         raise ConfigError(f"init: {folder} holds a {raw['type']!r} model, not an Infinity VAE ({VAE_CONFIG_TYPE!r})")
     try:
         return InfinityVAEConfig.from_dict({k: v for k, v in raw.items() if k != "type"})

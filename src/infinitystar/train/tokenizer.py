@@ -26,11 +26,12 @@ from typing import Any, ClassVar, Literal, Optional
 import numpy as np
 import torch
 
-from infinitystar.convert.strict import CheckpointError
+from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.quant.residual import quantize_multiscale
 from infinitystar.schedules.pyramid import Schedule
 from infinitystar.tokenizer.training_eval import frames_to_video, psnr, reconstruct, ssim, video_to_frames
-from infinitystar.tokenizer.video_vae import CONFIG_NAME, PRESETS, VideoVAE, VideoVAEConfig
+from infinitystar.checkpoint_io import CONFIG_FILE as CONFIG_NAME
+from infinitystar.tokenizer.video_vae import PRESETS, VideoVAE, VideoVAEConfig
 from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig, LogConfig, OptimConfig,
                                        PyramidSection, TrainBase, _build, check_ranges, check_run, preset_section)
 from infinitystar.train.harness import Harness, publish_folder

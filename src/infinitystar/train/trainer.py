@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from infinitystar.config import TransformerConfig
-from infinitystar.convert.strict import load_strict, read_tensors
+from infinitystar.checkpoint_io import load_strict, read_tensors
 from infinitystar.model.attention import resolve_backend
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.runtime import peak_memory_mb
@@ -41,7 +41,7 @@ from infinitystar.train.targets import (PackedTrainModule, TextRow, pack_batch, 
 def load_text_encoder(path: str, device):
     """The text encoder folder of `text_encoder.path` (built-in word encoder or T5)."""
     try:
-        return load_text_folder(path, device)
+        return load_text_folder(path, device=device)
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise ConfigError(f"text_encoder.path: {e}") from None
 
@@ -113,7 +113,7 @@ class Trainer(Harness):
         if text_encoder is None:
             if cfg.text_encoder.path is None:
                 raise ConfigError("text_encoder.path is not set")
-            text_encoder = load_text_encoder(cfg.text_encoder.path, self.device)
+            text_encoder = load_text_encoder(cfg.text_encoder.path, device=self.device)
         if tokenizer is None and cfg.tokenizer.path is not None:
             tokenizer = load_tokenizer(cfg.tokenizer.path, self.device)
         if tokenizer is None and cfg.data.latent_cache is None:
