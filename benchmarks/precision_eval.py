@@ -28,8 +28,7 @@ def generator_for(pipe, dtype: torch.dtype):
         schedule = pipe.pyramid.build(items[0].num_frames)
         tau = [d.tau_image if s.clip == 0 else d.tau_video for s in schedule.scales]
         feats, mask = pipe.text_encoder.encode([it.prompts[0] for it in items], pipe.device)
-        out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance_scale=d.guidance_scale,
-                       guidance=d.guidance, apg_norm_threshold=d.apg_norm_threshold, tau=tau,
+        out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance=d.guidance_config(), tau=tau,
                        generator=torch.Generator().manual_seed(seed), precision=dtype)
         video = pipe.tokenizer.decode(out.codes, precision=dtype)
         frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
