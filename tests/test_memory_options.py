@@ -12,6 +12,7 @@ from infinitystar.memory import (MemoryOptions, SequentialOffload, add_memory_fl
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
 from infinitystar.sampling.generate import Caption, generate
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.tokenizer.video_vae import VideoVAE, tile_starts
 
 PLAIN = MemoryOptions(text_encoder="device", token_chunk=None)
@@ -22,7 +23,7 @@ def _tiny_generation(token_chunk):
     model = InfinityStarTransformer(transformer_preset("tiny")).eval()
     model.set_token_chunk(token_chunk)
     cap = Caption(torch.randn(2, 5, 32))
-    return generate(model, pyramid_preset("tiny").build(17), cap, guidance_scale=3.0,
+    return generate(model, pyramid_preset("tiny").build(17), cap, guidance=Guidance(3.0),
                     generator=torch.Generator().manual_seed(0), record_logits=True)
 
 

@@ -14,6 +14,7 @@ from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.plan import PlanError, Simulator, plan, resolve
 from infinitystar.plan.simulate import register_module
 from infinitystar.sampling.generate import Caption, generate
+from infinitystar.sampling.guidance import Guidance
 
 META = torch.device("meta")
 
@@ -124,7 +125,7 @@ def test_generation_flops_match_the_analytic_count():
         register_module(sim, model, host=False)
         with sim.stage("g") as st:
             cap = Caption(torch.empty(1, 6, cfg.text_channels, device=META))
-            generate(model, schedule, cap, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+            generate(model, schedule, cap, guidance=Guidance(3.0), generator=torch.Generator().manual_seed(0))
     # bench's closed form leaves out text_proj and counts word_embed for both guidance halves; generate embeds
     # once and repeats the rows
     text_proj = 2 * 2 * 6 * cfg.text_channels * cfg.width

@@ -8,7 +8,8 @@
 - Call arguments: prompts times `num_*_per_prompt`, `negative_prompt`, `generator` (one, or one per output),
   `guidance_scale` / `guidance` (a `Guidance`: per-scale values, CFG or APG), `output_type`, `return_dict`,
   `callback_on_step_end` (stop with `pipe._interrupt = True`, as in diffusers), a progress bar
-  (`set_progress_bar_config`), and `precision` ("auto", "fp32", "bf16": the sampling loop and the decode).
+  (`set_progress_bar_config`), and `precision` ("fp32" by default, "auto", "bf16": the sampling loop and the
+  decode).
 - Placement: `memory` (`infinitystar.memory.MemoryOptions`) says where each part lives and in which pieces it runs;
   `from_pretrained` reads each part onto its home device and `to(device)` places the parts as it says.
 """
@@ -224,7 +225,7 @@ class Pipeline:
     default_output_type: ClassVar[str]
 
     def __init__(self, transformer, tokenizer, text_encoder, defaults, card: Optional[ModelCard] = None,
-                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
+                 precision: str = "fp32", memory: Optional[MemoryOptions] = None):
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -298,7 +299,7 @@ class Pipeline:
     # --- persistence ------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: PathOrRepo = None, *,
-                        torch_dtype: Optional[torch.dtype] = None, device=None, precision: str = "auto",
+                        torch_dtype: Optional[torch.dtype] = None, device=None, precision: str = "fp32",
                         memory: Optional[MemoryOptions] = None, revision: Optional[str] = None,
                         cache_dir: Union[str, Path, None] = None, local_files_only: bool = False) -> "Pipeline":
         """Load a model folder (None: the model shipped in the package), a Hub repo id, straight into
@@ -313,7 +314,7 @@ class Pipeline:
         return cls._load(index, torch_dtype=torch_dtype, device=device, precision=precision, memory=memory)
 
     @classmethod
-    def _load(cls, index: ModelIndex, *, torch_dtype=None, device=None, precision: str = "auto",
+    def _load(cls, index: ModelIndex, *, torch_dtype=None, device=None, precision: str = "fp32",
               memory: Optional[MemoryOptions] = None) -> "Pipeline":
         """The folder's fields are checked before any weights are read."""
         d = index.path
@@ -397,9 +398,9 @@ class Pipeline:
 
     def _run(self, sample: Callable, decode: Callable, batch: int, generator, num_steps: int,
              callback_on_step_end: Optional[Callback], precision: Optional[str], output_type: str):
-        """Sample (with the progress bar and the callback) and decode, both in the resolved precision (passed to
-        `sample(on_step, dtype)` and `decode(codes, dtype)`); returns (sampler output, decoded pixels in [0, 1] or
-        None for "codes", the precision name)."""
+        """Sample (with the progress bar and the callback) and decode (the caller runs without autograd), both in
+        the resolved precision (passed to `sample(on_step, dtype)` and `decode(codes, dtype)`); returns (sampler
+        output, decoded pixels in [0, 1] or None for "codes", the precision name)."""
         check_generators(generator, batch)
         dtype = self.compute_dtype(precision)
         self._interrupt = False
@@ -411,9 +412,8 @@ class Pipeline:
                         "clip": info.clip, "shape": info.shape, "bits": info.bits, "forced": info.forced,
                         "num_steps": info.num_steps})
                 return self._interrupt
-            with torch.no_grad():
-                out = sample(on_step, dtype)
-                pixels = None if output_type == "codes" else decode(out.codes, dtype)
+            out = sample(on_step, dtype)
+            pixels = None if output_type == "codes" else decode(out.codes, dtype)
         return out, pixels, precision_name(dtype)
 
 

@@ -121,7 +121,7 @@ class InfinityPipeline(Pipeline):
 
     def __init__(self, transformer: InfinityTransformer, tokenizer: InfinityVAE, text_encoder,
                  defaults: Optional[InfinityDefaults] = None, card: Optional[ModelCard] = None,
-                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
+                 precision: str = "fp32", memory: Optional[MemoryOptions] = None):
         tc, vc = transformer.config, tokenizer.config
         if tc.latent_channels != vc.codebook_dim:
             hint = ""
@@ -222,6 +222,7 @@ class InfinityPipeline(Pipeline):
         return Resolution(H / W, "custom", scales, H, W, rope_anchor=scales[-1])
 
     # --- generation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()      # text features, bits and frames: no autograd graph holds the weights' copies
     def __call__(self, prompt: Union[str, Sequence[str]], height: Optional[int] = None, width: Optional[int] = None,
                  *, aspect_ratio: Union[float, str, None] = None, pn: Optional[str] = None,
                  negative_prompt: Union[str, Sequence[str], None] = None, num_images_per_prompt: int = 1,

@@ -79,7 +79,7 @@ class InfinityStarPipeline(Pipeline):
     def __init__(self, transformer: InfinityStarTransformer, tokenizer: VideoVAE, text_encoder,
                  pyramid: PyramidConfig, height: int, width: int, defaults: Optional[GenerationDefaults] = None,
                  interact: Optional[InteractConfig] = None, card: Optional[ModelCard] = None,
-                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
+                 precision: str = "fp32", memory: Optional[MemoryOptions] = None):
         """memory: where the parts live and in which pieces they run (see `infinitystar.memory`); it takes effect
         in `to(device)` (placement) and in every call (text encoder, token chunks, VAE tiles)."""
         defaults = defaults or (GenerationDefaults.interact() if interact else GenerationDefaults())
@@ -236,6 +236,7 @@ class InfinityStarPipeline(Pipeline):
         return streaming.start(self, prompt, inference=inference, image=image, video=video,
                                guidance_scale=guidance_scale, temperature=temperature, generator=generator)
 
+    @torch.no_grad()      # text features, bits and frames: no autograd graph holds the weights' copies
     def __call__(self, prompt: PromptInput, num_frames: int = 17, *, image=None, video=None,
                  negative_prompt: Union[str, Sequence[str], None] = None, num_videos_per_prompt: int = 1,
                  guidance_scale: Union[float, Sequence[float], None] = None, guidance: Optional[Guidance] = None,

@@ -24,6 +24,7 @@ from infinitystar.config import PyramidConfig, TransformerConfig
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.plan.simulate import Simulator, register_module
 from infinitystar.sampling.generate import Caption, generate
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
 
 MMAP_THRESHOLD = 1 << 16
@@ -48,7 +49,7 @@ def _generation(token_chunk, size: int = 40):
             cap = Caption(torch.randn(1, 16, cfg.text_channels))
         model.set_token_chunk(token_chunk)
         schedule = pyr.build(17)
-        return [model], lambda: generate(model, schedule, cap, guidance_scale=3.0,
+        return [model], lambda: generate(model, schedule, cap, guidance=Guidance(3.0),
                                          generator=torch.Generator().manual_seed(0))
     return build
 
