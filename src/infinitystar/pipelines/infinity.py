@@ -92,25 +92,13 @@ class InfinityPipelineOutput(ImagePipelineOutput):
     """`ImagePipelineOutput` plus the size that was generated (the template and budget a request snapped to)."""
     resolution: Optional[Resolution] = None
 
-    @property
-    def height(self) -> int:
-        return self.resolution.height
+    _SIZE_FIELDS = ("height", "width", "template", "pn", "scales")
 
-    @property
-    def width(self) -> int:
-        return self.resolution.width
-
-    @property
-    def template(self) -> float:
-        return self.resolution.template
-
-    @property
-    def pn(self) -> str:
-        return self.resolution.pn
-
-    @property
-    def scales(self) -> list[Scale2D]:
-        return self.resolution.scales
+    def __getattr__(self, name: str):
+        """`out.height`, `.width`, `.template`, `.pn`, `.scales`: those of `resolution`."""
+        if name in InfinityPipelineOutput._SIZE_FIELDS and self.resolution is not None:
+            return getattr(self.resolution, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 class InfinityPipeline(Pipeline):
