@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from infinitystar.convert.strict import read_tensors
+from infinitystar.checkpoint_io import read_tensors
 from infinitystar.quant.residual import encode_targets, quantize_multiscale
 from infinitystar.runtime import precision_name, resolve_precision
 from infinitystar.schedules.pyramid import Schedule

@@ -9,8 +9,6 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "infinitystar"
-# Strict state-dict I/O is the bottom layer every model's from_pretrained uses; it still lives under convert/.
-BOTTOM = {"infinitystar.convert.strict"}
 TOP_IMPORTS_IN = ("infinitystar.cli", "infinitystar.train")
 
 
@@ -64,8 +62,7 @@ def module_graph() -> dict[str, set[str]]:
 
 
 def part(module: str) -> str:
-    if module in BOTTOM:
-        return module
+    """The package part a module belongs to (strict checkpoint I/O, `infinitystar.checkpoint_io`, is its own)."""
     return ".".join(module.split(".")[:2])
 
 
