@@ -19,9 +19,11 @@ from infinitystar.checkpoint_io import CheckpointError, init_empty, load_strict,
 from infinitystar.cli import main as cli_main
 from infinitystar.config import TransformerConfig
 from infinitystar.media import MediaError, as_uint8, export_to_gif, export_to_video, load_video, save_image
+from infinitystar.memory import MemoryOptions
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.pipelines import InfinityPipeline, InfinityStarPipeline
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.shapes.world import vocabulary
 from infinitystar.text.builtin import WordTextEncoder
 from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig
@@ -44,6 +46,7 @@ def test_top_level_exports_are_lazy():
                   "print(InfinityStarPipeline.__module__, export_to_gif.__module__, 'torch' in sys.modules)")
     assert out.split() == ["False", "infinitystar.pipelines.infinitystar", "infinitystar.media", "True"]
     assert infinitystar.InfinityPipeline is InfinityPipeline and infinitystar.load_pipeline is pipelines.load
+    assert infinitystar.MemoryOptions is MemoryOptions and infinitystar.Guidance is Guidance
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         infinitystar.Nope
 
@@ -226,6 +229,25 @@ def test_save_pretrained_writes_a_card_and_respects_the_umask(tmp_path):
     index = json.loads((tmp_path / "shared" / "model_index.json").read_text())
     assert index["_infinitystar_version"] == infinitystar.__version__ and index["card"]["source"] == "a test"
     assert InfinityStarPipeline.from_pretrained(tmp_path / "shared").card == pipe.card
+
+
+def test_generate_flags_reach_the_pipeline_and_the_device_is_checked_first(tmp_path, capsys):
+    def run(name, *extra):
+        assert cli_main(["generate", "--prompt", "a red circle moving up slowly on a gray background", "--out",
+                         str(tmp_path / name), "--frames", "5", "--seed", "2", "--json", *extra]) == 0
+        return np.load(tmp_path / name)
+
+    plain = run("a.npy")
+    negative = run("b.npy", "--negative-prompt", "a blue square")
+    assert np.array_equal(negative, run("c.npy", "--negative-prompt", "a blue square"))
+    assert not np.array_equal(plain, negative)
+    capsys.readouterr()
+    # a device this machine lacks is reported before the (missing) model folder is even looked at
+    assert cli_main(["generate", "--prompt", "a red circle", "--out", str(tmp_path / "d.mp4"), "--device", "bogus",
+                     "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'bogus'" in err and "nowhere" not in err
+    assert not (tmp_path / "d.mp4").exists()
 
 
 # --- media --------------------------------------------------------------------------------------------------------

@@ -226,6 +226,32 @@ def test_pipeline_sizes_seeds_and_errors(pipe):
         pipe(PROMPT, negative_prompt=["a", "b"])
 
 
+def test_callback_progress_bar_return_dict_and_interrupt(pipe, capsys):
+    """The Infinity pipeline takes diffusers' call conventions as the video pipeline does."""
+    g = lambda: torch.Generator().manual_seed(3)
+    seen = []
+    capsys.readouterr()
+    out = pipe(PROMPT, generator=g(), output_type="codes",
+               callback_on_step_end=lambda p, step, scale, kw: seen.append((step, scale, kw["num_steps"])))
+    n = len(out.scales)
+    assert seen == [(i, i, n) for i in range(n)]                 # one step per scale
+    assert "generating" in capsys.readouterr().err                # a progress bar by default
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        images, = pipe(PROMPT, generator=g(), output_type="uint8", return_dict=False)
+        assert capsys.readouterr().err == ""
+    finally:
+        pipe.set_progress_bar_config()
+    assert np.array_equal(images, pipe(PROMPT, generator=g(), output_type="uint8").images)
+
+    def stop(p, step, scale, kw):
+        p._interrupt = step == 1
+
+    cut = pipe(PROMPT, generator=g(), output_type="codes", callback_on_step_end=stop)
+    assert len(cut.bits) == 2 and all(torch.equal(a, b) for a, b in zip(cut.bits, out.bits))
+    assert pipe.interrupt
+
+
 def test_pipeline_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "model_index.json").read_text())["family"] == "infinity"

@@ -10,6 +10,8 @@ from infinitystar.config import pyramid_preset, transformer_preset
 from infinitystar.memory import (MemoryOptions, SequentialOffload, add_memory_flags, home_devices,
                                  memory_from_args)
 from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar import pipelines
+from infinitystar.pipelines import InfinityPipeline
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
@@ -62,6 +64,22 @@ def test_pipeline_options_give_the_plain_frames(options):
         frames.append((out.codes, out.frames[0]))
     assert torch.allclose(frames[0][0], frames[1][0], atol=1e-6)
     assert np.array_equal(frames[0][1], frames[1][1])
+
+
+def test_from_pretrained_places_the_parts_as_the_options_say(tmp_path):
+    InfinityStarPipeline.random_tiny(seed=0).save_pretrained(tmp_path / "star")
+    plain = InfinityStarPipeline.from_pretrained(tmp_path / "star", memory=PLAIN)
+    offload = pipelines.load(tmp_path / "star", memory=MemoryOptions(token_chunk=9, sequential_offload=True))
+    assert plain._offload is None and offload._offload is not None and offload.memory.token_chunk == 9
+    run = lambda p: p("a large red circle moving right", num_frames=5, generator=torch.Generator().manual_seed(1),
+                      output_type="uint8").frames
+    assert np.array_equal(run(plain), run(offload))
+    offload.to(torch.bfloat16)                 # a dtype change puts the blocks back behind fresh hooks
+    assert offload._offload is not None and offload.dtype == torch.bfloat16
+    assert {p.dtype for p in offload.transformer.blocks.parameters()} == {torch.bfloat16}
+    InfinityPipeline.random_tiny(seed=0).save_pretrained(tmp_path / "image")
+    with pytest.raises(ValueError, match="sequential offload is available for InfinityStar"):
+        pipelines.load(tmp_path / "image", memory=MemoryOptions(sequential_offload=True))
 
 
 class _Probe(torch.nn.Linear):

@@ -12,6 +12,7 @@ _EXPORTS = {
     "InfinityStarPipeline": "infinitystar.pipelines.infinitystar",
     "InfinityPipeline": "infinitystar.pipelines.infinity",
     "Guidance": "infinitystar.sampling.guidance",
+    "MemoryOptions": "infinitystar.memory",
     "export_to_video": "infinitystar.media",
     "export_to_gif": "infinitystar.media",
     "save_image": "infinitystar.media",
