@@ -124,6 +124,18 @@ def bomb_png(path: Path, side: int = 40000) -> Path:
     return path
 
 
+def nan_weight(component: str) -> Callable[[Path], None]:
+    """Damage for `Ctx.model`: the first weight of `component`'s model.safetensors gets a NaN."""
+    def damage(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+        path = d / component / "model.safetensors"
+        state = load_file(path)
+        key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+        state[key].view(-1)[0] = float("nan")
+        save_file(state, path)
+    return damage
+
+
 def full_disk(c: Ctx) -> list:
     """The disk fills up while the video is written: the existing file at --out must survive."""
     out = c.tmp / "v.mp4"
@@ -216,11 +228,21 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, Callable[[], Optional[str]]]]
      lambda c: ["generate", "--prompt", " ".join([PROMPT] * 4), "--strict-prompt", "--out", c.tmp / "v.mp4",
                 "--json"],
      r"words.*cut", None),
+    # --- generate: the model folder --------------------------------------------------------------------------
+    ("generate model folder without transformer weights",
+     lambda c: gen(c, "--model", c.model(lambda d: (d / "transformer" / "model.safetensors").unlink())),
+     r"transformer.*model\.safetensors", None),
+    ("generate NaN transformer weights", lambda c: gen(c, "--model", c.model(nan_weight("transformer"))),
+     r"non-finite logits \(nan", None),
     # --- tokenizer reconstruct -------------------------------------------------------------------------------
     ("reconstruct model folder without weights",
      lambda c: recon(c, "--model", c.model(lambda d: (d / "tokenizer" / "model.safetensors").unlink()) / "tokenizer"),
      r"tokenizer.*model\.safetensors", None),
     ("reconstruct --device bogus", lambda c: recon(c, "--device", "bogus"), r"'bogus'", None),
+    ("reconstruct --device cuda without CUDA", lambda c: recon(c, "--device", "cuda"), r"'cuda'.*available here",
+     lambda: "CUDA is available" if has_device("cuda") else None),
+    ("reconstruct --device mps without MPS", lambda c: recon(c, "--device", "mps"), r"'mps'.*available here",
+     lambda: "MPS is available" if has_device("mps") else None),
     ("reconstruct --fps -3", lambda c: recon(c, "--fps", "-3"), r"--fps.*-3", None),
     ("reconstruct output an existing folder", lambda c: recon(c, out=c.tmp), r"is a folder", None),
     # --- train -----------------------------------------------------------------------------------------------
@@ -237,6 +259,8 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, Callable[[], Optional[str]]]]
      r"'bogus'", None),
     ("train device cuda without CUDA", lambda c: ["train", "generator", c.config(device="cuda")],
      r"'cuda'.*available here", lambda: "CUDA is available" if has_device("cuda") else None),
+    ("train --set device=mps without MPS", lambda c: ["train", "generator", c.config(), "--set", "device=mps"],
+     r"'mps'.*available here", lambda: "MPS is available" if has_device("mps") else None),
     ("train manifest with invalid UTF-8",
      lambda c: ((c.tmp / "m.jsonl").write_bytes(b'{"image_path": "x.png", "text": "caf\xe9"}\n'),
                 ["train", "generator", c.config(data={"manifests": [str(c.tmp / "m.jsonl")]})])[1],
@@ -311,12 +335,16 @@ def test_debug_shows_the_traceback_of_a_bad_input(world, tmp_path, monkeypatch):
         main(gen(Ctx(tmp_path, world, monkeypatch), out=str(tmp_path)))
 
 
-def test_upper_case_extension_is_written(world, tmp_path, capsys):
-    """`--out X.MP4` is an mp4 like `x.mp4`: accepted and written, not refused after the work."""
+def test_upper_case_extension_is_written(world, tmp_path, capsys, monkeypatch):
+    """`--out X.MP4` is an mp4 like `x.mp4`: accepted and written, not refused after the work (generate and
+    reconstruct)."""
     out = tmp_path / "X.MP4"
     assert main(["generate", "--prompt", PROMPT, "--out", str(out), "--json"]) == 0
     assert out.read_bytes()[4:8] == b"ftyp"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output"] == str(out)
+    again = tmp_path / "R.MP4"
+    assert main([str(a) for a in recon(Ctx(tmp_path, world, monkeypatch), out=again)]) == 0
+    assert again.read_bytes()[4:8] == b"ftyp"
 
 
 def test_long_prompt_is_a_note_naming_the_cut(world, tmp_path, capsys):
