@@ -16,6 +16,7 @@ import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+SEED_MAX = 2 ** 64 - 1   # torch.Generator.manual_seed takes at most 64 bits
 
 
 class UserError(ValueError):

@@ -9,10 +9,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from infinitystar.runtime import UserError
+from infinitystar.runtime import SEED_MAX, UserError
 from infinitystar.text.base import PromptCutWarning
-
-SEED_MAX = 2 ** 64 - 1   # torch.Generator.manual_seed takes at most 64 bits
 
 
 class OneLineParser(argparse.ArgumentParser):

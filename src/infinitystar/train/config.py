@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union, 
 import yaml
 
 from infinitystar.config import PYRAMID_PRESETS, TRANSFORMER_PRESETS, InteractConfig, PyramidConfig, TransformerConfig
-from infinitystar.runtime import read_utf8
+from infinitystar.runtime import SEED_MAX, read_utf8
 
 
 class ConfigError(ValueError):
@@ -512,7 +512,8 @@ def check_ranges(*, positive: Optional[dict] = None, non_negative: Optional[dict
 
 
 def check_run(cfg) -> None:
-    """The checks every run config shares: steps and threads of the train section, optimizer, checkpoints, log."""
+    """The checks every run config shares: seed, steps and threads of the train section, optimizer, checkpoints,
+    log."""
     t, o = cfg.train, cfg.optim
     check_ranges(positive={"train.max_steps": t.max_steps, "optim.lr": o.lr, "log.every": cfg.log.every},
                  non_negative={"optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
@@ -523,6 +524,8 @@ def check_run(cfg) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     if t.threads is not None and t.threads < 1:
         raise ConfigError(f"train.threads must be >= 1 or null, got {t.threads}")
+    if not 0 <= cfg.seed <= SEED_MAX:   # torch would overflow (or wrap a negative seed) only when training starts
+        raise ConfigError(f"seed must be in 0 .. 2**64-1, got {cfg.seed}")
 
 
 def preset_section(section_cls, config_cls, presets: Sequence[str], default: Optional[str], *,
