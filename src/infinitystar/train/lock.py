@@ -56,6 +56,8 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._key is not None:
             return self
+        if self.directory.exists() and not self.directory.is_dir():
+            raise UserError(f"{self.directory}: the run folder (output_dir) is a file, not a folder")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             key = os.path.realpath(self.path)
