@@ -124,16 +124,18 @@ def bomb_png(path: Path, side: int = 40000) -> Path:
     return path
 
 
+def put_nan(weights: Path) -> None:
+    """A NaN in the first weight of a .safetensors file."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(weights)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, weights)
+
+
 def nan_weight(component: str) -> Callable[[Path], None]:
-    """Damage for `Ctx.model`: the first weight of `component`'s model.safetensors gets a NaN."""
-    def damage(d: Path) -> None:
-        from safetensors.torch import load_file, save_file
-        path = d / component / "model.safetensors"
-        state = load_file(path)
-        key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
-        state[key].view(-1)[0] = float("nan")
-        save_file(state, path)
-    return damage
+    """Damage for `Ctx.model`: a NaN in `component`'s weights."""
+    return lambda d: put_nan(d / component / "model.safetensors")
 
 
 def full_disk(c: Ctx) -> list:
@@ -233,11 +235,46 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, Callable[[], Optional[str]]]]
      lambda c: gen(c, "--model", c.model(lambda d: (d / "transformer" / "model.safetensors").unlink())),
      r"transformer.*model\.safetensors", None),
     ("generate NaN transformer weights", lambda c: gen(c, "--model", c.model(nan_weight("transformer"))),
-     r"non-finite logits \(nan", None),
+     r"transformer/model\.safetensors.*nan", None),
+    ("generate NaN tokenizer weights", lambda c: gen(c, "--model", c.model(nan_weight("tokenizer"))),
+     r"tokenizer/model\.safetensors.*nan", None),
+    ("generate NaN text encoder weights", lambda c: gen(c, "--model", c.model(nan_weight("text_encoder"))),
+     r"text_encoder/model\.safetensors.*nan", None),
+    ("generate model_index.json without height",
+     lambda c: gen(c, "--model", c.model(lambda d: edit_json(d / "model_index.json", lambda j: j.pop("height")))),
+     r"model_index\.json.*'height'", None),
+    ("generate model_index.json height a string",
+     lambda c: gen(c, "--model", c.model(
+         lambda d: edit_json(d / "model_index.json", lambda j: j.update(height="tall")))),
+     r"model_index\.json.*'height'.*tall", None),
+    ("generate model_index.json fps a string",
+     lambda c: gen(c, "--model", c.model(
+         lambda d: edit_json(d / "model_index.json", lambda j: j["defaults"].update(fps="fast")))),
+     r"model_index\.json.*fps.*fast", None),
+    ("generate model_index.json not JSON",
+     lambda c: gen(c, "--model", c.model(lambda d: (d / "model_index.json").write_text("{family"))),
+     r"model_index\.json", None),
+    ("generate model_index.json a list",
+     lambda c: gen(c, "--model", c.model(lambda d: (d / "model_index.json").write_text("[]"))),
+     r"model_index\.json.*list", None),
+    *[(f"generate {part}/config.json {what}",
+       (lambda part, damage: lambda c: gen(c, "--model", c.model(lambda d: damage(d / part / "config.json"))))(
+           part, damage), rf"{part}/config\.json{hint}", None)
+      for part in ("transformer", "tokenizer", "text_encoder")
+      for what, damage, hint in (
+          ("not JSON", lambda f: f.write_text("{width"), ""),
+          ("a wrong type", lambda f: edit_json(f, lambda j: j.update(width="wide") if "width" in j
+                                               else j.update(in_channels="wide")), r".*wide"))],
     # --- tokenizer reconstruct -------------------------------------------------------------------------------
     ("reconstruct model folder without weights",
      lambda c: recon(c, "--model", c.model(lambda d: (d / "tokenizer" / "model.safetensors").unlink()) / "tokenizer"),
      r"tokenizer.*model\.safetensors", None),
+    ("reconstruct model folder config.json not JSON",
+     lambda c: recon(c, "--model", c.model(lambda d: (d / "tokenizer" / "config.json").write_text("{")) / "tokenizer"),
+     r"tokenizer/config\.json", None),
+    ("reconstruct NaN tokenizer weights",
+     lambda c: recon(c, "--model", c.model(nan_weight("tokenizer")) / "tokenizer"),
+     r"tokenizer/model\.safetensors.*nan", None),
     ("reconstruct --device bogus", lambda c: recon(c, "--device", "bogus"), r"'bogus'", None),
     ("reconstruct --device cuda without CUDA", lambda c: recon(c, "--device", "cuda"), r"'cuda'.*available here",
      lambda: "CUDA is available" if has_device("cuda") else None),
@@ -260,6 +297,11 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, Callable[[], Optional[str]]]]
      r"f: the run folder \(output_dir\) is a file", None),
     ("train output_dir unwritable", lambda c: ["train", "generator", c.config(output_dir="/sys/run")],
      r"/sys/run: cannot create", no_sys),
+    ("train model.init_from NaN weights",
+     lambda c: (shutil.copytree(c.world / "run/checkpoints/step_00000002", c.tmp / "init"),
+                put_nan(c.tmp / "init" / "model.safetensors"),
+                ["train", "generator", c.config(model={"init_from": str(c.tmp / "init")})])[2],
+     r"init/model\.safetensors.*nan", None),
     ("train --until -3", lambda c: ["train", "generator", c.config(), "--until", "-3"], r"--until.*-3", None),
     ("train --resume --until the checkpoint's step",
      lambda c: (c.run_copy(), ["train", "generator", c.config(), "--resume", "--until", "2"])[1],

@@ -39,6 +39,13 @@ class WordTextEncoder(PretrainedMixin, nn.Module, TextEncoder):
     def __init__(self, vocab: Sequence[str], width: int = 128, depth: int = 2, num_heads: int = 4,
                  max_len: int = 32):
         super().__init__()
+        # config.json feeds these straight in: a wrong type is named here, not a TypeError deep in nn.Module
+        if isinstance(vocab, str) or not all(isinstance(w, str) for w in vocab):
+            raise ValueError(f"vocab must be a list of words, got {vocab!r:.60}")
+        for name, value, least in (("width", width, 1), ("depth", depth, 1), ("num_heads", num_heads, 1),
+                                   ("max_len", max_len, 2)):   # max_len: at least one word and the end token
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         words = sorted(set(vocab) - set(SPECIAL))
         if not words:
             raise ValueError("the vocabulary is empty")
