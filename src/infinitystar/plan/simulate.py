@@ -578,7 +578,9 @@ class _Dispatch(TorchDispatchMode):
     def _flops(self, func, packet, args, kwargs, out, key) -> tuple[float, int]:
         if func is _FLASH_CPU:
             q, k, v = args[:3]
-            return float(sdpa_flop_count(q.shape, k.shape, v.shape)), 0
+            # grouped-query attention: every query head does its own work (older torch's count wants equal heads)
+            heads = lambda t: (*t.shape[:1], q.shape[1], *t.shape[2:])
+            return float(sdpa_flop_count(q.shape, heads(k), heads(v))), 0
         f = self.sim._flops_memo.get(key) if key is not None else None
         if f is None:
             f = float(flop_registry[packet](*args, **kwargs, out_val=out))
