@@ -130,7 +130,7 @@ class ModelCard:
 class GuidanceDefaults:
     """The guidance part of a model's generation defaults (model_index.json "defaults")."""
     guidance_scale: Union[float, list[float]] = 3.0     # one number, or one per scale
-    guidance: str = "cfg"                               # "cfg" or "apg"
+    guidance: str = "cfg"                               # "cfg", "cfg_prob" or "apg"
     apg_eta: float = 0.0
     apg_norm_threshold: float = 0.05
 
