@@ -29,6 +29,7 @@ from infinitystar.config import PyramidConfig
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
+from infinitystar.sampling.guidance import Guidance
 from infinitystar.shapes.data import load_manifest, load_media, write_dataset
 from infinitystar.shapes.evaluate import score_image, score_video
 from infinitystar.shapes.world import vocabulary
@@ -87,17 +88,19 @@ def teacher_forced_accuracy(pipe: InfinityStarPipeline, truth: np.ndarray, capti
 
 
 def evaluate(model_dir: Path, manifests: dict[str, Path], seed: int) -> dict:
-    """Sample every training caption with the default settings and with guidance 1 (no CFG)."""
+    """Sample every training caption with the default settings, with guidance 1 (no CFG), and with the default
+    guidance scale applied to bit probabilities (`cfg_prob`) instead of logits."""
     pipe = InfinityStarPipeline.from_pretrained(model_dir)
+    prob = Guidance(pipe.defaults.guidance_scale, "cfg_prob")
     result = {}
-    for label, cfg in (("default", None), ("no_cfg", 1.0)):
+    for label, cfg, guidance in (("default", None, None), ("no_cfg", 1.0, None), ("cfg_prob", None, prob)):
         rows = []
         for manifest in manifests.values():
             for i, line in enumerate(load_manifest(manifest)):
                 truth = load_media(line)
                 caption = line.get("caption") or line["text"]
                 g = torch.Generator().manual_seed(seed + i)
-                out = pipe(caption, num_frames=len(truth), guidance_scale=cfg, generator=g)
+                out = pipe(caption, num_frames=len(truth), guidance_scale=cfg, guidance=guidance, generator=g)
                 with torch.no_grad():
                     z = pipe.tokenizer.encode(frames_to_video(truth))
                     target = encode_targets(z, pipe.pyramid.build(len(truth))).codes
