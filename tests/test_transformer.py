@@ -4,7 +4,7 @@ import torch
 from infinitystar.config import PyramidConfig, TransformerConfig
 from infinitystar.convert.official import load_official_transformer, official_to_ours, ours_to_official
 from infinitystar.checkpoint_io import CheckpointError
-from infinitystar.model.attention import dense_mask, segment_groups
+from infinitystar.model.attention import AttentionContext, _grouped_sdpa, attend, dense_mask, segment_groups
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.packing import PackSample, pack_sequence, select_steps
 from infinitystar.quant.residual import encode_targets
@@ -276,3 +276,22 @@ def test_reads_sharded_safetensors_and_training_pth(tmp_path):
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="broken.pth: cannot read checkpoint"):
         read_official_transformer(tmp_path / "broken.pth")
+
+
+def test_grouped_attention_runs_in_float32_under_bf16_autocast_on_the_cpu():
+    """The CPU's bf16 flash-attention backward is slow at segment sizes, so grouped attention upcasts: under
+    autocast its output is the float32 result of the same inputs rounded to bf16, and gradients flow back."""
+    table = torch.tensor([[1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    sg = segment_groups([3, 3, 2, 5], table)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 13, 8, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, 2, 13, 8, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, AttentionContext(groups=sg), 0)
+        in_bf16 = _grouped_sdpa(q, k, v, sg, True)
+    ref = _grouped_sdpa(q.float(), k.float(), v.float(), sg, True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.to(torch.bfloat16))
+    assert not torch.equal(in_bf16, out)          # the bf16 kernel would have given other numbers
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))

@@ -22,6 +22,7 @@ from typing import Hashable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from infinitystar.runtime import fp32_region
 from infinitystar.schedules.pyramid import Schedule
 
 
@@ -88,7 +89,16 @@ def _stack_segments(parts: Sequence[torch.Tensor], n: int) -> torch.Tensor:
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sg: SegmentGroups, gqa: bool) -> torch.Tensor:
-    """q (1, H, L, hd), k, v (1, KV, L, hd) -> (1, H, L, hd): one SDPA per group."""
+    """q (1, H, L, hd), k, v (1, KV, L, hd) -> (1, H, L, hd): one SDPA per group. On the CPU the groups run in
+    float32 with autocast off, whatever the input dtype: at these segment sizes the CPU's bf16 flash-attention
+    backward costs about twice the float32 one (much of it a fixed cost per call), and its forward no less."""
+    if q.device.type == "cpu":
+        with fp32_region(q.device):
+            return _grouped_sdpa(q.float(), k.float(), v.float(), sg, gqa).to(q.dtype)
+    return _grouped_sdpa(q, k, v, sg, gqa)
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sg: SegmentGroups, gqa: bool) -> torch.Tensor:
     qs, ks, vs = (t[0].transpose(0, 1).split(sg.lengths) for t in (q, k, v))    # per segment (len, heads, hd)
     out: list[Optional[torch.Tensor]] = [None] * len(sg.lengths)
     for g in sg.groups:
