@@ -345,9 +345,12 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.normalize's x / max(||x||, 1e-12), written as x * rsqrt(max(sum x^2, 1e-24)): the CPU's vector norm over
+        # the channel dim (not the innermost one) made the norms 2-4x slower, forward and backward
         if torch.is_grad_enabled():
-            return F.normalize(x, dim=1) * self.scale * self.gamma
-        return F.normalize(x, dim=1).mul_(self.scale).mul_(self.gamma)   # inference: same values, in place
+            return x * (x.square().sum(1, keepdim=True).clamp_min(1e-24).rsqrt() * self.scale) * self.gamma
+        inv = x.square().sum(1, keepdim=True).clamp_min_(1e-24).rsqrt_().mul_(self.scale)   # inference: in place
+        return (x * inv).mul_(self.gamma)
 
 
 def _resize_latent(zq: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
