@@ -11,9 +11,10 @@ falls on all rows alike; the table shows medians over rounds and the JSON lines 
 machine shared with other work, CPU time (the process's, all threads) moves less with the load than wall time;
 both are shown, and `--threads N` sets the thread count of every run.
 
-Cases: train (configs/default_model.yaml, micro-batch 8 of the synthetic mix), tokenizer (the training step of
-configs/default_tokenizer_continuous.yaml), model (the shipped default model, a 17-frame video, CFG and decoding
-included), gen384 (transformer-only text-to-video at width 384, depth 6, 4 clips, random weights).
+Cases: train (configs/default_model.yaml, micro-batch 8 of the synthetic mix; eager, and compiled as that config
+trains), tokenizer (the training step of configs/default_tokenizer_continuous.yaml), model (the shipped default
+model, a 17-frame video, CFG and decoding included), gen384 (transformer-only text-to-video at width 384, depth 6,
+4 clips, random weights).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 CASES = {
-    # case: (bench module, function, kwargs, the precisions of the "after" rows, the wall-clock number reported,
-    # its CPU-time counterpart)
-    "train": ("train/bench.py", "run_train_bench", {"steps": 3}, ("fp32", "auto"), "tokens_per_s", "tokens_per_cpu_s"),
+    # case: (bench module, function, kwargs, the "after" rows (a precision, or a precision with extra arguments of
+    # this checkout's bench), the wall-clock number reported, its CPU-time counterpart)
+    "train": ("train/bench.py", "run_train_bench", {"steps": 3},
+              (("fp32", {"compile": False}), ("auto", {"compile": False}), ("auto", {"compile": True})), "tokens_per_s",
+              "tokens_per_cpu_s"),
     "tokenizer": ("train/bench.py", "run_tokenizer_bench", {"steps": 3}, ("fp32", "auto"), "step_s", "cpu_s"),
     "model": ("bench.py", "run_model", {"repeats": 2}, ("fp32", "auto"), "seconds_per_video", "cpu_s"),
     "gen384": ("bench.py", "run", {"clips": (4,), "width": 384, "depth": 6, "attention": ("sparse",),
@@ -47,12 +50,18 @@ getattr(bench_under_test, sys.argv[2])(**json.loads(sys.argv[3]), as_json=True)
 """
 
 
-def measure(tree: Path, case: str, precision: str, bench_tree: Path = HERE) -> dict:
+def row_spec(row) -> tuple[str, dict, str]:
+    """(precision, extra bench arguments, row label) of an entry of a case's "after" rows."""
+    precision, extra = (row, {}) if isinstance(row, str) else row
+    return precision, extra, " ".join([precision, *(f"{k}={v}" for k, v in extra.items())])
+
+
+def measure(tree: Path, case: str, precision: str, bench_tree: Path = HERE, extra: dict | None = None) -> dict:
     module, func, kwargs = CASES[case][:3]
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     if THREADS:
         env["OMP_NUM_THREADS"] = str(THREADS)
-    args = json.dumps({**kwargs, "precision": precision})
+    args = json.dumps({**kwargs, **(extra or {}), "precision": precision})
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(bench_tree / "src" / "infinitystar" / module), func, args],
                           cwd=HERE, env=env, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -78,15 +87,15 @@ def main(argv=None) -> int:
     rows: dict[tuple[str, str], list[dict]] = {}
     with a.out.open("w") as log:
         for case in a.cases:
-            runs = [("before", a.before, "fp32", a.before_bench or HERE)] + [
-                ("after", HERE, prec, HERE) for prec in CASES[case][3]]
+            runs = [("before fp32", a.before, "fp32", a.before_bench or HERE, {})] + [
+                (f"after {name}", HERE, prec, HERE, extra) for prec, extra, name in map(row_spec, CASES[case][3])]
             for _ in range(dict((c, int(n)) for c, n in a.rounds_for).get(case, a.rounds)):
-                for label, tree, prec, bench_tree in runs:
-                    r = measure(tree, case, prec, bench_tree)
+                for label, tree, prec, bench_tree, extra in runs:
+                    r = measure(tree, case, prec, bench_tree, extra)
                     log.write(json.dumps(r) + "\n")
                     log.flush()
-                    rows.setdefault((case, f"{label} {prec}"), []).append(r)
-                    print(f"{case:9} {label:6} {prec:4} -> {r['precision']}: {r[CASES[case][4]]} "
+                    rows.setdefault((case, label), []).append(r)
+                    print(f"{case:9} {label:24} -> {r['precision']}: {r[CASES[case][4]]} "
                           f"(cpu {r[CASES[case][5]]})", flush=True)
     print("\n| case | row | precision used | wall median | speed-up | CPU-time median | speed-up | useful FLOP "
           "fraction | matmul TFLOP/s | peak MB | runs |\n|---|---|---|---|---|---|---|---|---|---|---|")

@@ -9,8 +9,10 @@ import contextlib
 import functools
 from pathlib import Path
 import resource
+import shutil
 import sys
-from typing import Literal
+from typing import Callable, Literal, Optional
+import warnings
 
 import torch
 
@@ -104,7 +106,6 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     if spec == "auto":
         return torch.bfloat16 if native else torch.float32
     if not native:
-        import warnings
         warnings.warn(f"bf16 forced on {device.type} without native bf16 support: correct but slower than fp32",
                       stacklevel=2)
     return torch.bfloat16
@@ -141,3 +142,55 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB on Linux
+
+
+def cpp_compiler() -> Optional[str]:
+    """Path of the C++ compiler that torch.compile's inductor builds CPU kernels with (its `cpp.cxx` search list:
+    $CXX, else g++ or clang++), or None when none is installed."""
+    try:
+        from torch._inductor import config as inductor_config
+        names = inductor_config.cpp.cxx
+    except ImportError:
+        names = ("g++",)
+    for name in names if isinstance(names, (list, tuple)) else (names,):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class Compiler:
+    """Functions put under torch.compile together (inductor, dynamic shapes: one graph serves every sequence
+    length), each compiled on its first call. Where compiling cannot work - no C++ compiler for CPU inputs, or it
+    fails - the group warns once and runs its functions eagerly from then on, so turning compilation on never
+    stops a run. An error that the eager function raises too is the caller's own and propagates unchanged."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.failed = False
+
+    def wrap(self, fn: Callable) -> Callable:
+        compiled: Optional[Callable] = None
+
+        def call(*args):
+            nonlocal compiled
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if self.failed or any(t.device.type == "meta" for t in tensors):   # meta: memory plans
+                return fn(*args)
+            if compiled is None:
+                if any(t.device.type == "cpu" for t in tensors) and cpp_compiler() is None:
+                    return self._give_up(fn, args, "no C++ compiler found (inductor needs g++ or clang++, or $CXX)")
+                compiled = torch.compile(fn, dynamic=True)
+            try:
+                return compiled(*args)
+            except Exception as e:                 # noqa: BLE001 - told apart below by running eagerly
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                return self._give_up(fn, args, f"compiling failed ({type(e).__name__}: {first})")
+
+        return call
+
+    def _give_up(self, fn: Callable, args, why: str):
+        out = fn(*args)          # an error of the call itself raises here, without the warning
+        if not self.failed:
+            warnings.warn(f"torch.compile of {self.what} is off: {why}; running eagerly", stacklevel=4)
+        self.failed = True
+        return out

@@ -2,6 +2,8 @@
 generations), generator training throughput (`--train`) and the tokenizer's training step (`--tokenizer`)."""
 from __future__ import annotations
 
+import argparse
+
 from infinitystar import bench as generation_bench
 from infinitystar.runtime import PRECISIONS
 from infinitystar.train.bench import run_tokenizer_bench, run_train_bench
@@ -10,7 +12,8 @@ from infinitystar.train.bench import run_tokenizer_bench, run_train_bench
 def _cmd_bench(args) -> int:
     if args.train:
         run_train_bench(args.config, precision=args.precision, device=args.device, steps=args.steps,
-                        micro_batch=args.micro_batch, backend=args.attention_backend, as_json=args.json)
+                        micro_batch=args.micro_batch, backend=args.attention_backend, compile=args.compile,
+                        as_json=args.json)
     elif args.tokenizer:
         run_tokenizer_bench(args.config, precision=args.precision, device=args.device, steps=args.steps,
                             as_json=args.json)
@@ -40,6 +43,8 @@ def add_cli(subparsers) -> None:
                                                    "configs/default_model.yaml / default_tokenizer_continuous.yaml)")
     sp.add_argument("--steps", type=int, default=5, help="timed steps of --train / --tokenizer (median)")
     sp.add_argument("--micro-batch", type=int, default=None, help="--train: samples per step (default: the config's)")
+    sp.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="--train: the blocks under torch.compile (default: the config's train.compile)")
     sp.add_argument("--attention-backend", default=None, choices=["grouped", "sdpa", "flex"],
                     help="--train: how the packed attention runs (default: auto)")
     sp.add_argument("--model", nargs="?", const="default", default=None,

@@ -9,6 +9,7 @@ from torch import nn
 
 from infinitystar.model.attention import AttentionContext, attend
 from infinitystar.model.rope import apply_rope
+from infinitystar.runtime import Compiler
 
 
 class RMSNorm(nn.Module):
@@ -74,13 +75,35 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
+def attention_inputs(block: "Block", x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's work before attention: norm, projections, QK-norm, RoPE -> q, k, v."""
+    h = block.attn_norm(x)
+    return (block.attn.queries(h, cos, sin), *block.attn.keys_values(h, cos, sin))
+
+
+def attention_output_and_mlp(block: "Block", x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """A block's work after attention: output projection and residual, then the MLP half."""
+    x = x + block.attn.output(attended)
+    return x + block.mlp(block.mlp_norm(x))
+
+
+# The two halves around the attention call under torch.compile (`InfinityStarTransformer.set_compile`): the
+# attention itself stays eager (grouped segments and KV-cache reads are Python-level structure that would
+# recompile per batch), while everything elementwise around it (norms, RoPE, SwiGLU, casts, residuals) fuses.
+BLOCK_COMPILER = Compiler("the transformer blocks")
+COMPILED_HALVES = (BLOCK_COMPILER.wrap(attention_inputs), BLOCK_COMPILER.wrap(attention_output_and_mlp))
+
+
 class Block(nn.Module):
     """Pre-norm block. `token_chunk` (set by `InfinityStarTransformer.set_token_chunk`): a KV-cached pass over more
     tokens than this runs its attention queries and MLP in chunks of that many tokens, so the large temporaries
     (the MLP's hidden activations, fp32 norms, RoPE) exist for one chunk at a time. Every token's result is
-    computed by the same operations as in one pass."""
+    computed by the same operations as in one pass. `compiled` (`InfinityStarTransformer.set_compile`): the
+    halves around the attention run under torch.compile."""
 
     token_chunk: Optional[int] = None
+    compiled: bool = False
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, bias: bool, eps: float):
         super().__init__()
@@ -93,8 +116,9 @@ class Block(nn.Module):
         n = self.token_chunk
         if n and ctx.cache is not None and x.shape[1] > n:
             return self._forward_chunked(x, cos, sin, ctx, layer, n)
-        x = x + self.attn(self.attn_norm(x), cos, sin, ctx, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        before, after = COMPILED_HALVES if self.compiled else (attention_inputs, attention_output_and_mlp)
+        q, k, v = before(self, x, cos, sin)
+        return after(self, x, attend(q, k, v, ctx, layer))
 
     def _forward_chunked(self, x, cos, sin, ctx: AttentionContext, layer: int, n: int):
         # Keys and values of every token first (each query chunk attends to all of them), then per chunk:

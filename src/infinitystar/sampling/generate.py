@@ -20,7 +20,7 @@ from infinitystar.model.attention import AttentionContext, KVCache, visible_cont
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.quant.residual import CodeAccumulator
-from infinitystar.runtime import autocast
+from infinitystar.runtime import autocast, fp32_region
 from infinitystar.sampling.bits import Generators, OnStep, StepInfo, check_generators, per_scale, sample_bits
 from infinitystar.sampling.guidance import Guidance
 from infinitystar.schedules.pyramid import Schedule, Step
@@ -156,33 +156,41 @@ class GenerationState:
         last_ref = (keep_for or schedule).last_reference
         acc = CodeAccumulator(B, cfgm.latent_channels, schedule.clip_size(clip), device=self.device,
                               dtype=torch.float32)
-        for scale in schedule.clip_scales(clip):
-            for step in schedule.scale_steps(scale.index):
-                forced = step.index < len(prefix_bits)
-                keep_kv = step.is_last_repetition and scale.index in last_ref
-                want_logits = options.record_logits or not forced
-                if want_logits or keep_kv:
-                    h = self._forward(schedule, step, acc, caption_of_clip, keep_kv)
-                if want_logits:
-                    guided = self._logits(h, scale.bits, tau[scale.index], guidance_scale[scale.index], options, out)
-                if forced:
-                    bits = prefix_bits[step.index].to(device=self.device, dtype=torch.uint8)
-                    bits = bits.reshape(B, *scale.shape, scale.bits)
-                else:
-                    bits = sample_bits(guided, generator=options.generator, greedy=options.greedy)
-                    bits = bits.reshape(B, *scale.shape, scale.bits)
-                acc.add(bits)
-                out.bits.append(bits)
-                if step.is_last_repetition:
-                    for r in [r for r, last in last_ref.items() if last == scale.index]:
-                        self.cache.evict(r)
-                self._note_memory()
-                if options.on_step is not None and options.on_step(StepInfo(
-                        step.index, len(schedule.steps), scale.index, scale.clip, tuple(scale.shape), bits, forced)):
-                    out.stopped = True
+        # one autocast region around the clip's steps (each step opens its own inside): autocast keeps the bf16
+        # copies of the weights it casts until its outermost region ends, so they are cast once per clip instead
+        # of once per step (the bit heads, guidance and sampling stay float32 as before)
+        with autocast(self.device, self.precision):
+            for scale in schedule.clip_scales(clip):
+                for step in schedule.scale_steps(scale.index):
+                    forced = step.index < len(prefix_bits)
+                    keep_kv = step.is_last_repetition and scale.index in last_ref
+                    want_logits = options.record_logits or not forced
+                    if want_logits or keep_kv:
+                        h = self._forward(schedule, step, acc, caption_of_clip, keep_kv)
+                    if want_logits:
+                        guided = self._logits(h, scale.bits, tau[scale.index], guidance_scale[scale.index], options,
+                                              out)
+                    if forced:
+                        bits = prefix_bits[step.index].to(device=self.device, dtype=torch.uint8)
+                        bits = bits.reshape(B, *scale.shape, scale.bits)
+                    else:
+                        bits = sample_bits(guided, generator=options.generator, greedy=options.greedy)
+                        bits = bits.reshape(B, *scale.shape, scale.bits)
+                    acc.add(bits)
+                    out.bits.append(bits)
+                    if step.is_last_repetition:
+                        for r in [r for r, last in last_ref.items() if last == scale.index]:
+                            self.cache.evict(r)
+                    self._note_memory()
+                    if options.on_step is not None:
+                        with fp32_region(self.device):      # the caller's callback runs as outside generation
+                            stop = options.on_step(StepInfo(step.index, len(schedule.steps), scale.index, scale.clip,
+                                                            tuple(scale.shape), bits, forced))
+                        if stop:
+                            out.stopped = True
+                            break
+                if out.stopped:
                     break
-            if out.stopped:
-                break
         out.peak_cache_bytes = max(out.peak_cache_bytes, self.peak_cache_bytes)
         return acc.F
 

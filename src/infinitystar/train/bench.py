@@ -78,16 +78,21 @@ def synthetic_batch(run, model_cfg: TransformerConfig, micro_batch: int, seed: i
 
 def run_train_bench(config=None, precision: str = "auto", device: Optional[str] = None, steps: int = 5,
                     micro_batch: Optional[int] = None, backend: Optional[str] = None, seed: int = 0,
-                    as_json: bool = False) -> dict:
+                    compile: Optional[bool] = None, as_json: bool = False) -> dict:
     """Median tokens/s of `steps` optimizer steps (after one warm-up step) at a run config's model, micro-batch
-    and packing (configs/default_model.yaml by default). backend: the attention backend (None: the model's)."""
+    and packing (configs/default_model.yaml by default). backend: the attention backend (None: the model's).
+    compile: the blocks under torch.compile (None: the config's `train.compile`); the warm-up then runs every timed
+    batch once, so it holds the compiling and the timed steps are steady-state."""
     run = load_config(config or DEFAULT_TRAIN_CONFIG)
     dev = resolve_device(device or "auto")
     dtype = resolve_precision(precision, dev)
     mb = micro_batch or run.train.micro_batch
+    compile = run.train.compile if compile is None else compile
     cfg = run.model.build()
     torch.manual_seed(seed)
     model = InfinityStarTransformer(cfg).to(dev).train()
+    if compile:
+        model.set_compile(True)
     module = PackedTrainModule(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.97))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -107,7 +112,10 @@ def run_train_bench(config=None, precision: str = "auto", device: Optional[str] 
         return time.perf_counter() - t0, time.process_time() - c0
 
     batches = [synthetic_batch(run, cfg, mb, seed * 1000 + i, dev) for i in range(steps + 1)]
-    step(batches[0])
+    # warm-up: with compile, every timed batch once first (a packed length in a new power-of-two range compiles
+    # again), so the timed steps are steady-state; the warm-up time is the compiling
+    warm = [step(b) for b in (batches if compile else batches[:1])]
+    warmup_s, warmup_cpu_s = sum(t for t, _ in warm), sum(c for _, c in warm)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times, cpu = zip(*[step(b) for b in batches[1:]])
@@ -118,11 +126,13 @@ def run_train_bench(config=None, precision: str = "auto", device: Optional[str] 
     result = {
         "bench": "train", "config": str(config or DEFAULT_TRAIN_CONFIG.relative_to(REPO)), "device": str(dev),
         "threads": torch.get_num_threads(), "precision": precision_name(dtype), "attention": backend or "default",
+        "compile": compile,
         "model": f"width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}/{cfg.num_kv_heads}",
         "micro_batch": mb, "steps": steps, "tokens_per_step": round(statistics.mean(tokens)),
         "tokens_per_s": round(statistics.median(n / t for n, t in zip(tokens, times)), 1),
         "step_s": round(statistics.median(times), 3),
         "tokens_per_cpu_s": round(statistics.median(n / c for n, c in zip(tokens, cpu)), 1),
+        "warmup_step_s": round(warmup_s, 2), "warmup_cpu_s": round(warmup_cpu_s, 2),
         "useful_tflops": round(useful / 1e12, 6), "matmul_tflops": round(rate / 1e12, 4),
         "useful_fraction": round(useful / rate, 4), "peak_memory_mb": round(peak_memory_mb(dev), 1),
     }

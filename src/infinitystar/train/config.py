@@ -132,6 +132,10 @@ class TrainSection(TrainBase):
     micro_batch: int = 1                 # samples per rank per micro-step, packed into one sequence
     grad_accum: int = 1                  # micro-steps per optimizer step
     activation_checkpointing: bool = False
+    # the blocks' work around attention under torch.compile (needs a C++ compiler on the CPU; without one, or
+    # when compiling fails, one warning and eager steps): ~1.1x faster CPU steps after ~10-30 s of compiling per
+    # process, plus a recompile for each new power-of-two range of packed lengths
+    compile: bool = False
     ema_decay: Optional[float] = None    # None: no EMA; else an EMA of the weights updated every optimizer step
     # how the packed attention runs (model/attention.py): auto = flex on CUDA, grouped SDPA elsewhere; sdpa =
     # one SDPA with the dense segment mask (for comparison)

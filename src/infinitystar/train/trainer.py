@@ -108,6 +108,8 @@ class Trainer(Harness):
         self.transformer = transformer.to(self.device).train()
         self.model_config: TransformerConfig = transformer.config
         transformer.gradient_checkpointing = cfg.train.activation_checkpointing
+        if cfg.train.compile:
+            transformer.set_compile(True)
 
         # --- text encoder (frozen, or trained with the transformer) and the frozen tokenizer ---------------
         if text_encoder is None:
