@@ -40,10 +40,10 @@ GIB = 2 ** 30
 
 def tiny_target(frames: int = 9) -> Target:
     """A small InfinityStar (same code paths: T5-shaped text encoder, video VAE, 4-D RoPE, APG) for --dry-run."""
-    from infinitystar.config import PyramidConfig, TransformerConfig
-    from infinitystar.model.infinitystar import InfinityStarTransformer
+    from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
     from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
     from infinitystar.plan.models import t5_encoder
+    from infinitystar.schedules.pyramid import PyramidConfig
     from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
     t5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
               feed_forward_proj="gated-gelu", is_encoder_decoder=True, pad_token_id=0, eos_token_id=1,
@@ -148,9 +148,9 @@ def run_resolution(target: Target, options: MemoryOptions, device: torch.device,
 def run_flex(device: torch.device, dry_run: bool, peak: float) -> dict:
     """One packed teacher-forced forward (FlexAttention, compiled on CUDA) over the largest official 480p training
     pack (the image pyramid, 8 clip scales and the clip's largest scale: 39,719 visual tokens); dry run: tiny."""
-    from infinitystar.config import TransformerConfig, pyramid_preset, transformer_preset
-    from infinitystar.model.infinitystar import InfinityStarTransformer
+    from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig, transformer_preset
     from infinitystar.model.packing import PackSample, pack_sequence, select_steps
+    from infinitystar.schedules.pyramid import pyramid_preset
     from infinitystar.train.bench import packed_forward_flops
     if dry_run:
         cfg = TransformerConfig(width=64, depth=2, num_heads=2, num_kv_heads=1, text_channels=32, text_maxlen=32,

@@ -15,7 +15,7 @@ import time
 import torch
 
 from infinitystar.bench import matmul_rate
-from infinitystar.config import TransformerConfig
+from infinitystar.model.infinitystar import TransformerConfig
 from infinitystar.train.config import load_config
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infinitystar.config import PyramidConfig
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
+from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.shapes.data import load_manifest, load_media, write_dataset
 from infinitystar.shapes.evaluate import score_image, score_video
 from infinitystar.shapes.world import vocabulary

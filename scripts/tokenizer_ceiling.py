@@ -13,7 +13,7 @@ import json
 import numpy as np
 import torch
 
-from infinitystar.config import PyramidConfig
+from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.shapes.benchmark import build_items
 from infinitystar.shapes.evaluate import aggregate, score_image, score_video
 from infinitystar.shapes.world import render

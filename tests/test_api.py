@@ -17,11 +17,10 @@ import infinitystar
 from infinitystar import pipelines
 from infinitystar.checkpoint_io import CheckpointError, init_empty, load_strict, read_tensors, write_tensors
 from infinitystar.cli import main as cli_main
-from infinitystar.config import TransformerConfig
 from infinitystar.media import MediaError, as_uint8, export_to_gif, export_to_video, load_video, save_image
 from infinitystar.memory import MemoryOptions
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.pipelines import InfinityPipeline, InfinityStarPipeline
 from infinitystar.sampling.guidance import Guidance
 from infinitystar.shapes.world import vocabulary
@@ -101,9 +100,8 @@ def test_from_pretrained_never_materialises_fp32(tmp_path):
     write_tensors(d / "model.safetensors", sd)
     del sd
     code = ("import sys, torch\n"
-            "from infinitystar.model.infinitystar import InfinityStarTransformer\n"
+            "from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig\n"
             "from infinitystar.checkpoint_io import read_config, read_tensors, load_strict\n"
-            "from infinitystar.config import TransformerConfig\n"
             "torch.set_num_threads(1)\n"
             "def rss(field):\n"
             "    line = next(x for x in open('/proc/self/status') if x.startswith(field))\n"

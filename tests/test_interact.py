@@ -8,17 +8,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from infinitystar.cli import main as cli_main
-from infinitystar.config import InteractConfig, PyramidConfig, TransformerConfig
 from infinitystar.convert.cli import load_converted
 from infinitystar.convert.official import load_official_transformer
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.model.packing import PackSample, pack_sequence, select_steps
 from infinitystar.model.rope import condition_positions
 from infinitystar.parity import run_checks
 from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
+from infinitystar.quant.interact import InteractConfig, condition_maps, decode_window, next_previous, segment_schedule
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
-from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
+from infinitystar.schedules.pyramid import PyramidConfig
 
 TINY = TransformerConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, text_channels=16, text_maxlen=16,
                          null_text_len=32)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from infinitystar.config import pyramid_preset, transformer_preset
+from infinitystar.schedules.pyramid import pyramid_preset
 from infinitystar.memory import (MemoryOptions, SequentialOffload, add_memory_flags, home_devices,
                                  memory_from_args)
-from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar import pipelines
+from infinitystar.model.infinitystar import InfinityStarTransformer, transformer_preset
 from infinitystar.pipelines import InfinityPipeline
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
 from infinitystar.sampling.generate import Caption, generate

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 
 from infinitystar.bench import generation_flops
 from infinitystar.cli import main
-from infinitystar.config import PyramidConfig, TransformerConfig
 from infinitystar.memory import MemoryOptions
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.plan import PlanError, Simulator, plan, resolve
 from infinitystar.plan.simulate import register_module
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
+from infinitystar.schedules.pyramid import PyramidConfig
 
 META = torch.device("meta")
 

@@ -1,8 +1,7 @@
 import pytest
 
-from infinitystar.config import PyramidConfig, pyramid_preset
 from infinitystar.schedules import dynamic_resolution as dr
-from infinitystar.schedules.pyramid import Schedule, latent_frames
+from infinitystar.schedules.pyramid import PyramidConfig, Schedule, latent_frames, pyramid_preset
 
 
 def test_frame_count_must_be_1_plus_4k():

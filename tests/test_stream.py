@@ -11,9 +11,9 @@ import torch
 
 from infinitystar.cli import main as cli_main
 from infinitystar.cli.interactive import run as run_interactive
-from infinitystar.config import InteractConfig
 from infinitystar.media import load_video
 from infinitystar.pipelines.infinitystar import InfinityStarPipeline
+from infinitystar.quant.interact import InteractConfig
 from infinitystar.runtime import UserError
 
 PROMPTS = ["a red circle moving right slowly on a black background",

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from infinitystar.config import PyramidConfig
 from infinitystar.quant.residual import encode_targets, quantize_multiscale
-from infinitystar.schedules.pyramid import Schedule
+from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
 from infinitystar.train.tokenizer_loss import calibrate_scale, sample_drop
 from infinitystar.cli.tokenizer import add_cli

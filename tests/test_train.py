@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinitystar.config import pyramid_preset
+from infinitystar.schedules.pyramid import pyramid_preset
 from infinitystar.train.config import ConfigError, ScaleSubsetConfig, config_from_dict, load_config
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -327,8 +327,7 @@ def test_scale_subsets_stay_in_range_and_keep_references():
 
 
 def test_text_dropout_uses_the_null_text_of_the_same_length():
-    from infinitystar.config import transformer_preset
-    from infinitystar.model.infinitystar import InfinityStarTransformer
+    from infinitystar.model.infinitystar import InfinityStarTransformer, transformer_preset
     from infinitystar.model.packing import PackSample, pack_sequence, select_steps
     from infinitystar.train.targets import PackedTrainModule
     torch.manual_seed(0)

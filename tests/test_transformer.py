@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from infinitystar.config import PyramidConfig, TransformerConfig
-from infinitystar.convert.official import load_official_transformer, official_to_ours, ours_to_official
 from infinitystar.checkpoint_io import CheckpointError
+from infinitystar.convert.official import load_official_transformer, official_to_ours, ours_to_official
 from infinitystar.model.attention import AttentionContext, _grouped_sdpa, attend, dense_mask, segment_groups
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.model.packing import PackSample, pack_sequence, select_steps
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
+from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.train.targets import reference_closure
 
 TINY = TransformerConfig(width=64, depth=2, num_heads=4, num_kv_heads=2, text_channels=16, text_maxlen=16,

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from infinitystar.config import PyramidConfig, TransformerConfig
+from infinitystar.model.infinitystar import TransformerConfig
 from infinitystar.runtime import peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.sampling.guidance import Guidance
-from infinitystar.schedules.pyramid import Schedule
+from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 
 BENCH_MODEL = dict(width=256, depth=4, num_heads=4, num_kv_heads=2, mlp_ratio=4.0, text_channels=64, text_maxlen=64,
                    null_text_len=64)

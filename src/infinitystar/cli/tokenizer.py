@@ -11,10 +11,10 @@ from typing import Optional
 import infinitystar
 from infinitystar.cli.args import check_output_file, positive_int
 from infinitystar.cli.train import add_legacy_flags, deprecated, legacy_overrides, run_training
-from infinitystar.config import PyramidConfig
 from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.media import MediaError, export_to_video, load_image, load_video, save_image
 from infinitystar.runtime import resolve_device
+from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
                                                   ssim_per_frame, video_to_frames)
 from infinitystar.tokenizer.video_vae import VideoVAE

@@ -39,7 +39,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # --- the four kinds -------------------------------------------------------------------------------------------------
 def _load_infinitystar_transformer(sd, preset, text_maxlen):
-    from infinitystar.config import transformer_preset
     from infinitystar.convert.official import load_official_transformer
     maxlen = 512 if text_maxlen is None else text_maxlen   # the released models' RoPE offset (not in the weights)
     config = transformer_preset(preset, text_maxlen=maxlen) if preset else None
@@ -47,7 +46,7 @@ def _load_infinitystar_transformer(sd, preset, text_maxlen):
 
 
 def _load_dir_infinitystar_transformer(d: Path, device=None):
-    from infinitystar.model.infinitystar import InfinityStarTransformer
+    from infinitystar.model.infinitystar import InfinityStarTransformer, transformer_preset
     return InfinityStarTransformer.from_pretrained(d, device=device)
 
 
@@ -98,7 +97,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("infinitystar-transformer", "InfinityStar transformer (8B, qwen blocks)", "infinitystar_transformer",
-         "a TransformerConfig preset of infinitystar.config (infinity_qwen8b, ...)",
+         "a TransformerConfig preset of infinitystar.model.infinitystar (infinity_qwen8b, ...)",
          _load_infinitystar_transformer, _save_module, _load_dir_infinitystar_transformer),
     Kind("infinity-transformer", "Infinity transformer (2B / 8B)", "infinity_transformer",
          "infinity_2b, infinity_8b (needed for the 8B: its 2x2 patchify is not visible in the weights), tiny",

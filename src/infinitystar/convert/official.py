@@ -15,8 +15,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from infinitystar.config import TransformerConfig
 from infinitystar.checkpoint_io import CheckpointError, check_state_dict, read_state_dict, read_tensors
+from infinitystar.model.infinitystar import TransformerConfig
 
 _TOP = {
     "cfg_uncond": "null_text",

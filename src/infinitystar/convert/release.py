@@ -27,11 +27,11 @@ from typing import Optional, Union
 
 from infinitystar import __version__
 from infinitystar.checkpoint_io import CheckpointError, umask_mode, write_json, write_text
-from infinitystar.config import pyramid_preset
 from infinitystar.convert.cli import ConvertResult, convert
 from infinitystar.pipelines.base import CARD_FILE, INDEX_FILE, ModelCard, index_data, render_card
 from infinitystar.pipelines.infinity import InfinityDefaults
 from infinitystar.pipelines.infinitystar import GenerationDefaults
+from infinitystar.schedules.pyramid import pyramid_preset
 from infinitystar.text.t5 import check_t5_dir
 from infinitystar.tokenizer.video_vae import VideoVAEConfig
 

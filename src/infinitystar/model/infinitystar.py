@@ -7,7 +7,8 @@ bitwise heads predicts 2 logits per bit: 16 bits on semantic scales, 64 bits on 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from infinitystar.checkpoint_io import PretrainedMixin
-from infinitystar.config import TransformerConfig
+from infinitystar.config import ArchConfig
 from infinitystar.model.attention import AttentionContext, dense_mask, flex_block_mask, resolve_backend
 from infinitystar.model.layers import Block, RMSNorm
 from infinitystar.model.packing import PackedSequence
@@ -24,6 +25,75 @@ from infinitystar.runtime import autocast_enabled, fp32_region
 
 
 CONFIG_TYPE = "infinitystar_transformer"   # the "type" of our config.json
+
+
+@dataclass
+class TransformerConfig(ArchConfig):
+    """The InfinityStar transformer (Qwen3-style blocks, 4-D RoPE, text as prefix tokens, two bitwise heads)."""
+    width: int = 64
+    depth: int = 4
+    num_heads: int = 2
+    num_kv_heads: Optional[int] = None    # None: as many as query heads (MHA)
+    mlp_ratio: float = 4.0
+    qkvo_bias: bool = False
+    text_channels: int = 2048             # T5 feature size (flan-t5-xl: 2048)
+    text_maxlen: int = 512                # offset of visual tokens on the RoPE scale axis
+    null_text_len: int = 512              # rows of the learned null text used for guidance
+    latent_channels: int = 64             # tokenizer latent channels = detail bits
+    semantic_bits: int = 16
+    norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for name in ("width", "depth", "num_heads", "num_kv_heads", "text_channels", "text_maxlen",
+                     "null_text_len", "latent_channels", "semantic_bits"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 8:
+            raise ValueError(f"head dim {self.head_dim} must be a multiple of 8 (4-D RoPE splits it over 4 axes)")
+        if self.mlp_hidden < 1:
+            raise ValueError(f"width * mlp_ratio must be at least 128 (MLP hidden size rounds to 256), got "
+                             f"{self.width * self.mlp_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.width * self.mlp_ratio / 256)) * 256
+
+    @property
+    def detail_bits(self) -> int:
+        return self.latent_channels
+
+
+# Official presets (reference/infinitystar.md section 1.6). `block_chunks` only matters for checkpoint key names.
+TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    "infinity_qwen8b": dict(width=4096, depth=36, num_heads=32, num_kv_heads=8, mlp_ratio=4.0),
+    "infinity_qwen7b": dict(width=4096, depth=36, num_heads=32, num_kv_heads=8, mlp_ratio=3.0),
+    "infinity_qwen_wide14b": dict(width=5632, depth=36, num_heads=44, num_kv_heads=11, mlp_ratio=3.4),
+    "infinity_qwen13bMHA": dict(width=5120, depth=40, num_heads=40, mlp_ratio=3.4, qkvo_bias=True),
+    "infinity_qwen2_2b": dict(width=2304, depth=28, num_heads=18, mlp_ratio=3.55),
+    "infinity_qwen0b": dict(width=512, depth=4, num_heads=4, mlp_ratio=3.55),
+    "infinity_qwen2_30b": dict(width=6144, depth=54, num_heads=48, num_kv_heads=12, mlp_ratio=4.0),
+    "infinity_qwen14b": dict(width=4608, depth=48, num_heads=36, num_kv_heads=9, mlp_ratio=4.0),
+    # test sizes
+    "tiny": dict(width=64, depth=2, num_heads=2, num_kv_heads=1, mlp_ratio=4.0, text_channels=32, text_maxlen=64),
+    "small": dict(width=256, depth=6, num_heads=4, num_kv_heads=2, mlp_ratio=4.0, text_channels=256, text_maxlen=64),
+}
+
+
+def transformer_preset(name: str, **overrides) -> TransformerConfig:
+    if name not in TRANSFORMER_PRESETS:
+        raise ValueError(f"unknown transformer preset {name!r}; choose one of {', '.join(TRANSFORMER_PRESETS)}")
+    return TransformerConfig(**{**TRANSFORMER_PRESETS[name], **overrides})
 
 
 class InfinityStarTransformer(PretrainedMixin, nn.Module):

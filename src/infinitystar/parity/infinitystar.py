@@ -12,9 +12,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from infinitystar.config import TransformerConfig
 from infinitystar.convert.official import load_official_transformer, read_official_transformer
 from infinitystar.model.attention import dense_mask
+from infinitystar.model.infinitystar import TransformerConfig
 from infinitystar.model.packing import PackSample, pack_sequence
 from infinitystar.model.rope import text_positions
 from infinitystar.parity import Fixture, FixtureError, Record, compare

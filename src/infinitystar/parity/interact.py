@@ -10,15 +10,15 @@ from typing import Iterator
 
 import torch
 
-from infinitystar.config import InteractConfig, PyramidConfig
 from infinitystar.convert.official import load_official_transformer, read_official_transformer
 from infinitystar.model.rope import condition_positions, visual_positions
 from infinitystar.parity import Fixture, FixtureError, Record, compare
 from infinitystar.parity.infinitystar import (_exact, _replist, _transformer_config, greedy_mismatch_record,
                                               rope_table_records)
-from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
+from infinitystar.quant.interact import InteractConfig, condition_maps, decode_window, next_previous, segment_schedule
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
+from infinitystar.schedules.pyramid import PyramidConfig
 
 IO = "io.safetensors"
 

@@ -21,18 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infinitystar.config import InteractConfig, PyramidConfig, TransformerConfig
 from infinitystar.media import as_uint8, load_image, load_video
 from infinitystar.memory import MemoryOptions, text_encoder_running
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.pipelines import stream as streaming
 from infinitystar.pipelines.base import (DEFAULT_MODEL_DIR, Callback, GuidanceDefaults, ModelCard, ModelIndex,
                                          Pipeline, VideoPipelineOutput, postprocess)
+from infinitystar.quant.interact import InteractConfig
 from infinitystar.quant.residual import encode_targets
 from infinitystar.runtime import precision_name
 from infinitystar.sampling.bits import Generators
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
+from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.shapes.world import vocabulary
 from infinitystar.text.builtin import WordTextEncoder
 from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig

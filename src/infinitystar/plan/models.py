@@ -15,12 +15,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from infinitystar.config import TransformerConfig, pyramid_preset, transformer_preset
 from infinitystar.model.infinity import InfinityConfig, InfinityTransformer
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig, transformer_preset
 from infinitystar.pipelines.base import DEFAULT_MODEL_DIR, INDEX_FILE, read_model_index
 from infinitystar.pipelines.infinity import InfinityDefaults, InfinityPipeline
 from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
+from infinitystar.schedules.pyramid import pyramid_preset
 from infinitystar.text.builtin import WordTextEncoder
 from infinitystar.text.t5 import T5TextEncoder
 from infinitystar.tokenizer.infinity_vae import InfinityVAE, InfinityVAEConfig

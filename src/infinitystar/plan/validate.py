@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
-from infinitystar.config import PyramidConfig, TransformerConfig
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.plan.simulate import Simulator, register_module
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
+from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
 
 MMAP_THRESHOLD = 1 << 16

@@ -8,15 +8,59 @@ frames). Inference and training (`condition_noise`) share these functions.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from infinitystar.config import InteractConfig, PyramidConfig
+from infinitystar.config import ArchConfig
 from infinitystar.quant.resample import resize
-from infinitystar.schedules.pyramid import ConditionBlock, Schedule
+from infinitystar.schedules.pyramid import ConditionBlock, PyramidConfig, Schedule
 
 SEMANTIC, DETAIL = "semantic", "detail"
+
+
+@dataclass
+class InteractConfig(ArchConfig):
+    """The interactive long-video mode (the official InfinityStar-Interact model, `infinity_star_interact`).
+
+    Every new clip is one segment of `frames_per_clip` latent frames, generated as a lone clip (latent frames
+    0..T-1, step positions from 0), conditioned on two token blocks made from the previous segment's 1 + T latents
+    P (P[0] is dropped) and the session's first latent:
+      * semantic: P[1:] area-downsampled to the (h, w) of in-clip scale `semantic_scale`; RoPE frames 1..T,
+        scale-axis position text_maxlen + `semantic_position`;
+      * detail: the first latent and the last `detail_frames` latents of P, full size; RoPE frames
+        [0, T - detail_frames + 1, ..., T], position text_maxlen + `detail_position`.
+    Training adds noise a * std(x) * N(0, 1) to each condition (the detail block's first latent stays clean), with
+    a drawn per block from `condition_noise`.
+    """
+    semantic_scale: int = 7
+    detail_frames: int = 2
+    semantic_position: int = 800
+    detail_position: int = 801
+    condition_noise: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.15, 0.30])
+
+    def __post_init__(self):
+        if self.semantic_scale < 0 or self.detail_frames < 1:
+            raise ValueError(f"InteractConfig: semantic_scale must be >= 0 and detail_frames >= 1, got "
+                             f"{self.semantic_scale} and {self.detail_frames}")
+        if self.semantic_position == self.detail_position:
+            raise ValueError("InteractConfig: the two condition blocks need different RoPE positions")
+        self.condition_noise = [float(a) for a in self.condition_noise]
+        if not self.condition_noise or min(self.condition_noise) < 0:
+            raise ValueError(f"InteractConfig.condition_noise must list non-negative strengths, got "
+                             f"{self.condition_noise}")
+
+    def check(self, pyramid: PyramidConfig) -> None:
+        """Raise unless this mode fits the pyramid (a scale `semantic_scale`, enough frames per clip)."""
+        n = len(pyramid.spatial_scales())
+        if self.semantic_scale >= n:
+            raise ValueError(f"InteractConfig.semantic_scale {self.semantic_scale} is not a scale of the pyramid "
+                             f"({n} scales per clip)")
+        if self.detail_frames > pyramid.frames_per_clip:
+            raise ValueError(f"InteractConfig.detail_frames {self.detail_frames} exceeds the "
+                             f"{pyramid.frames_per_clip} latent frames of a clip")
 
 
 def condition_blocks(spatial: list[tuple[int, int]], frames_per_clip: int,

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
+
+from infinitystar.config import ArchConfig
+from infinitystar.schedules.dynamic_resolution import PN_NUM_SCALES, spatial_scales
 
 AttentionPattern = Literal["sparse", "dense"]
 
@@ -214,3 +217,79 @@ class Schedule:
         cond = f", conditions={[c.name for c in self.conditions]}" if self.conditions else ""
         return (f"Schedule({self.num_clips} clips, {len(self.scales)} scales, {len(self.steps)} steps, "
                 f"full {self.full_hw}, T_lat {self.num_latent_frames}, attention={self.attention}{cond})")
+
+
+@dataclass
+class PyramidConfig(ArchConfig):
+    """How a video is cut into the spacetime pyramid.
+
+    Either a pixel budget `pn` with an aspect ratio (official tables, 16 pixels per latent), or `custom_scales`,
+    an explicit coarse-to-fine list of (h, w) latent sizes (e.g. for 64x64 frames with an 8x tokenizer).
+    """
+    pn: Optional[str] = "0.40M"
+    h_div_w: float = 9 / 16
+    custom_scales: Optional[list[list[int]]] = None
+    frames_per_clip: int = 20            # latent frames in one video clip
+    temporal_compression: int = 4        # video frames per latent frame (after the first)
+    image_repetition: Optional[list[int]] = None   # default: 1 per scale
+    video_repetition: Optional[list[int]] = None
+    detail_min_tokens: int = 350         # h*w >= this -> detail scale (64 bits), else semantic (16 bits)
+    semantic_bits: int = 16
+    detail_bits: int = 64
+    attention: str = "sparse"            # "sparse" (official) or "dense" block-causal
+
+    def __post_init__(self):
+        if self.custom_scales is None and self.pn not in PN_NUM_SCALES:
+            raise ValueError(f"unknown pixel budget {self.pn!r}; choose one of {', '.join(PN_NUM_SCALES)} "
+                             "or give custom_scales")
+        if self.custom_scales is not None:
+            self.custom_scales = [list(map(int, hw)) for hw in self.custom_scales]
+        n = len(self.spatial_scales())
+        if self.image_repetition is None:
+            self.image_repetition = [1] * n
+        if self.video_repetition is None:
+            self.video_repetition = list(self.image_repetition)
+        if self.frames_per_clip < 1 or self.temporal_compression < 1:
+            raise ValueError("frames_per_clip and temporal_compression must be positive")
+        # Building a one-clip schedule runs every remaining check (repetition lengths, attention name).
+        self.build(1)
+
+    def spatial_scales(self) -> list[tuple[int, int]]:
+        if self.custom_scales is not None:
+            if not self.custom_scales or any(len(hw) != 2 or min(hw) < 1 for hw in self.custom_scales):
+                raise ValueError(f"custom_scales must be a list of positive [h, w] pairs, got {self.custom_scales}")
+            return [tuple(hw) for hw in self.custom_scales]
+        return spatial_scales(self.pn, self.h_div_w)
+
+    def latent_frames(self, num_frames: int) -> int:
+        return latent_frames(num_frames, self.temporal_compression)
+
+    def build(self, num_frames: int, attention: Optional[str] = None) -> Schedule:
+        """The schedule for a video of `num_frames` frames (1 = an image)."""
+        return Schedule(
+            self.spatial_scales(), self.latent_frames(num_frames), self.frames_per_clip,
+            self.image_repetition, self.video_repetition, self.detail_min_tokens,
+            self.semantic_bits, self.detail_bits, attention or self.attention)
+
+
+PYRAMID_PRESETS: dict[str, dict[str, Any]] = {
+    "480p": dict(pn="0.40M", h_div_w=9 / 16, image_repetition=[3] * 14, video_repetition=[3] * 12 + [2, 1],
+                 detail_min_tokens=350),
+    "720p": dict(pn="0.90M", h_div_w=9 / 16, image_repetition=[3] * 15, video_repetition=[3] * 12 + [2, 1, 1],
+                 detail_min_tokens=750),
+    # InfinityStar-Interact (tools/infer_interact_480p.py): one repetition list for images and clips
+    "interact_480p": dict(pn="0.40M", h_div_w=9 / 16, image_repetition=[3] * 12 + [2, 1],
+                          video_repetition=[3] * 12 + [2, 1], detail_min_tokens=350),
+    # a tiny pyramid for tests: 64x64 frames at stride 8 -> 8x8 latents
+    "tiny": dict(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [8, 8]], frames_per_clip=4,
+                 image_repetition=[2, 2, 1, 1], video_repetition=[2, 1, 1, 1], detail_min_tokens=64),
+    # the built-in default model (Shapes World, 64x64 frames, 8x8 latents): 16-frame clips, one caption each
+    "shapes": dict(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [6, 6], [8, 8]], frames_per_clip=4,
+                   detail_min_tokens=36),
+}
+
+
+def pyramid_preset(name: str, **overrides) -> PyramidConfig:
+    if name not in PYRAMID_PRESETS:
+        raise ValueError(f"unknown pyramid preset {name!r}; choose one of {', '.join(PYRAMID_PRESETS)}")
+    return PyramidConfig(**{**PYRAMID_PRESETS[name], **overrides})

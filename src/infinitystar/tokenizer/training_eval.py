@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from infinitystar.config import PyramidConfig
 from infinitystar.quant.residual import quantize_multiscale
+from infinitystar.schedules.pyramid import PyramidConfig
 
 PSNR_CAP_DB = 100.0
 SSIM_WINDOW = 11          # Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03

@@ -24,8 +24,7 @@ from typing import Optional
 import torch
 
 from infinitystar.bench import matmul_rate
-from infinitystar.config import TransformerConfig
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.model.packing import PackedSequence
 from infinitystar.runtime import autocast, peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.train.config import load_config

@@ -17,8 +17,10 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union, 
 
 import yaml
 
-from infinitystar.config import PYRAMID_PRESETS, TRANSFORMER_PRESETS, InteractConfig, PyramidConfig, TransformerConfig
+from infinitystar.model.infinitystar import TRANSFORMER_PRESETS, TransformerConfig
+from infinitystar.quant.interact import InteractConfig
 from infinitystar.runtime import SEED_MAX, read_utf8
+from infinitystar.schedules.pyramid import PYRAMID_PRESETS, PyramidConfig
 
 
 class ConfigError(ValueError):

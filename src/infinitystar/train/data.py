@@ -28,8 +28,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from infinitystar.config import PyramidConfig
 from infinitystar.schedules.dynamic_resolution import all_templates, nearest_template, num_scales
+from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.train.latent_cache import CacheMismatch, read_cached_latent
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from infinitystar.checkpoint_io import CheckpointError, load_strict, read_tensors
-from infinitystar.config import TransformerConfig
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.pipelines.infinitystar import GenerationDefaults, InfinityStarPipeline
 from infinitystar.text import load_text_encoder
 from infinitystar.tokenizer.video_vae import VideoVAE

@@ -14,8 +14,7 @@ from typing import Optional, Protocol, Sequence, Union
 import torch
 from tqdm import tqdm
 
-from infinitystar.config import pyramid_preset
-from infinitystar.schedules.pyramid import latent_frames
+from infinitystar.schedules.pyramid import latent_frames, pyramid_preset
 from infinitystar.train.data import (SampleSpec, SkipSample, bucket_for_frame, decode_frames, frames_to_tensor,
                                      read_manifests, resize_cover_crop)
 from infinitystar.train.latent_cache import cache_meta, cache_path, write_latent

@@ -9,11 +9,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from infinitystar.config import InteractConfig, PyramidConfig
 from infinitystar.model.packing import PackSample, PackedSequence, pack_sequence, select_steps
+from infinitystar.quant.interact import InteractConfig, condition_maps, segment_schedule
 from infinitystar.quant.residual import BitwiseSelfCorrection, encode_targets
-from infinitystar.quant.interact import condition_maps, segment_schedule
-from infinitystar.schedules.pyramid import Schedule, Step
+from infinitystar.schedules.pyramid import PyramidConfig, Schedule, Step
 from infinitystar.train.config import ScaleSubsetConfig
 from infinitystar.train.loss import bitwise_loss, scale_loss_weights
 

@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from infinitystar.config import TransformerConfig
 from infinitystar.checkpoint_io import load_strict, read_tensors
 from infinitystar.model.attention import resolve_backend
-from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.runtime import peak_memory_mb
 from infinitystar.text.base import PromptCutWarning, prompt_overflow
 from infinitystar.text import load_text_encoder as load_text_folder
