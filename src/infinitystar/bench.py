@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from infinitystar.model.infinitystar import TransformerConfig
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
+from infinitystar.pipelines.infinitystar import InfinityStarPipeline
 from infinitystar.runtime import peak_memory_mb, precision_name, resolve_device, resolve_precision
+from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
 from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 
@@ -76,9 +78,6 @@ class CaseResult:
 
 
 def _run_case(attention: str, clips: int, device: str, precision: str, model: dict, repeats: int, conn) -> None:
-    from infinitystar.model.infinitystar import InfinityStarTransformer
-    from infinitystar.sampling.generate import Caption, generate
-
     dev = torch.device(device)
     dtype = resolve_precision(precision, dev)
     cfg = TransformerConfig(**model)
@@ -156,8 +155,6 @@ def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, de
     """Wall time of one real generation with a model folder (the shipped default model by default): text
     encoding, the sampling loop (batch 1, CFG as the model's defaults say) and decoding; one warm-up call, then
     the median of `repeats` calls."""
-    from infinitystar.pipelines.infinitystar import InfinityStarPipeline
-    from infinitystar.sampling.generate import Caption, generate
     dev = resolve_device(device or "auto")
     dtype = resolve_precision(precision, dev)
     kw = {} if dtype == torch.float32 else {"precision": dtype}

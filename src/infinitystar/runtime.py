@@ -11,8 +11,8 @@ from pathlib import Path
 import resource
 import shutil
 import sys
-from typing import Callable, Literal, Optional
 import warnings
+from typing import Callable, Literal, Optional
 
 import torch
 

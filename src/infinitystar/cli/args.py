@@ -9,6 +9,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from infinitystar.runtime import SEED_MAX, UserError
 from infinitystar.text.base import PromptCutWarning
 
@@ -92,7 +94,6 @@ def check_prompts_read_whole(encoder, prompts) -> None:
 def check_image_file(path: str, flag: str = "--image") -> None:
     """A readable image within Pillow's decompression-bomb limit (checked from the header; the warning zone
     between the limit and twice it is refused too, rather than decoded)."""
-    from PIL import Image, UnidentifiedImageError
     if not Path(path).is_file():
         raise UserError(f"{flag} {path}: no such file")
     with warnings.catch_warnings():

@@ -15,6 +15,7 @@ which is what the matching `from_pretrained` (and the pipelines) read.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,12 @@ import torch
 from torch import nn
 
 from infinitystar.checkpoint_io import CheckpointError, read_state_dict
+from infinitystar.convert.infinity_official import load_official_infinity, read_official_infinity
+from infinitystar.convert.official import load_official_transformer
+from infinitystar.model.infinity import InfinityTransformer
+from infinitystar.model.infinitystar import InfinityStarTransformer, transformer_preset
+from infinitystar.tokenizer.infinity_vae import InfinityVAE
+from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
 
 PathLike = Union[str, Path]
 
@@ -39,44 +46,36 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # --- the four kinds -------------------------------------------------------------------------------------------------
 def _load_infinitystar_transformer(sd, preset, text_maxlen):
-    from infinitystar.convert.official import load_official_transformer
     maxlen = 512 if text_maxlen is None else text_maxlen   # the released models' RoPE offset (not in the weights)
     config = transformer_preset(preset, text_maxlen=maxlen) if preset else None
     return load_official_transformer(sd, config=config, text_maxlen=maxlen)
 
 
 def _load_dir_infinitystar_transformer(d: Path, device=None):
-    from infinitystar.model.infinitystar import InfinityStarTransformer, transformer_preset
     return InfinityStarTransformer.from_pretrained(d, device=device)
 
 
 def _load_infinity_transformer(sd, preset, text_maxlen):
-    from infinitystar.convert.infinity_official import load_official_infinity
     return load_official_infinity(sd, config=preset)
 
 
 def _load_dir_infinity_transformer(d: Path, device=None):
-    from infinitystar.model.infinity import InfinityTransformer
     return InfinityTransformer.from_pretrained(d, device=device)
 
 
 def _load_video_vae(sd, preset, text_maxlen):
-    from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
     return VideoVAE.from_official(sd, config=VideoVAEConfig.preset(preset) if preset else None)
 
 
 def _load_dir_video_vae(d: Path, device=None):
-    from infinitystar.tokenizer.video_vae import VideoVAE
     return VideoVAE.from_pretrained(d, device=device)
 
 
 def _load_infinity_vae(sd, preset, text_maxlen):
-    from infinitystar.tokenizer.infinity_vae import InfinityVAE
     return InfinityVAE.from_official(sd, config=preset)
 
 
 def _load_dir_infinity_vae(d: Path, device=None):
-    from infinitystar.tokenizer.infinity_vae import InfinityVAE
     return InfinityVAE.from_pretrained(d, device=device)
 
 
@@ -141,7 +140,6 @@ def read_official(path: PathLike) -> dict[str, torch.Tensor]:
     """The tensors of an official file or HF-sharded folder (see the module docstring)."""
     path = Path(path)
     if path.is_dir():
-        from infinitystar.convert.infinity_official import read_official_infinity
         return read_official_infinity(path)      # reads any HF shard index; nothing Infinity-specific for folders
     return read_state_dict(path, _NESTED)
 
@@ -221,7 +219,6 @@ def load_converted(directory: PathLike, kind: Optional[str] = None, device=None)
     """Load a converted folder with the `from_pretrained` of its kind (None: from config.json's "type")."""
     d = Path(directory)
     if kind is None:
-        import json
         cfg = d / "config.json"
         if not cfg.is_file():
             raise FileNotFoundError(f"{d}: not a converted model folder (no config.json)")

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 
 from infinitystar.checkpoint_io import CheckpointError, check_state_dict, read_state_dict, read_tensors
-from infinitystar.model.infinitystar import TransformerConfig
+from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 
 _TOP = {
     "cfg_uncond": "null_text",
@@ -119,8 +119,6 @@ def read_official_transformer(path: str | Path) -> dict[str, torch.Tensor]:
 def load_official_transformer(source, config: Optional[TransformerConfig] = None, text_maxlen: int = 512,
                               device=None, dtype=None):
     """Build an InfinityStarTransformer from official weights (a path or a state dict), strictly."""
-    from infinitystar.model.infinitystar import InfinityStarTransformer
-
     sd = official_to_ours(source if isinstance(source, Mapping) else read_official_transformer(source))
     config = config or config_from_state_dict(sd, text_maxlen)
     model = InfinityStarTransformer(config)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file
 
 # kind -> "module:function"; modules are imported lazily so one family's missing extras never break another.
 CHECKERS: dict[str, str] = {
@@ -103,7 +104,6 @@ class Fixture:
             p = self.path / name
             if not p.is_file():
                 raise FixtureError(f"{self.path}: missing file {name}")
-            from safetensors.torch import load_file
             try:
                 self._tensors[name] = load_file(str(p))
             except Exception as e:  # safetensors raises several types for corrupt files

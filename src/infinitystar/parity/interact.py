@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import torch
-
 from infinitystar.convert.official import load_official_transformer, read_official_transformer
 from infinitystar.model.rope import condition_positions, visual_positions
 from infinitystar.parity import Fixture, FixtureError, Record, compare

@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from infinitystar.media import load_video
 from infinitystar.memory import text_encoder_running
+from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
 from infinitystar.runtime import UserError
 from infinitystar.sampling.generate import Caption, GenerationOutput, GenerationState, SamplingOptions, generate
-from infinitystar.quant.interact import condition_maps, decode_window, next_previous, segment_schedule
 
 if TYPE_CHECKING:
     from infinitystar.pipelines.infinitystar import InfinityStarPipeline
@@ -157,7 +158,6 @@ class ClipStream(VideoStream):
         pipe = self.pipe
         prefix, given = (), 2
         if video is not None:
-            from infinitystar.media import load_video
             frames = pipe._batch_media(video, 1, 4, load_video, "video")
             per_clip = pipe.pyramid.frames_per_clip * pipe.pyramid.temporal_compression
             given = 1 + max(frames.shape[1] - 1, 0) // per_clip
@@ -191,7 +191,6 @@ class InteractStream(VideoStream):
         pipe = self.pipe
         need = self._frames_of(2)
         if video is not None:       # the official start: the last 1 + 4T frames of a given video, encoded
-            from infinitystar.media import load_video
             frames = pipe._batch_media(video, 1, 4, load_video, "video")
             if frames.shape[1] < need:
                 raise UserError(f"an interactive video starts from at least {need} frames (1 + 4T), got "

@@ -10,6 +10,7 @@ system when freed; the resident set then follows the live tensors. Run: `python 
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -115,7 +116,6 @@ def measure(case: Case) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--measure", choices=list(CASES), help="(internal) measure one case in this process")
     p.add_argument("cases", nargs="*", default=list(CASES))

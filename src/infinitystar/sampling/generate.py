@@ -150,7 +150,7 @@ class GenerationState:
         decide which keys/values outlive this clip (default `schedule`; streaming passes the schedule with one
         more clip, so the last scale stays for the next call). When `options.on_step` asks to stop, the clip's
         map so far is returned and `out.stopped` is set."""
-        model, B, dtype = self.model, self.batch, self.dtype
+        model, B = self.model, self.batch
         cfgm = model.config
         guidance_scale = options.guidance.scales(len(schedule.scales))
         last_ref = (keep_for or schedule).last_reference

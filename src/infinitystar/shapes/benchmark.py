@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from infinitystar.shapes.evaluate import TASKS, aggregate, save_grid, score_image, score_video
@@ -68,8 +69,6 @@ Generator = Callable[[list[EvalItem], int], list[np.ndarray]]
 
 def pipeline_generator(pipe, guidance_scale: Optional[float] = None) -> Generator:
     """Adapt an InfinityStarPipeline: a batch of items of one task (same frame count) -> frames per item."""
-    import torch
-
     def run(items: list[EvalItem], seed: int) -> list[np.ndarray]:
         kw = {}
         if items[0].task == "i2v":
@@ -86,8 +85,6 @@ def pipeline_generator(pipe, guidance_scale: Optional[float] = None) -> Generato
 def infinity_generator(pipe, guidance_scale: Optional[float] = None, temperature: Optional[float] = None
                        ) -> Generator:
     """Adapt an InfinityPipeline (text-to-image only): a batch of t2i items -> one frame (1, H, W, 3) per item."""
-    import torch
-
     def run(items: list[EvalItem], seed: int) -> list[np.ndarray]:
         if any(it.task != "t2i" for it in items):
             raise ValueError("an Infinity (text-to-image) pipeline runs the t2i task only")

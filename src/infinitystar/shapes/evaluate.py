@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from infinitystar.media import as_uint8
 
@@ -249,8 +250,6 @@ def save_grid(path: str | os.PathLike, samples: Sequence[np.ndarray], captions: 
               max_frames: int = 8, scale: int = 2, columns: int | None = None, font_size: int = 10) -> Path:
     """Save a PNG contact sheet: one strip of up to ``max_frames`` evenly spaced frames per sample,
     nearest-neighbour upscaled by ``scale``, with the sample's caption wrapped underneath (if given)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if not samples:
         raise ValueError("save_grid needs at least one sample")
     if captions is not None and len(captions) != len(samples):

@@ -8,6 +8,7 @@ names them and lists what the model understands, and words beyond `max_len - 1` 
 """
 from __future__ import annotations
 
+import argparse
 import re
 import unicodedata
 import warnings
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from infinitystar.checkpoint_io import PretrainedMixin
+from infinitystar.shapes.world import vocabulary
 from infinitystar.text.base import PromptCutWarning, TextEncoder, TextFeatures, check_prompts
 
 SPECIAL = ("<pad>", "<eos>", "<unk>")
@@ -127,8 +129,6 @@ class WordTextEncoder(PretrainedMixin, nn.Module, TextEncoder):
 def main(argv=None) -> int:
     """`python -m infinitystar.text.builtin OUT`: a freshly initialised encoder over the Shapes World vocabulary
     (the starting point that `text_encoder.trainable` trains with the generator)."""
-    import argparse
-    from infinitystar.shapes.world import vocabulary
     p = argparse.ArgumentParser(prog="python -m infinitystar.text.builtin", description=main.__doc__)
     p.add_argument("out")
     p.add_argument("--width", type=int, default=128)

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import av
 import numpy as np
 import torch
+from PIL import Image
 
 from infinitystar.schedules.dynamic_resolution import all_templates, nearest_template, num_scales
 from infinitystar.schedules.pyramid import PyramidConfig
@@ -273,7 +275,6 @@ def read_video_frames(path: str, indices: Sequence[int], allow_short: bool = Fal
             have = [i for i in want if i < arr.shape[0]]
             frames = np.array(arr[have]) if have else np.zeros((0, 1, 1, 3), np.uint8)
         else:
-            import av
             wanted = set(want)
             last = want[-1]
             got: dict[int, np.ndarray] = {}
@@ -301,7 +302,6 @@ def read_video_frames(path: str, indices: Sequence[int], allow_short: bool = Fal
 def read_image(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise SkipSample("missing", path)
-    from PIL import Image
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))[None]
@@ -314,7 +314,6 @@ def resize_cover_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray
     T, H, W, _ = frames.shape
     if (H, W) == (height, width):
         return frames
-    from PIL import Image
     s = max(height / H, width / W)
     rh, rw = max(height, round(H * s)), max(width, round(W * s))
     top, left = (rh - height) // 2, (rw - width) // 2

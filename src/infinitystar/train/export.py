@@ -9,7 +9,6 @@ run's `text_encoder.path` folder, its weights from the checkpoint. A frozen text
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional, Union
 
