@@ -192,7 +192,8 @@ def test_lr_schedule():
 # --------------------------------------------------------------------------------------------------
 
 def test_manifest_errors_name_file_and_line(tmp_path):
-    from infinitystar.train.data import ManifestError, read_manifests
+    from infinitystar.manifest import ManifestError
+    from infinitystar.train.data import read_manifests
     good = {"video_path": "a.mp4", "begin_frame_id": 0, "end_frame_id": 17, "fps": 16, "caption": "x"}
     for bad, needle in [({**good, "begin_frame_id": "0"}, "'begin_frame_id' must be an integer"),
                         ({**good, "end_frame_id": 0}, "'end_frame_id' must be an integer > begin"),

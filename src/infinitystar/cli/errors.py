@@ -7,10 +7,10 @@ import sys
 from typing import Callable
 
 from infinitystar.checkpoint_io import CheckpointError
+from infinitystar.manifest import ManifestError
 from infinitystar.media import MediaError
 from infinitystar.runtime import UserError
 from infinitystar.train.config import ConfigError
-from infinitystar.train.data import ManifestError
 
 USER_ERRORS = (UserError, ConfigError, CheckpointError, MediaError, ManifestError)
 EXIT_USER_ERROR = 2

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from infinitystar.manifest import MEDIA_KEYS, manifest_lines, media_path
 from infinitystar.media import export_to_video, load_image, load_video, save_image
 
 from .world import (
@@ -161,21 +162,10 @@ def write_dataset(out_dir: str | os.PathLike, n_images: int = 0, n_videos: int =
 
 
 def load_manifest(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL manifest; relative media paths are made absolute against the manifest's folder."""
-    path = Path(path)
+    """The lines of a JSONL manifest, relative media paths made absolute against the manifest's folder."""
     lines = []
-    with open(path, encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON: {e}") from e
-            for key in ("video_path", "image_path"):
-                if key in d and not os.path.isabs(d[key]):
-                    d[key] = str((path.parent / d[key]).resolve())
-            lines.append(d)
+    for _, d, folder in manifest_lines([path]):
+        lines.append({k: media_path(v, folder) if k in MEDIA_KEYS else v for k, v in d.items()})
     return lines
 
 

@@ -205,12 +205,47 @@ class FileConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
+def preset_section(section_cls, config_cls, presets: Sequence[str], default: Optional[str], *,
+                   nullable_preset: bool = True, optional: bool = False, derived: Sequence[str] = (),
+                   own: Sequence[str] = ()) -> SectionBuilder:
+    """The builder of an architecture section `section_cls(preset=, overrides=)`: `preset` (one of `presets`, or
+    null when `nullable_preset`) plus any field of `config_cls` as an override checked against its type. Fields in
+    `derived` are set by the trainer from its other parts and may not be given. `own`: fields of the section itself
+    (checked against its types), passed to it by name. `optional`: the whole section may be null (the architecture
+    then comes from elsewhere, e.g. an init folder)."""
+    def build(value: Any, where: str):
+        if value is None and optional:
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        preset = _coerce(value.get("preset", default), Optional[str] if nullable_preset else str, f"{where}.preset")
+        if preset is not None and preset not in presets:
+            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; choose one of {', '.join(presets)}"
+                              + (" or null" if nullable_preset else ""))
+        for k in value:
+            if k in derived:
+                raise ConfigError(f"{where}.{k}: set by the trainer from the parts it trains with; remove it")
+        hints = get_type_hints(section_cls)
+        mine = {k: _coerce(value[k], hints[k], f"{where}.{k}") for k in own if k in value}
+        return section_cls(preset=preset, overrides=_validated_overrides(config_cls, value, where, {"preset", *own}),
+                           **mine)
+    return build
+
+
+_transformer_section = preset_section(ModelSection, TransformerConfig, list(TRANSFORMER_PRESETS), "tiny",
+                                      own=("init_from",))
+
+
 def _model_section(value: Any, where: str) -> ModelSection:
-    return _coerce(value, ModelSection, where)
+    """A `TransformerConfig` preset plus overrides, or `init_from` a folder (whose config.json is the architecture)."""
+    section = _transformer_section(value, where)
+    if section.init_from is not None and section.overrides:
+        raise ConfigError(f"{where}: init_from takes the architecture from its config.json; remove "
+                          f"{', '.join(sorted(section.overrides))}")
+    return section
 
 
-def _pyramid_section(value: Any, where: str) -> PyramidSection:
-    return _coerce(value, PyramidSection, where)
+_pyramid_section = preset_section(PyramidSection, PyramidConfig, list(PYRAMID_PRESETS), "tiny")
 
 
 @dataclass
@@ -396,24 +431,6 @@ def _validated_overrides(cls, d: dict, where: str, reserved: set[str]) -> dict:
 
 
 def _build(cls, d: dict, where: str = ""):
-    if cls is ModelSection:
-        reserved = {"preset", "init_from"}
-        preset = _coerce(d.get("preset", "tiny"), Optional[str], f"{where}.preset")
-        if preset is not None and preset not in TRANSFORMER_PRESETS:
-            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; choose one of "
-                              f"{', '.join(TRANSFORMER_PRESETS)} or null")
-        init_from = _coerce(d.get("init_from"), Optional[str], f"{where}.init_from")
-        over = _validated_overrides(TransformerConfig, d, where, reserved)
-        if init_from is not None and over:
-            raise ConfigError(f"{where}: init_from takes the architecture from its config.json; remove "
-                              f"{', '.join(sorted(over))}")
-        return ModelSection(preset, init_from, over)
-    if cls is PyramidSection:
-        preset = _coerce(d.get("preset", "tiny"), Optional[str], f"{where}.preset")
-        if preset is not None and preset not in PYRAMID_PRESETS:
-            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; choose one of "
-                              f"{', '.join(PYRAMID_PRESETS)} or null")
-        return PyramidSection(preset, _validated_overrides(PyramidConfig, d, where, {"preset"}))
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     _unknown(names, d, where)
@@ -532,29 +549,6 @@ def check_run(cfg) -> None:
         raise ConfigError(f"train.threads must be >= 1 or null, got {t.threads}")
     if not 0 <= cfg.seed <= SEED_MAX:   # torch would overflow (or wrap a negative seed) only when training starts
         raise ConfigError(f"seed must be in 0 .. 2**64-1, got {cfg.seed}")
-
-
-def preset_section(section_cls, config_cls, presets: Sequence[str], default: Optional[str], *,
-                   nullable_preset: bool = True, optional: bool = False,
-                   derived: Sequence[str] = ()) -> SectionBuilder:
-    """The builder of an architecture section `section_cls(preset, overrides)`: `preset` (one of `presets`, or
-    null when `nullable_preset`) plus any field of `config_cls` as an override checked against its type. Fields in
-    `derived` are set by the trainer from its other parts and may not be given. `optional`: the whole section may
-    be null (the architecture then comes from elsewhere, e.g. an init folder)."""
-    def build(value: Any, where: str):
-        if value is None and optional:
-            return None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        preset = _coerce(value.get("preset", default), Optional[str] if nullable_preset else str, f"{where}.preset")
-        if preset is not None and preset not in presets:
-            raise ConfigError(f"{where}.preset: unknown preset {preset!r}; choose one of {', '.join(presets)}"
-                              + (" or null" if nullable_preset else ""))
-        for k in value:
-            if k in derived:
-                raise ConfigError(f"{where}.{k}: set by the trainer from the parts it trains with; remove it")
-        return section_cls(preset, _validated_overrides(config_cls, value, where, {"preset"}))
-    return build
 
 
 config_from_dict = RunConfig.from_dict

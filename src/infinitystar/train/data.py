@@ -14,7 +14,6 @@ counted, never fatal.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -23,20 +22,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import av
 import numpy as np
 import torch
 from PIL import Image
 
+from infinitystar.manifest import ManifestError, manifest_lines, media_path
 from infinitystar.schedules.dynamic_resolution import all_templates, nearest_template, num_scales
 from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.train.latent_cache import CacheMismatch, read_cached_latent
-
-
-class ManifestError(ValueError):
-    """A manifest line is not valid JSON or has a missing / ill-typed field (the message names file:line)."""
 
 
 class SkipSample(Exception):
@@ -89,7 +85,7 @@ def parse_line(d: dict, source: str, base_dir: Path, video_caption_fields: Seque
     path = d[key]
     if not isinstance(path, str) or not path:
         raise _field_error(source, key, "a non-empty string", path)
-    path = path if os.path.isabs(path) else str((base_dir / path).resolve())
+    path = media_path(path, base_dir)
     captions = []
     for f in fields:
         if f in d and d[f] is not None:
@@ -120,44 +116,6 @@ def parse_line(d: dict, source: str, base_dir: Path, video_caption_fields: Seque
         raise _field_error(source, "fps", "a positive number", fps)
     return MediaRecord(source, kind, path, tuple(captions), begin, end, None if fps is None else float(fps),
                        segments)
-
-
-def find_manifests(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders are searched recursively for *.jsonl (sorted, so every rank sees one order)."""
-    out = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(p.rglob("*.jsonl"))
-            if not found:
-                raise ManifestError(f"{p}: folder holds no *.jsonl manifest")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ManifestError(f"{p}: no such manifest file or folder")
-    return out
-
-
-def manifest_lines(paths: Sequence[str | os.PathLike]) -> Iterator[tuple[str, dict, Path]]:
-    """(source "file:line", parsed JSON object, folder of the manifest) of every non-empty manifest line."""
-    for path in find_manifests(paths):
-        with open(path, "rb") as fh:
-            for n, line in enumerate(fh, 1):
-                source = f"{path}:{n}"
-                try:
-                    raw = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ManifestError(f"{source}: not UTF-8 text (byte {e.start} of the line)") from None
-                if not raw.strip():
-                    continue
-                try:
-                    d = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"{source}: not JSON ({e})") from None
-                if not isinstance(d, dict):
-                    raise ManifestError(f"{source}: expected a JSON object, got {type(d).__name__}")
-                yield source, d, path.parent
 
 
 def read_manifests(paths: Sequence[str | os.PathLike],

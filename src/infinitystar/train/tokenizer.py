@@ -28,12 +28,12 @@ import torch
 
 from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.quant.residual import quantize_multiscale
-from infinitystar.schedules.pyramid import Schedule
+from infinitystar.schedules.pyramid import PYRAMID_PRESETS, PyramidConfig, Schedule
 from infinitystar.tokenizer.training_eval import frames_to_video, psnr, reconstruct, ssim, video_to_frames
 from infinitystar.checkpoint_io import CONFIG_FILE as CONFIG_NAME
 from infinitystar.tokenizer.video_vae import PRESETS, VideoVAE, VideoVAEConfig
 from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig, LogConfig, OptimConfig,
-                                       PyramidSection, TrainBase, _build, check_ranges, check_run, preset_section)
+                                       PyramidSection, TrainBase, check_ranges, check_run, preset_section)
 from infinitystar.train.harness import Harness, publish_folder
 from infinitystar.train.tokenizer_data import ManifestSource, ShapesSource
 from infinitystar.train.tokenizer_loss import (LossConfig, bit_usage, calibrate_scale, kl_divergence,
@@ -127,17 +127,11 @@ def check_same_architecture(init: str, mine: dict, theirs: dict) -> None:
                           + "); remove the model section or make it match")
 
 
-def _pyramid_section(value: Any, where: str) -> PyramidSection:
-    """A full PyramidConfig (no preset unless one is named)."""
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-    return _build(PyramidSection, {"preset": None, **value}, where)
-
-
 @dataclass
 class TokenizerTrainConfig(FileConfig):
     sections: ClassVar[dict] = {"model": preset_section(VAESection, VideoVAEConfig, list(PRESETS), "small"),
-                                "pyramid": _pyramid_section}
+                                # a full PyramidConfig (no preset unless one is named)
+                                "pyramid": preset_section(PyramidSection, PyramidConfig, list(PYRAMID_PRESETS), None)}
 
     mode: Literal["continuous", "bitwise"] = "continuous"
     init: Optional[str] = None           # tokenizer folder to start from (bitwise: knowledge inheritance)

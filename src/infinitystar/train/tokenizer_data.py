@@ -11,18 +11,18 @@ keeps its validation clips apart from its training clips.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
+from infinitystar.manifest import ManifestError, manifest_lines, media_path
 from infinitystar.media import MediaError, load_image, load_video
 from infinitystar.shapes.data import iter_samples
 from infinitystar.shapes.world import CANVAS
 from infinitystar.train.config import ConfigError
-from infinitystar.train.data import ManifestError, manifest_lines, resize_cover_crop
+from infinitystar.train.data import resize_cover_crop
 
 # (manifest key, media path, first frame, end frame or None)
 Item = tuple[str, str, int, Optional[int]]
@@ -55,8 +55,7 @@ def read_items(manifests: Sequence[str], frames: int) -> list[Item]:
             raise ManifestError(f"{where}: a line needs a string video_path or image_path")
         if key == "image_path" and frames != 1:
             continue   # an image cannot fill a multi-frame clip
-        media = rec[key] if os.path.isabs(rec[key]) else str((folder / rec[key]).resolve())
-        items.append((key, media, int(rec.get("begin_frame_id", 0) or 0), rec.get("end_frame_id")))
+        items.append((key, media_path(rec[key], folder), int(rec.get("begin_frame_id", 0) or 0), rec.get("end_frame_id")))
     return items
 
 
