@@ -181,8 +181,9 @@ def test_cli_plan_json(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["generate", "generate-chunked", "decode"])
+@pytest.mark.parametrize("case", ["tiny-generate", "tiny-generate-chunked", "tiny-decode"])
 def test_predicted_peak_matches_a_real_cpu_run(case):
+    """Issue 17's bar: within 10 % of the measured peak (docs/gpu.md lists the larger cases, all within 3 %)."""
     from infinitystar.plan.validate import CASES, measure, predict
     pred, meas = predict(CASES[case]), measure(CASES[case])
     assert abs(pred - meas) <= 0.10 * meas, (pred, meas)

@@ -71,6 +71,10 @@ CASES = {c.name: c for c in (
     Case("generate-chunked", "the same with token chunks of 1024", _generation(1024)),
     Case("decode", "video VAE (small) decode of a 3x48x48 latent -> 9 frames of 384x384, fp32", _decode(None)),
     Case("decode-tiled", "the same in 24-cell tiles (overlap 4)", _decode(24)),
+    # smaller versions for the test suite (tests/test_plan.py)
+    Case("tiny-generate", "the transformer above, the clip up to 24x24 (2304 tokens per step)", _generation(None, 24)),
+    Case("tiny-generate-chunked", "the same with token chunks of 256", _generation(256, 24)),
+    Case("tiny-decode", "the small video VAE decoding a 3x16x16 latent -> 9 frames of 128x128", _decode(None, 16)),
 )}
 
 
