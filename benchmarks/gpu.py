@@ -116,7 +116,8 @@ def run_resolution(target: Target, options: MemoryOptions, device: torch.device,
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     clock = StageClock(device)
     clock.begin("load")
-    pipe = target.build(dtype, text_tokens, device)
+    # with sequential offload the blocks' home is the host: build there, so that a small card never holds them all
+    pipe = target.build(dtype, text_tokens, torch.device("cpu") if options.sequential_offload else device)
     for part in (pipe.transformer, pipe.tokenizer, pipe.text_encoder):
         randomise(part)
     pipe.memory = options

@@ -180,6 +180,22 @@ def test_cli_plan_json(capsys):
     assert out["options"] == MemoryOptions().to_dict()
 
 
+def test_cli_plan_compare_walks_the_option_ladder(capsys):
+    from infinitystar.plan import LADDER
+    assert main(["plan", "default", "--compare", "--json", "--frames", "5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["label"]: r for r in out["compare"]}
+    assert list(rows) == [label for label, _ in LADDER]
+    assert rows["defaults"]["peak_bytes"] == out["peak_bytes"]            # the plan printed above the ladder
+    for label, opts in LADDER:
+        assert rows[label]["options"] == MemoryOptions(**opts).to_dict()
+        assert rows[label]["peak_bytes"] == max(rows[label]["stages"].values())
+    seq = rows["defaults + sequential offload"]
+    assert seq["stages"]["transformer"] < rows["defaults"]["stages"]["transformer"]     # one block at a time
+    assert seq["flops"] == pytest.approx(rows["defaults"]["flops"])                     # the same work
+    assert seq["gpu_times"]["H100-80GB"]["total_s"] > rows["defaults"]["gpu_times"]["H100-80GB"]["total_s"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["tiny-generate", "tiny-generate-chunked", "tiny-decode"])
 def test_predicted_peak_matches_a_real_cpu_run(case):

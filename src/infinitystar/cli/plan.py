@@ -40,7 +40,7 @@ def add_cli(subparsers) -> None:
                     help="transformer weights and activations (default bf16; the text encoder is fp16, the VAE fp32)")
     sp.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation (default 0.35)")
     sp.add_argument("--compare", action="store_true",
-                    help="also plan the option ladder (none, defaults, + VAE tiles, + sequential offload)")
+                    help="also plan the option ladder (none, defaults, + VAE tiles, + sequential offload, + both)")
     add_memory_flags(sp)
     sp.set_defaults(func=_cmd_plan)
 

@@ -135,11 +135,13 @@ def predict_times(stages: list[dict], mfu: float, dtype: str) -> dict:
     return out
 
 
-# The option ladder of `plan --compare` and docs/gpu.md: nothing, the defaults, then what a smaller card needs.
+# The option ladder of `plan --compare` and docs/gpu.md: nothing, the defaults, then what a smaller card needs
+# (VAE tiles change pixels near the seams; sequential offload is exact but moves every block for every pass).
 LADDER = (("none", {"text_encoder": "device", "token_chunk": None}),
           ("defaults", {}),
           ("defaults + VAE tiles 32", {"vae_tile": 32}),
-          ("defaults + VAE tiles 32 + sequential offload", {"vae_tile": 32, "sequential_offload": True}))
+          ("defaults + sequential offload", {"sequential_offload": True}),
+          ("defaults + sequential offload + VAE tiles 32", {"vae_tile": 32, "sequential_offload": True}))
 
 
 def compare_options(target: Target, **kw) -> list[tuple[str, PlanResult]]:
