@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(out))
         return 0
-    print(f"{out['device_name']}: dense peak {peak:.1f} TFLOPS ({source}); torch {torch.__version__}")
+    print(f"{out['device_name']}: dense peak {peak:.3g} TFLOPS ({source}); torch {torch.__version__}")
     for r in results:
         print(f"\n{r['target']} ({MemoryOptions(**r['options']).describe()}): {r['total_s']:.1f} s without loading")
         print(f"{'stage':<12}{'seconds':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'predicted':>10}")
