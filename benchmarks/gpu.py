@@ -121,6 +121,7 @@ def run_resolution(target: Target, options: MemoryOptions, device: torch.device,
     for part in (pipe.transformer, pipe.tokenizer, pipe.text_encoder):
         randomise(part)
     pipe.memory = options
+    pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     clock.end()
     gen = torch.Generator().manual_seed(0)

@@ -102,6 +102,7 @@ def plan(target: Target, options: Optional[MemoryOptions] = None, dtype: str = "
         for part in (pipe.transformer, pipe.tokenizer, pipe.text_encoder):
             register_module(sim, part)            # the weights, read from the files into host memory
         pipe.memory = options
+        pipe.set_progress_bar_config(disable=True)        # its rates would be the simulation's, not a GPU's
         cache = _tracked_cache(sim)
         with mock.patch.object(gen, "KVCache", cache), mock.patch.object(igen, "KVCache", cache):
             sim.begin("load")
