@@ -118,7 +118,9 @@ class Block(nn.Module):
             return self._forward_chunked(x, cos, sin, ctx, layer, n)
         before, after = COMPILED_HALVES if self.compiled else (attention_inputs, attention_output_and_mlp)
         q, k, v = before(self, x, cos, sin)
-        return after(self, x, attend(q, k, v, ctx, layer))
+        attended = attend(q, k, v, ctx, layer)
+        del q, k, v          # at inference they would otherwise live through the MLP (autograd keeps its own)
+        return after(self, x, attended)
 
     def _forward_chunked(self, x, cos, sin, ctx: AttentionContext, layer: int, n: int):
         # Keys and values of every token first (each query chunk attends to all of them), then per chunk:
