@@ -10,7 +10,7 @@ from infinitystar.bench import generation_flops
 from infinitystar.cli import main
 from infinitystar.memory import MemoryOptions
 from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
-from infinitystar.plan import PlanError, Simulator, plan, resolve
+from infinitystar.plan import LADDER, PlanError, Simulator, plan, resolve
 from infinitystar.plan.simulate import register_module
 from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
@@ -181,7 +181,6 @@ def test_cli_plan_json(capsys):
 
 
 def test_cli_plan_compare_walks_the_option_ladder(capsys):
-    from infinitystar.plan import LADDER
     assert main(["plan", "default", "--compare", "--json", "--frames", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = {r["label"]: r for r in out["compare"]}
