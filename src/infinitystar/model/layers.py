@@ -47,12 +47,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
-                layer: int) -> torch.Tensor:
-        q = self.queries(x, cos, sin)
-        k, v = self.keys_values(x, cos, sin)
-        return self.output(attend(q, k, v, ctx, layer))
-
+    # The block calls the three parts itself (compiled halves, token chunks), so there is no forward.
     # (B, L, heads, hd) throughout: RoPE broadcasts over heads, and the attention gets transposed views, so
     # gathering token rows (grouped attention) reads contiguous memory
 
@@ -136,6 +131,5 @@ class Block(nn.Module):
             m = min(n, L - s)
             xc = x[:, s:s + m]
             q = self.attn.queries(self.attn_norm(xc), cos.narrow(-2, s, m), sin.narrow(-2, s, m))
-            h = xc + self.attn.output(attend(q, k, v, ctx, layer))
-            out[:, s:s + m] = h + self.mlp(self.mlp_norm(h))
+            out[:, s:s + m] = attention_output_and_mlp(self, xc, attend(q, k, v, ctx, layer))
         return out
