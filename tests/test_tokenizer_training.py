@@ -10,7 +10,8 @@ import torch
 from infinitystar.quant.residual import encode_targets, quantize_multiscale
 from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
-from infinitystar.train.tokenizer_loss import calibrate_scale, sample_drop
+from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, edge_loss, reconstruction_loss,
+                                              sample_drop)
 from infinitystar.cli.tokenizer import add_cli
 from infinitystar.tokenizer.training_eval import (PSNR_CAP_DB, fit_pyramid, psnr, psnr_per_frame, ssim,
                                                   ssim_per_frame)
@@ -120,8 +121,23 @@ def test_config_errors_name_the_key(tmp_path):
         _cfg(tmp_path, "x", optim={"lr": "fast"})
     with pytest.raises(ConfigError, match="init: .* not a tokenizer folder"):
         _cfg(tmp_path, "x", mode="bitwise", init=str(tmp_path), model=None)
+    with pytest.raises(ConfigError, match="loss.edge_weight"):
+        _cfg(tmp_path, "x", loss={"edge_weight": -1.0})
     cfg = _cfg(tmp_path, "x")
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()      # round trip
+
+
+def test_edge_loss_penalises_a_blurred_step():
+    step = torch.zeros(1, 3, 1, 4, 8)
+    step[..., 4:] = 2.0                                 # one vertical edge of height 2 between columns 3 and 4
+    blurred = step.clone()
+    blurred[..., 3] = 1.0                               # the same edge spread over two columns
+    assert float(edge_loss(step, step)) == 0.0
+    # x-differences per row: target (0,0,0,2,0,0,0), blurred (0,0,1,1,0,0,0) -> mean |diff| 2/7; y: none
+    assert float(edge_loss(blurred, step)) == pytest.approx(0.5 * 2 / 7)
+    plain, _ = reconstruction_loss(blurred, step, LossConfig())
+    with_edge, terms = reconstruction_loss(blurred, step, LossConfig(edge_weight=3.0))
+    assert float(with_edge - plain) == pytest.approx(3.0 * terms["edge"]) and terms["edge"] == pytest.approx(1 / 7)
 
 
 # --- training -----------------------------------------------------------------------------------------------------

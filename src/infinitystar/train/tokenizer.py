@@ -107,7 +107,8 @@ def check_tokenizer_run(cfg, freezable: tuple[str, ...]) -> None:
                            "quant.calibration_clips": q.calibration_clips},
                  non_negative={"train.val_every": t.val_every, "loss.l1_weight": lo.l1_weight,
                                "loss.l2_weight": lo.l2_weight, "loss.kl_weight": lo.kl_weight,
-                               "loss.content_weight": lo.content_weight, "loss.quant_weight": lo.quant_weight,
+                               "loss.content_weight": lo.content_weight, "loss.edge_weight": lo.edge_weight,
+                               "loss.quant_weight": lo.quant_weight,
                                "loss.commitment_weight": lo.commitment_weight,
                                "loss.entropy_weight": lo.entropy_weight},
                  unit={"quant.drop_prob": q.drop_prob})
