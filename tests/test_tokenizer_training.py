@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from infinitystar.quant.residual import encode_targets, quantize_multiscale
+from infinitystar.runtime import precision_name, resolve_precision
 from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
 from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, edge_loss, reconstruction_loss,
@@ -239,7 +240,13 @@ def test_reconstruct_writes_a_video_and_prints_psnr_ssim(tmp_path, continuous_di
     assert abs(psnr(frames[:5], rec) - res["psnr"]) < 1e-3
     assert _run_cli(["tokenizer", "reconstruct", str(src), str(tmp_path / "o.mp4"), "--model",
                      str(continuous_dir)]) == 0
-    assert (tmp_path / "o.mp4").stat().st_size > 0 and json.loads(capsys.readouterr().out)["scales"] == "all"
+    res_auto = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "o.mp4").stat().st_size > 0 and res_auto["scales"] == "all"
+    assert res["precision"] == res_auto["precision"] == precision_name(resolve_precision("auto", torch.device("cpu")))
+    assert _run_cli(["tokenizer", "reconstruct", str(src), str(tmp_path / "o32.npy"), "--model",
+                     str(continuous_dir), "--scales", "2", "--precision", "fp32"]) == 0
+    res32 = json.loads(capsys.readouterr().out)
+    assert res32["precision"] == "fp32" and abs(res32["psnr"] - res["psnr"]) < 0.5   # bf16 or fp32 alike
 
 
 def test_reconstruct_errors_are_clear(tmp_path, continuous_dir):

@@ -47,7 +47,7 @@ def model_family(model: Union[str, Path]) -> str:
 
 
 def load_pipeline(model: Union[str, Path, ModelIndex], device: Union[str, torch.device, None] = "cpu",
-                  precision: str = "fp32", memory: Optional[MemoryOptions] = None) -> AnyPipeline:
+                  precision: str = "auto", memory: Optional[MemoryOptions] = None) -> AnyPipeline:
     """The pipeline of a model (a name as `model_index` takes, or its already read index), InfinityStar or Infinity
     as its model_index.json says, placed as the memory options say (default `MemoryOptions()`); the device is
     checked first."""

@@ -13,7 +13,7 @@ from infinitystar.cli.args import check_output_file, positive_int
 from infinitystar.cli.train import add_legacy_flags, deprecated, legacy_overrides, run_training
 from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.media import MediaError, export_to_video, load_image, load_video, save_image
-from infinitystar.runtime import resolve_device
+from infinitystar.runtime import PRECISIONS, precision_name, resolve_device, resolve_precision
 from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
                                                   ssim_per_frame, video_to_frames)
@@ -110,12 +110,13 @@ def cmd_reconstruct(args) -> int:
     if args.scales is not None and args.continuous:
         raise SystemExit("error: --scales and --continuous exclude each other")
     device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
     frames = read_input(src)
     vae, pyramid, folder = load_tokenizer_folder(args.model, device)
     frames = trim_frames(frames, vae.config.temporal_stride, lambda m: print(m, file=sys.stderr))
     try:
         video = frames_to_video(frames, device)
-        recon = reconstruct(vae, video, None if args.continuous else pyramid, args.scales)
+        recon = reconstruct(vae, video, None if args.continuous else pyramid, args.scales, precision=dtype)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     rec = video_to_frames(recon)[0]
@@ -124,7 +125,8 @@ def cmd_reconstruct(args) -> int:
     summary = {"input": str(src), "output": str(out), "model": str(folder), "frames": int(len(frames)),
                "height": int(frames.shape[1]), "width": int(frames.shape[2]),
                "scales": "continuous" if args.continuous else (args.scales if args.scales is not None else "all"),
-               "psnr": round(psnr(frames, rec), 4), "ssim": round(ssim(frames, rec), 5),
+               "precision": precision_name(dtype), "psnr": round(psnr(frames, rec), 4),
+               "ssim": round(ssim(frames, rec), 5),
                "per_frame": [{"frame": i, "psnr": round(p, 4), "ssim": round(s, 5)}
                              for i, (p, s) in enumerate(zip(per_psnr, per_ssim))],
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -160,6 +162,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--continuous", action="store_true", help="skip the quantizer (continuous VAE round trip)")
     p.add_argument("--model", default=None, help="tokenizer folder (default: the built-in tokenizer)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast for the encoder and decoder on CUDA and on CPUs with native "
+                        "bf16, else fp32; fp32; bf16 (the quantizer always runs in fp32)")
     p.add_argument("--fps", type=positive_int, default=16, help="frame rate of an .mp4 output")
     p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 for an .mp4 output")
     p.set_defaults(func=cmd_reconstruct)

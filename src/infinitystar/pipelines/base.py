@@ -8,8 +8,8 @@
 - Call arguments: prompts times `num_*_per_prompt`, `negative_prompt`, `generator` (one, or one per output),
   `guidance_scale` / `guidance` (a `Guidance`: per-scale values, CFG or APG), `output_type`, `return_dict`,
   `callback_on_step_end` (stop with `pipe._interrupt = True`, as in diffusers), a progress bar
-  (`set_progress_bar_config`), and `precision` ("fp32" by default, "auto", "bf16": the sampling loop and the
-  decode).
+  (`set_progress_bar_config`), and `precision` ("auto" by default: bf16 autocast on CUDA and on CPUs with native
+  bf16, else fp32; "fp32"; "bf16": the sampling loop and the decode).
 - Placement: `memory` (`infinitystar.memory.MemoryOptions`) says where each part lives and in which pieces it runs;
   `from_pretrained` reads each part onto its home device and `to(device)` places the parts as it says.
 """
@@ -225,7 +225,7 @@ class Pipeline:
     default_output_type: ClassVar[str]
 
     def __init__(self, transformer, tokenizer, text_encoder, defaults, card: Optional[ModelCard] = None,
-                 precision: str = "fp32", memory: Optional[MemoryOptions] = None):
+                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -299,12 +299,14 @@ class Pipeline:
     # --- persistence ------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: PathOrRepo = None, *,
-                        torch_dtype: Optional[torch.dtype] = None, device=None, precision: str = "fp32",
+                        torch_dtype: Optional[torch.dtype] = None, device=None, precision: str = "auto",
                         memory: Optional[MemoryOptions] = None, revision: Optional[str] = None,
                         cache_dir: Union[str, Path, None] = None, local_files_only: bool = False) -> "Pipeline":
         """Load a model folder (None: the model shipped in the package), a Hub repo id, straight into
         `torch_dtype` (None: float32; the T5 text encoder keeps its own default) on `device` (None: cpu), each part
-        read onto the device where the memory options keep it."""
+        read onto the device where the memory options keep it. precision: what sampling and decoding compute in
+        ("auto": bf16 autocast on CUDA and on CPUs with native bf16, else fp32; "fp32"; "bf16"), apart from the
+        weights' `torch_dtype`."""
         folder = resolve_model_path(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only)
         index = read_model_index(folder)
@@ -314,7 +316,7 @@ class Pipeline:
         return cls._load(index, torch_dtype=torch_dtype, device=device, precision=precision, memory=memory)
 
     @classmethod
-    def _load(cls, index: ModelIndex, *, torch_dtype=None, device=None, precision: str = "fp32",
+    def _load(cls, index: ModelIndex, *, torch_dtype=None, device=None, precision: str = "auto",
               memory: Optional[MemoryOptions] = None) -> "Pipeline":
         """The folder's fields are checked before any weights are read."""
         d = index.path

@@ -109,7 +109,7 @@ class InfinityPipeline(Pipeline):
 
     def __init__(self, transformer: InfinityTransformer, tokenizer: InfinityVAE, text_encoder,
                  defaults: Optional[InfinityDefaults] = None, card: Optional[ModelCard] = None,
-                 precision: str = "fp32", memory: Optional[MemoryOptions] = None):
+                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
         tc, vc = transformer.config, tokenizer.config
         if tc.latent_channels != vc.codebook_dim:
             hint = ""

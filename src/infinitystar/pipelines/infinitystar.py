@@ -80,7 +80,7 @@ class InfinityStarPipeline(Pipeline):
     def __init__(self, transformer: InfinityStarTransformer, tokenizer: VideoVAE, text_encoder,
                  pyramid: PyramidConfig, height: int, width: int, defaults: Optional[GenerationDefaults] = None,
                  interact: Optional[InteractConfig] = None, card: Optional[ModelCard] = None,
-                 precision: str = "fp32", memory: Optional[MemoryOptions] = None):
+                 precision: str = "auto", memory: Optional[MemoryOptions] = None):
         """memory: where the parts live and in which pieces they run (see `infinitystar.memory`); it takes effect
         in `to(device)` (placement) and in every call (text encoder, token chunks, VAE tiles)."""
         defaults = defaults or (GenerationDefaults.interact() if interact else GenerationDefaults())

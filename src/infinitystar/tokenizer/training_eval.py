@@ -161,18 +161,19 @@ def dropped_for_first(num_scales: Optional[int], scales_per_clip: int) -> Collec
 
 @torch.no_grad()
 def reconstruct(model, video: torch.Tensor, pyramid: Optional[PyramidConfig], num_scales: Optional[int] = None,
-                chunked: bool = True) -> torch.Tensor:
+                chunked: bool = True, precision: torch.dtype = torch.float32) -> torch.Tensor:
     """Video (B, 3, T, H, W) in [-1, 1] -> reconstruction (not clamped): posterior mean, then, unless `pyramid` is
     None (continuous round trip), the residual multi-scale quantizer with the first `num_scales` scales of every
-    clip (None: all), then the decoder."""
-    z = model.encode(video)
+    clip (None: all), then the decoder. precision: the resolved compute dtype of the encoder and the decoder
+    (autocast); the latent and the quantizer stay in float32."""
+    z = model.encode(video, precision=precision)
     if pyramid is not None:
         cfg = model.config
         p = fit_pyramid(pyramid, tuple(z.shape[-2:]))
         schedule = p.build(cfg.pixel_frames(z.shape[2]))
         z = quantize_multiscale(z, schedule, drop_scales=dropped_for_first(num_scales, schedule.scales_per_clip)
                                 ).codes
-    return model.decode(z, chunked=chunked)
+    return model.decode(z, chunked=chunked, precision=precision)
 
 
 __all__ = ["PSNR_CAP_DB", "psnr", "psnr_per_frame", "ssim", "ssim_per_frame", "frames_to_video", "video_to_frames",
