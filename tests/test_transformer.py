@@ -5,6 +5,7 @@ from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.convert.official import load_official_transformer, official_to_ours, ours_to_official
 from infinitystar.model.attention import AttentionContext, _grouped_sdpa, attend, dense_mask, segment_groups
 from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
+from infinitystar.model.layers import PackedWeights, linear
 from infinitystar.model.packing import PackSample, pack_sequence, select_steps
 from infinitystar.quant.residual import encode_targets
 from infinitystar.sampling.generate import Caption, generate
@@ -295,3 +296,47 @@ def test_grouped_attention_runs_in_float32_under_bf16_autocast_on_the_cpu():
     assert not torch.equal(in_bf16, out)          # the bf16 kernel would have given other numbers
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_weights_give_the_layer_products_and_follow_weight_changes(monkeypatch):
+    """CPU inference on oneDNN-packed weights: the layer's products (fp32 to rounding, bf16 as under autocast), an
+    fp32 weight packed once it has seen FP32_AFTER_ROWS rows, a changed weight repacked, nothing with autograd."""
+    monkeypatch.setattr(PackedWeights, "FP32_AFTER_ROWS", 100)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 40, 64)                                     # 120 rows per product
+    packed = PackedWeights()
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    with packed.use():
+        y = linear(layer, x)                                       # autograd on: the layer itself
+        assert y.requires_grad and torch.equal(y, layer(x)) and len(packed) == 0
+        with torch.no_grad():
+            assert torch.equal(linear(layer, x), layer(x)) and len(packed) == 0    # 120 rows seen, not packed
+            assert close(linear(layer, x), layer(x)) and len(packed) == 1
+            layer.weight.mul_(-2)                                  # in place: its version counter moves
+            assert close(linear(layer, x), layer(x))
+            layer.weight = torch.nn.Parameter(torch.randn(96, 64))  # another tensor
+            assert close(linear(layer, x), layer(x))
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    got, want = linear(layer, x), layer(x)
+                assert got.dtype == want.dtype == torch.bfloat16
+                assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():                                          # closed: the layer itself
+        assert torch.equal(linear(layer, x), layer(x))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_generation_on_packed_weights_keeps_the_logits(monkeypatch):
+    monkeypatch.setattr(PackedWeights, "FP32_AFTER_ROWS", 0)      # pack every fp32 weight at once
+    model = _model()
+    schedule = _pyramid().build(9)
+    cap = Caption(torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(4)))
+    z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
+    kw = dict(guidance=Guidance(2.0), prefix_bits=encode_targets(z, schedule).bits, record_logits=True)
+    a = generate(model, schedule, cap, pack_weights=False, **kw)
+    b = generate(model, schedule, cap, **kw)
+    assert torch.equal(a.codes, b.codes)
+    for la, lb in zip(a.logits, b.logits):
+        assert torch.allclose(la["guided"], lb["guided"], atol=2e-5)

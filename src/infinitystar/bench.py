@@ -5,8 +5,9 @@ attention, for 1, 2, 4 and 8 video clips, transformer only, with the measured ma
 beside the achieved useful FLOP rate. Each case runs in a fresh process so its peak memory is its own.
 `run_model`: the real generation of a model folder (CFG and decoding included).
 
-Precision is passed to the sampling loop and the decoder only when it is not fp32, so the same code also times
-an older checkout (benchmarks/speed_compare.py).
+Generation packs the transformer's weights once per process and reuses them across the timed calls, as a
+pipeline does (`PackedWeights`); an older checkout is timed with an older copy of this module
+(benchmarks/speed_compare.py --before-bench).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
+from infinitystar.model.layers import PackedWeights
 from infinitystar.pipelines.infinitystar import InfinityStarPipeline
 from infinitystar.runtime import peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.sampling.generate import Caption, generate
@@ -87,10 +89,9 @@ def _run_case(attention: str, clips: int, device: str, precision: str, model: di
     torch.manual_seed(0)
     net = InfinityStarTransformer(cfg).to(dev).eval()
     cap = Caption(torch.randn(1, TEXT_TOKENS, cfg.text_channels, device=dev))
-    kw = dict(guidance=Guidance(3.0), generator=torch.Generator(device=dev).manual_seed(0))
-    if dtype != torch.float32:
-        kw["precision"] = dtype
-    generate(net, PyramidConfig(**BENCH_PYRAMID).build(1), cap, **kw)           # warm-up
+    kw = dict(guidance=Guidance(3.0), generator=torch.Generator(device=dev).manual_seed(0), precision=dtype,
+              pack_weights=PackedWeights())
+    generate(net, schedule, cap, **kw)           # warm-up: thread pools, kernel caches, the weights packed once
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -157,7 +158,6 @@ def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, de
     the median of `repeats` calls."""
     dev = resolve_device(device or "auto")
     dtype = resolve_precision(precision, dev)
-    kw = {} if dtype == torch.float32 else {"precision": dtype}
     pipe = InfinityStarPipeline.from_pretrained(model, device=dev)
     d, schedule = pipe.defaults, pipe.pyramid.build(num_frames)
     tau = [d.tau_image if s.clip == 0 else d.tau_video for s in schedule.scales]
@@ -168,9 +168,10 @@ def run_model(model: str = "default", num_frames: int = 17, repeats: int = 3, de
         feats, mask = pipe.text_encoder.encode([prompt], dev)
         t1 = time.perf_counter()
         out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance=d.guidance_config(), tau=tau,
-                       generator=torch.Generator().manual_seed(i), **kw)
+                       generator=torch.Generator().manual_seed(i), precision=dtype,
+                       pack_weights=pipe.packed_weights)
         t2 = time.perf_counter()
-        pipe.tokenizer.decode(out.codes, **kw)
+        pipe.tokenizer.decode(out.codes, precision=dtype)
         t3 = time.perf_counter()
         if i:
             runs.append({"encode_s": t1 - t0, "generate_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0,

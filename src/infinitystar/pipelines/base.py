@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from infinitystar import __version__
 from infinitystar.checkpoint_io import write_json, write_text
 from infinitystar.memory import MemoryOptions, home_devices, place_text_encoder, place_transformer
+from infinitystar.model.layers import PackedWeights
 from infinitystar.runtime import PRECISIONS, UserError, precision_name, resolve_precision
 from infinitystar.sampling.bits import StepInfo, check_generators
 from infinitystar.sampling.guidance import Guidance
@@ -236,6 +237,9 @@ class Pipeline:
         self.precision = precision
         self.memory = memory or MemoryOptions()
         self._offload = None         # the SequentialOffload hooks while the transformer blocks wait on the host
+        # the transformer's linear weights packed for oneDNN on the CPU, kept across calls (one more copy of the
+        # block weights; see model/layers.py)
+        self.packed_weights = PackedWeights()
         self._progress_bar_config: dict = {}
         self._interrupt = False
 
@@ -278,6 +282,7 @@ class Pipeline:
             self._offload.remove()
             self._offload = None
             device = self.device if device is None else device
+        self.packed_weights = PackedWeights()
         if dtype is not None:
             for m in self.components.values():
                 m.to(dtype=dtype)

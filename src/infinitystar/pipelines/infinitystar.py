@@ -302,7 +302,7 @@ class InfinityStarPipeline(Pipeline):
         def sample(on_step, dtype):
             out = generate(self.transformer, schedule, captions, caption_of_clip=caption_of_clip, guidance=guide,
                            negative_captions=negative_captions, tau=tau, generator=generator, prefix_bits=prefix,
-                           on_step=on_step, precision=dtype)
+                           on_step=on_step, precision=dtype, pack_weights=self.packed_weights)
             timing["generate_s"] = time.perf_counter() - t1
             return out
 

@@ -139,7 +139,7 @@ class ClipStream(VideoStream):
     def __init__(self, pipe, guidance_scale, temperature, generator):
         super().__init__(pipe, guidance_scale, temperature, generator)
         self.state = GenerationState(pipe.transformer, 1, pipe.device, use_cfg=self.guidance.scale != 1.0,
-                                     precision=self.precision)
+                                     precision=self.precision, pack_weights=pipe.packed_weights)
         self.decoder = pipe.tokenizer.decode_stream()
         self.caption_of_clip: list[int] = []
         self.num_clips = 0                     # clips of the schedule generated so far (clip 0 = first frame)
@@ -201,14 +201,14 @@ class InteractStream(VideoStream):
             prefix = pipe._prefix(schedule, image, None, 1) if image is not None else ()
             z = generate(pipe.transformer, schedule, self._caption(prompt), guidance=self.guidance,
                          tau=self._tau(schedule), generator=self.options.generator, prefix_bits=prefix,
-                         precision=self.precision).codes
+                         precision=self.precision, pack_weights=pipe.packed_weights).codes
         self.previous, self.first, self.last_codes = z, z[:, :, :1], z
         return to_frames(pipe.tokenizer.decode(z, precision=self.precision))[0]
 
     def _extend(self, prompt) -> np.ndarray:
         pipe, s = self.pipe, self.schedule
         state = GenerationState(pipe.transformer, 1, pipe.device, use_cfg=self.guidance.scale != 1.0,
-                                precision=self.precision)
+                                precision=self.precision, pack_weights=pipe.packed_weights)
         state.add_caption(0, self._caption(prompt))
         state.add_conditions(s, condition_maps(self.previous, self.first, s))
         out = GenerationOutput(codes=torch.empty(0), bits=[])

@@ -11,6 +11,7 @@ once) and the streaming API (`infinitystar.pipelines.stream`, one clip per call)
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
@@ -18,6 +19,7 @@ import torch
 
 from infinitystar.model.attention import AttentionContext, KVCache, visible_context
 from infinitystar.model.infinitystar import InfinityStarTransformer
+from infinitystar.model.layers import PackedWeights
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.quant.residual import CodeAccumulator
 from infinitystar.runtime import autocast, fp32_region
@@ -70,18 +72,26 @@ class GenerationState:
 
     precision: the resolved compute dtype (`runtime.resolve_precision`) of the transformer blocks, which run under
     its autocast; the bit heads, guidance, sampling and the code maps stay float32 either way.
+    pack_weights: on the CPU the blocks' linears run on weights packed for oneDNN (`PackedWeights`: faster matmuls
+    for one more copy of the block weights). True: packed for this state; a `PackedWeights`: that one, whose copies
+    outlive the state (a pipeline keeps one for all its calls); False: the plain layers.
     """
 
     def __init__(self, model: InfinityStarTransformer, batch: int, device, use_cfg: bool,
-                 precision: torch.dtype = torch.float32):
+                 precision: torch.dtype = torch.float32, pack_weights: Union[bool, PackedWeights] = True):
         self.model = model
         self.precision = precision
+        self.packed = pack_weights if isinstance(pack_weights, PackedWeights) else (
+            PackedWeights() if pack_weights else None)
         self.batch = batch
         self.device = torch.device(device)
         self.use_cfg = use_cfg
         self.dtype = model.word_embed.weight.dtype
         self.cache = KVCache(model.config.depth)
         self.peak_cache_bytes = 0
+
+    def _packed(self):
+        return self.packed.use() if self.packed is not None else contextlib.nullcontext()
 
     def _note_memory(self) -> None:
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache.nbytes())
@@ -95,7 +105,7 @@ class GenerationState:
         if self.use_cfg:
             feats, mask = self._with_unconditional(feats, mask, negative)
         ctx = AttentionContext(cache=self.cache, write=("text", key), self_mask=mask)
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision), self._packed():
             self.model.run_blocks(self.model.text_proj(feats), text_positions(feats.shape[1], self.device), ctx)
         self._note_memory()
 
@@ -134,7 +144,7 @@ class GenerationState:
             if tuple(z.shape) != want:
                 raise ValueError(f"condition {block.name!r} has shape {tuple(z.shape)}, expected {want}")
             ctx = AttentionContext(cache=self.cache, write=("condition", block.name))
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.precision), self._packed():
                 x = self.model.word_embed(z.to(device=self.device, dtype=self.dtype).flatten(2).transpose(1, 2))
                 if self.use_cfg:
                     x = torch.cat([x, x])
@@ -159,7 +169,7 @@ class GenerationState:
         # one autocast region around the clip's steps (each step opens its own inside): autocast keeps the bf16
         # copies of the weights it casts until its outermost region ends, so they are cast once per clip instead
         # of once per step (the bit heads, guidance and sampling stay float32 as before)
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision), self._packed():
             for scale in schedule.clip_scales(clip):
                 for step in schedule.scale_steps(scale.index):
                     forced = step.index < len(prefix_bits)
@@ -238,6 +248,7 @@ def generate(
     record_logits: bool = False,
     on_step: OnStep = None,
     precision: torch.dtype = torch.float32,
+    pack_weights: Union[bool, PackedWeights] = True,
 ) -> GenerationOutput:
     """Generate the latent code map of `schedule` for a batch of captions.
 
@@ -250,7 +261,7 @@ def generate(
     record_logits keeps, per step, the conditional/unconditional logits after temperature and the guided logits
     (for parity tests). on_step is called after every step with a `StepInfo`; when it returns True the loop
     stops and the codes so far are returned (the clips begun, each as far as it got). precision: the compute
-    dtype of the transformer blocks (see `GenerationState`); default fp32.
+    dtype of the transformer blocks (see `GenerationState`); default fp32. pack_weights: see `GenerationState`.
     """
     captions = [captions] if isinstance(captions, Caption) else list(captions)
     if not captions:
@@ -269,7 +280,7 @@ def generate(
         raise ValueError(f"{len(negative_captions)} negative captions given for {len(captions)} captions")
     options = SamplingOptions(guidance, generator, greedy, record_logits, on_step)
     state = GenerationState(model, batch, captions[0].features.device,
-                            use_cfg=guidance.active(n_scales), precision=precision)
+                            use_cfg=guidance.active(n_scales), precision=precision, pack_weights=pack_weights)
     for ci, cap in enumerate(captions):
         state.add_caption(ci, cap, None if negative_captions is None else negative_captions[ci])
     if schedule.conditions or conditions:
