@@ -83,9 +83,11 @@ class ManifestSource:
         else:
             self.val_items = [it for it in items if held_aside(it, val_fraction)]
             self.train_items = [it for it in items if not held_aside(it, val_fraction)]
-            if not self.val_items and len(items) > 1:   # a small list may hash nothing aside: keep one item apart
+            if len(items) > 1 and not self.val_items:   # a small list may hash nothing aside: keep one item apart
                 self.val_items, self.train_items = self.train_items[-1:], self.train_items[:-1]
-            if not self.val_items:
+            if len(items) > 1 and not self.train_items:  # ... or everything aside: train on all but one
+                self.train_items, self.val_items = self.val_items[:-1], self.val_items[-1:]
+            if len(items) < 2:
                 raise ConfigError(f"data.manifests: {len(items)} usable {what} line(s) in {list(manifests)}; "
                                   f"validation needs held-aside items: list more, or give data.val_manifests")
         if not self.train_items:
