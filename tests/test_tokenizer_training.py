@@ -11,7 +11,7 @@ from infinitystar.quant.residual import encode_targets, quantize_multiscale
 from infinitystar.runtime import precision_name, resolve_precision
 from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
-from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, edge_loss, reconstruction_loss,
+from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, content_weights, edge_loss, reconstruction_loss,
                                               sample_drop)
 from infinitystar.cli.tokenizer import add_cli
 from infinitystar.tokenizer.training_eval import (PSNR_CAP_DB, fit_pyramid, psnr, psnr_per_frame, ssim,
@@ -139,6 +139,28 @@ def test_edge_loss_penalises_a_blurred_step():
     plain, _ = reconstruction_loss(blurred, step, LossConfig())
     with_edge, terms = reconstruction_loss(blurred, step, LossConfig(edge_weight=3.0))
     assert float(with_edge - plain) == pytest.approx(3.0 * terms["edge"]) and terms["edge"] == pytest.approx(1 / 7)
+
+
+def test_content_weights_cover_both_sides_of_the_edge():
+    frame = -torch.ones(1, 3, 2, 16, 16)
+    frame[:, :, :, 6:10, 6:10] = 1.0                    # a 4x4 object on a flat background, two frames
+    obj = torch.zeros(16, 16, dtype=torch.bool)
+    obj[6:10, 6:10] = True
+    ring = torch.zeros(16, 16, dtype=torch.bool)
+    ring[4:12, 4:12] = True                             # the object and every pixel within 2 (Chebyshev) of it
+    for margin, heavy in ((0, obj), (2, ring)):
+        w = content_weights(frame, 10.0, margin)
+        assert w.shape == (1, 1, 2, 16, 16)
+        assert torch.equal(w[0, 0], torch.where(heavy, 11.0, 1.0).expand(2, 16, 16))
+    # with the margin, painting the ring just outside costs as much as eroding the ring just inside
+    grown, eroded = frame.clone(), frame.clone()
+    grown[:, :, :, 5:11, 5:11] = 1.0
+    eroded[:, :, :, 6:10, 6:10] = -1.0
+    eroded[:, :, :, 7:9, 7:9] = 1.0
+    cost = lambda x, m: float(reconstruction_loss(x, frame, LossConfig(l2_weight=0, content_weight=10.0,
+                                                                       content_margin=m))[0])
+    assert cost(grown, 2) == pytest.approx(cost(eroded, 2) * 20 / 12)   # 20 ring pixels outside, 12 inside
+    assert cost(grown, 0) < cost(eroded, 0) / 5                        # object-only weights favour growing
 
 
 # --- training -----------------------------------------------------------------------------------------------------

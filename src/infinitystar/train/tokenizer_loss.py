@@ -18,6 +18,7 @@ class LossConfig:
     l1_weight: float = 1.0
     l2_weight: float = 1.0               # squared error: L1 alone ignores small objects for long (docs)
     content_weight: float = 0.0          # extra per-pixel weight where the target differs from its frame's median
+    content_margin: int = 2              # ... and within this many pixels of such a pixel (both sides of an edge)
     edge_weight: float = 0.0             # L1 between the spatial finite differences of recon and target (sharp edges)
     kl_weight: float = 1e-5              # continuous mode only
     quant_weight: float = 1.0            # bitwise: weight of the BSQ aux loss (the official `lfq_weight` role)
@@ -29,20 +30,26 @@ class LossConfig:
 CONTENT_THRESHOLD = 0.1   # in [-1, 1] units: ~13 levels of uint8, above flat-region noise
 
 
-def content_weights(video: torch.Tensor, weight: float) -> torch.Tensor:
+def content_weights(video: torch.Tensor, weight: float, margin: int = 2) -> torch.Tensor:
     """Per-pixel loss weights (B, 1, T, H, W): 1 + `weight` where any channel of the target is more than
-    CONTENT_THRESHOLD away from its frame's per-channel median. On sparse content (a small object on a flat
-    background) the median is the background, so the object is up-weighted; see docs/tokenizer.md."""
+    CONTENT_THRESHOLD away from its frame's per-channel median, or within `margin` pixels of such a pixel. On
+    sparse content (a small object on a flat background) the median is the background, so the object is
+    up-weighted; see docs/tokenizer.md. The margin weights both sides of the object's edge alike: without it a
+    pixel the decoder is unsure of costs `weight` times more if left background than if painted, and objects
+    come back a pixel too large all round."""
     median = video.flatten(3).median(dim=-1).values[..., None, None]
-    salient = (video - median).abs().amax(dim=1, keepdim=True) > CONTENT_THRESHOLD
-    return 1.0 + weight * salient.to(video.dtype)
+    salient = ((video - median).abs().amax(dim=1, keepdim=True) > CONTENT_THRESHOLD).to(video.dtype)
+    if margin > 0:
+        salient = torch.nn.functional.max_pool3d(salient, (1, 2 * margin + 1, 2 * margin + 1), stride=1,
+                                                 padding=(0, margin, margin))
+    return 1.0 + weight * salient
 
 
 def reconstruction_loss(recon: torch.Tensor, video: torch.Tensor, loss: LossConfig) -> tuple[torch.Tensor, dict]:
     """l1_weight * L1 + l2_weight * MSE (means over pixels, weighted by `content_weights` when
     loss.content_weight > 0)."""
     diff = recon.float() - video.float()
-    w = content_weights(video, loss.content_weight) if loss.content_weight > 0 else None
+    w = content_weights(video, loss.content_weight, loss.content_margin) if loss.content_weight > 0 else None
     l1 = diff.abs().mean() if w is None else (w * diff.abs()).mean()
     out = loss.l1_weight * l1
     terms = {"l1": float(l1.detach())}
