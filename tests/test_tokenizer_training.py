@@ -2,6 +2,7 @@
 knowledge inheritance, the reconstruct command and the PSNR/SSIM metrics. Tiny models on 5-frame 64x64 clips."""
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,6 +208,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, continu
     log = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     strip = lambda recs: [{k: v for k, v in r.items() if k not in ("s_per_step", "peak_memory_mb")} for r in recs]
     assert strip(log("full")) == strip(log("split"))
+
+
+def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(tmp_path):
+    over = {"loss": {"adversarial_weight": 0.1, "adversarial_start": 1, "discriminator_channels": 8},
+            "checkpoint": {"every": 1}}
+    full = train(_cfg(tmp_path, "full", **over))
+    train(_cfg(tmp_path, "split", **over), until=2)
+    assert (tmp_path / "split" / "checkpoints" / "step_00000002" / "discriminator" / "model.safetensors").is_file()
+    resumed = train(_cfg(tmp_path, "split", **over), resume="latest")
+    a = VideoVAE.from_pretrained(full.model_dir).state_dict()
+    b = VideoVAE.from_pretrained(resumed.model_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)     # the restored discriminator steers the same updates
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in lines}
+    assert "g_loss" not in steps[1] and {"g_loss", "d_loss", "d_real", "d_fake"} <= set(steps[2])
+    plain = train(_cfg(tmp_path, "plain"))              # the term changes what the decoder learns
+    c = VideoVAE.from_pretrained(plain.model_dir).state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert not (Path(full.model_dir) / "discriminator").exists()   # the exported tokenizer has no discriminator
+    with pytest.raises(ConfigError, match="loss.adversarial_weight"):
+        _cfg(tmp_path, "x", loss={"adversarial_weight": -1.0})
 
 
 def test_inheritance_loads_the_continuous_weights(tmp_path, continuous_dir):

@@ -227,6 +227,12 @@ class Harness:
         """Extra entries of a checkpoint's trainer.json."""
         return {}
 
+    def save_state(self, folder: Path) -> None:
+        """Extra training state of a checkpoint (e.g. a discriminator and its optimizer), written into `folder`."""
+
+    def load_state(self, folder: Path, meta: dict) -> None:
+        """Restore what `save_state` wrote."""
+
     def export(self, directory: Path) -> Optional[Path]:
         """Write the finished model folder (called when train.max_steps is reached); None: nothing to export."""
         return None
@@ -333,6 +339,7 @@ class Harness:
         keep_optimizer = self.config.checkpoint.save_optimizer
         if keep_optimizer:
             save_optimizer(tmp, self.optimizer)
+        self.save_state(tmp)
         meta = {"step": self.step, "has_optimizer": keep_optimizer, "has_ema": self.ema is not None,
                 "nonfinite_steps": self.nonfinite_steps, **self.checkpoint_meta(), "config": self.config.to_dict()}
         _atomic_write_text(tmp / TRAINER_FILE, json.dumps(meta, indent=1))
@@ -343,6 +350,7 @@ class Harness:
         meta = read_meta(path)
         self.load_weights(path, meta)
         load_optimizer_file(path, meta, self.optimizer, self.device)
+        self.load_state(path, meta)
         if self.ema is not None:
             self.ema.load_full(read_tensors(path / "ema.safetensors") if meta.get("has_ema")
                                else {n: p.detach() for n, p in self.ema.params})   # EMA switched on: from the weights

@@ -34,6 +34,7 @@ from infinitystar.checkpoint_io import CONFIG_FILE as CONFIG_NAME
 from infinitystar.tokenizer.video_vae import PRESETS, VideoVAE, VideoVAEConfig
 from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig, LogConfig, OptimConfig,
                                        PyramidSection, TrainBase, check_ranges, check_run, preset_section)
+from infinitystar.train.adversarial import Adversary
 from infinitystar.train.harness import Harness, publish_folder
 from infinitystar.train.tokenizer_data import ManifestSource, ShapesSource
 from infinitystar.train.tokenizer_loss import (LossConfig, bit_usage, calibrate_scale, kl_divergence,
@@ -103,12 +104,14 @@ def check_tokenizer_run(cfg, freezable: tuple[str, ...]) -> None:
     t, d, q, lo = cfg.train, cfg.data, cfg.quant, cfg.loss
     check_run(cfg)
     check_ranges(positive={"train.batch_size": t.batch_size, "data.height": d.height, "data.width": d.width,
+                           "loss.discriminator_channels": lo.discriminator_channels,
                            "data.val_samples": d.val_samples, "loss.inv_temperature": lo.inv_temperature,
                            "quant.calibration_clips": q.calibration_clips},
                  non_negative={"train.val_every": t.val_every, "loss.l1_weight": lo.l1_weight,
                                "loss.l2_weight": lo.l2_weight, "loss.kl_weight": lo.kl_weight,
                                "loss.content_weight": lo.content_weight, "loss.content_margin": lo.content_margin,
-                               "loss.edge_weight": lo.edge_weight,
+                               "loss.edge_weight": lo.edge_weight, "loss.adversarial_weight": lo.adversarial_weight,
+                               "loss.adversarial_start": lo.adversarial_start,
                                "loss.quant_weight": lo.quant_weight,
                                "loss.commitment_weight": lo.commitment_weight,
                                "loss.entropy_weight": lo.entropy_weight},
@@ -228,6 +231,10 @@ class TokenizerTrainer(Harness):
             if name.startswith(self.frozen_prefixes()):
                 p.requires_grad_(False)
         self.setup_optimizer(self.model)
+        self.adversary: Optional[Adversary] = None
+        if cfg.loss.adversarial_weight > 0:
+            with self.seeded("discriminator"):
+                self.adversary = Adversary(cfg.loss.discriminator_channels, cfg.optim.lr, self.device)
         self.begin()
         self.val_clips = self.source.val_clips()
 
@@ -316,7 +323,14 @@ class TokenizerTrainer(Harness):
     def forward_backward(self) -> dict[str, Any]:
         video = self.batch(self.step)
         loss, terms, recon = self.losses(video, self.step)
+        adversarial = self.adversary is not None and self.step >= self.config.loss.adversarial_start
+        if adversarial:
+            g_loss = self.adversary.generator_loss(recon)
+            loss = loss + self.config.loss.adversarial_weight * g_loss
+            terms["g_loss"] = float(g_loss.detach())
         loss.backward()
+        if adversarial:
+            terms.update(self.adversary.step(video, recon, self.optimizer.param_groups[0]["lr"]))
         # mean of per-clip PSNRs, like validation (an overall-MSE PSNR is dominated by the hardest clip)
         terms["psnr"] = sum(psnr(r, v) for r, v in zip(recon.detach(), video)) / len(video)
         return terms
@@ -352,12 +366,20 @@ class TokenizerTrainer(Harness):
         return line
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"mode": self.config.mode, "calibration": self.calibration}
+        return {"mode": self.config.mode, "calibration": self.calibration, "adversarial": self.adversary is not None}
 
     def load_weights(self, folder: Path, meta: dict) -> None:
         if meta.get("mode", self.config.mode) != self.config.mode:
             raise CheckpointError(f"{folder}: a {meta.get('mode')} checkpoint cannot resume a {self.config.mode} run")
         super().load_weights(folder, meta)
+
+    def save_state(self, folder: Path) -> None:
+        if self.adversary is not None:
+            self.adversary.save(folder)
+
+    def load_state(self, folder: Path, meta: dict) -> None:
+        if self.adversary is not None and meta.get("adversarial"):
+            self.adversary.load(folder)   # a checkpoint from before the term was switched on: a fresh discriminator
 
     def restored(self, meta: dict) -> None:
         self.calibration = meta.get("calibration")

@@ -20,6 +20,9 @@ class LossConfig:
     content_weight: float = 0.0          # extra per-pixel weight where the target differs from its frame's median
     content_margin: int = 2              # ... and within this many pixels of such a pixel (both sides of an edge)
     edge_weight: float = 0.0             # L1 between the spatial finite differences of recon and target (sharp edges)
+    adversarial_weight: float = 0.0      # patch discriminator on frames, hinge loss (train/adversarial.py); 0: off
+    adversarial_start: int = 0           # first step of the adversarial term (the discriminator trains from here too)
+    discriminator_channels: int = 32
     kl_weight: float = 1e-5              # continuous mode only
     quant_weight: float = 1.0            # bitwise: weight of the BSQ aux loss (the official `lfq_weight` role)
     commitment_weight: float = 0.25      # official per-scale aux: 0.25 * commit + (entropy / 100) * 0.1
