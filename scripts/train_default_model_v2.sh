@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The next built-in default model (issue 12; docs/default_model.md, "Toward the next model"), end to end. Every
+# stage resumes: re-run the script after an interruption and finished stages are skipped, interrupted ones continue
+# from their last checkpoint. Runs go to runs/default_v2 and data to data/default_v2 (make them links to folders
+# outside the checkout to keep it small). THREADS (default 1) sets the torch threads of each training; the
+# tokenizer's decoder stage and the generator are independent once the frozen encoder exists, so run the script
+# twice with STAGE=decoder and STAGE=generator on two cores to overlap them (default: everything, in order).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS="${THREADS:-1}"
+STAGE="${STAGE:-all}"
+export OMP_NUM_THREADS="$THREADS"
+C=configs/default_v2
+R=runs/default_v2
+D=data/default_v2
+
+resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
+tok() { infinitystar train tokenizer "$@" --set train.threads="$THREADS"; }
+
+if [ "$STAGE" = all ] || [ "$STAGE" = tokenizer ]; then
+  # 1a. continuous video VAE from scratch, to step 2,200 of its 3,000-step cosine
+  [ -d $R/tokenizer_continuous_2/checkpoints ] || [ -d $R/tokenizer_continuous_1/checkpoints/step_00002200 ] ||
+    tok $C/tokenizer_continuous_1.yaml --until 2200 $(resume_flag $R/tokenizer_continuous_1)
+  # 1b. that checkpoint continued with the edge term on a 6,000-step cosine
+  if [ ! -d $R/tokenizer_continuous_2/checkpoints ]; then
+    mkdir -p $R/tokenizer_continuous_2/checkpoints
+    cp -r $R/tokenizer_continuous_1/checkpoints/step_00002200 $R/tokenizer_continuous_2/checkpoints/
+  fi
+  [ -f $R/tokenizer_continuous_2/model/model.safetensors ] || tok $C/tokenizer_continuous_2.yaml --resume
+  # 1c. fine-tuned with the content margin
+  [ -f $R/tokenizer_continuous_3/model/model.safetensors ] ||
+    tok $C/tokenizer_continuous_3.yaml $(resume_flag $R/tokenizer_continuous_3)
+  # 2. the bitwise tokenizer inherited from it; its first checkpoint fixes the encoder side the generator learns
+  if [ ! -f $R/tokenizer_frozen_encoder/model.safetensors ]; then
+    tok $C/tokenizer_bitwise.yaml --until 1 $(resume_flag $R/tokenizer_bitwise)
+    mkdir -p $R/tokenizer_frozen_encoder
+    cp $R/tokenizer_bitwise/checkpoints/step_00000001/{config.json,model.safetensors,pyramid.json} \
+       $R/tokenizer_frozen_encoder/
+  fi
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = decoder ]; then
+  # 2 (continued). the decoder learns to draw from the quantized latents
+  [ -f $R/tokenizer_bitwise/model/model.safetensors ] || tok $C/tokenizer_bitwise.yaml --resume
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
+  # 3. the generator's data: images, 17-frame videos, 33-65-frame videos with a caption per 16-frame segment
+  [ -f $D/long_videos.jsonl ] ||
+    python -m infinitystar.shapes.data $D --n-images 10000 --n-videos 10000 --n-long 2000 --video-format npy
+  # 4. the built-in text encoder's initial weights (trained with the generator)
+  [ -f $R/text_encoder_init/config.json ] || python -m infinitystar.text.builtin $R/text_encoder_init
+  # 5. latents through the frozen encoder, once (resumable)
+  infinitystar extract-features --config $C/generator.yaml
+  # 6. the generator (and the text encoder)
+  infinitystar train generator $C/generator.yaml $(resume_flag $R/generator)
+fi
+
+if [ "$STAGE" = all ]; then
+  # 7. the model folder (EMA weights) with the fine-tuned decoder
+  infinitystar export $R/generator "${OUT:-$R/export}" --tokenizer $R/tokenizer_bitwise/model \
+    --defaults "$(cat $C/defaults.json)"
+fi
