@@ -151,20 +151,26 @@ def test_chunk_plans():
     assert encode_chunks(81) == [9] + [8] * 9
     assert encode_chunks(1) == [1] and encode_chunks(5) == [5] and encode_chunks(13) == [13]
     assert encode_chunks(21) == [13, 8]
-    assert decode_chunks(1) == [(1, False)]
-    assert decode_chunks(2) == [(2, True)]
-    assert decode_chunks(5) == [(3, False), (2, False)]
-    assert decode_chunks(4) == [(4, True)]
-    assert decode_chunks(8) == [(4, True), (2, False), (2, False)]
+    assert decode_chunks(1) == [1] and decode_chunks(2) == [2] and decode_chunks(4) == [4]
+    assert decode_chunks(5) == [3, 2]
+    assert decode_chunks(8) == [4, 2, 2]
+    assert decode_chunks(21) == [3] + [2] * 9
+    assert decode_chunks(21, 1) == [2] + [1] * 19 and decode_chunks(2, 1) == [2] and decode_chunks(3, 1) == [2, 1]
+    assert decode_chunks(21, 4) == [5] + [4] * 4 and decode_chunks(8, 3) == [5, 3] and decode_chunks(9, 3) == [6, 3]
+    with pytest.raises(ValueError, match="at least one latent frame"):
+        decode_chunks(5, 0)
 
 
-@pytest.mark.parametrize("t_lat", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("t_lat", [1, 2, 3, 4, 5, 6, 7])
 def test_chunked_decode_equals_one_pass(model, t_lat):
+    """Every chunk size (the official 2, and 1, 3, 4: odd later chunks too) gives the one-pass frames."""
     z = torch.randn(1, 64, t_lat, 1, 2, generator=torch.Generator().manual_seed(t_lat))
     with torch.no_grad():
-        a, b = model.decode(z), model.decode(z, chunked=False)
-    assert a.shape == (1, 3, 1 + 4 * (t_lat - 1), 16, 32)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        b = model.decode(z, chunked=False)
+        for chunk in (2, 1, 3, 4):
+            a = model.decode(z, chunk=chunk)
+            assert a.shape == (1, 3, 1 + 4 * (t_lat - 1), 16, 32)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_decode_is_causal(model):

@@ -258,18 +258,20 @@ def encode_chunks(frames: int) -> list[int]:
     return [ENCODE_CHUNK_FRAMES + rest] + [ENCODE_CHUNK_FRAMES] * (frames // ENCODE_CHUNK_FRAMES - 1)
 
 
-def decode_chunks(latent_frames: int) -> list[tuple[int, bool]]:
-    """(latent frames, split_first) per decoder chunk: 2 each; an odd count starts with 3; an even count starts
-    with 4 flagged split_first (its first frame is the clip's lone first frame, so the upsamplers must average
-    it down to one output frame although the chunk length is even). 1 and 2 latent frames are one chunk (the
-    official code crashes on 2)."""
+def decode_chunks(latent_frames: int, size: int = DECODE_CHUNK_LATENTS) -> list[int]:
+    """Latent frames per decoder chunk: `size` each, the first chunk also taking the clip's lone first frame and
+    the remainder (the official plan with size 2: 3, 2, 2, ... for an odd count, 4, 2, ... for an even one); a
+    count up to size + 1 is one chunk. Any plan gives the one-pass frames: every temporal conv carries its last
+    frames from chunk to chunk, and only the first chunk's first frame decodes to a single frame."""
     n = latent_frames
     if n < 1:
         raise ValueError(f"need at least one latent frame, got {n}")
-    if n <= 2:
-        return [(n, n == 2)]
-    first = 3 if n % 2 else 4
-    return [(first, n % 2 == 0)] + [(DECODE_CHUNK_LATENTS, False)] * ((n - first) // DECODE_CHUNK_LATENTS)
+    if size < 1:
+        raise ValueError(f"decoder chunks need at least one latent frame, got {size}")
+    if n <= size + 1:
+        return [n]
+    first = 1 + size + (n - 1 - size) % size
+    return [first] + [size] * ((n - first) // size)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -491,8 +493,8 @@ class DCDown3d(nn.Module):
 
 class DCUp3d(nn.Module):
     """norm -> SiLU -> conv to out*4*tf -> depth-to-space (pt ph pw c), plus the input tiled along channels and
-    depth-to-space'd. With tf > 1 and an odd frame count (or `split_first`) the first tf output frames are
-    averaged into one, so 1 + n latent frames give 1 + tf*n frames."""
+    depth-to-space'd. With tf > 1 and `first` (h begins with the clip's first frame) the first tf output frames
+    are averaged into one, so 1 + n frames give 1 + tf*n frames (a later chunk's n frames give tf*n)."""
 
     def __init__(self, in_channels: int, out_channels: int, time_factor: int):
         super().__init__()
@@ -502,18 +504,18 @@ class DCUp3d(nn.Module):
         self.norm = RMSNorm(in_channels)
         self.conv = CausalConv3d(in_channels, out_channels * 4 * time_factor)
 
-    def forward(self, h: torch.Tensor, cache: Cache = None, split_first: bool = False) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: Cache = None, first: bool = True) -> torch.Tensor:
         tf = self.time_factor
         if not torch.is_grad_enabled() and h.shape[1] % self.out_channels == 0:
-            return self._forward_inference(h, cache, split_first)
+            return self._forward_inference(h, cache, first)
         x = depth_to_space(self.conv(F.silu(self.norm(h)), cache), tf)
         y = depth_to_space(h.repeat(1, self.repeats, 1, 1, 1), tf)
-        if tf > 1 and (h.shape[2] % 2 == 1 or split_first):
+        if tf > 1 and first:
             x = torch.cat([x[:, :, :tf].mean(2, keepdim=True), x[:, :, tf:]], dim=2)
             y = torch.cat([y[:, :, :tf].mean(2, keepdim=True), y[:, :, tf:]], dim=2)
         return x + y
 
-    def _forward_inference(self, h: torch.Tensor, cache: Cache, split_first: bool) -> torch.Tensor:
+    def _forward_inference(self, h: torch.Tensor, cache: Cache, first: bool) -> torch.Tensor:
         """`forward`'s values with two full-size temporaries fewer (the last upsampler's output is the decoder's
         largest tensor): the shortcut is written straight into the output from h's channels (no tiled copy), the
         convolution is added to it as a permuted view (no depth-to-space copy), and the averaged first frame is
@@ -527,7 +529,7 @@ class DCUp3d(nn.Module):
                 for pw in range(2):
                     k = ((pt * 2 + ph) * 2 + pw) * c % cin
                     out[:, :, :, pt, :, ph, :, pw] = h[:, k:k + c]
-        average = tf > 1 and (t % 2 == 1 or split_first)
+        average = tf > 1 and first
         if average:
             y0 = out[:, :, :1].reshape(b, c, tf, 2 * hh, 2 * ww).mean(2, keepdim=True)
             first = depth_to_space(conv[:, :, :1], tf).mean(2, keepdim=True) + y0
@@ -571,11 +573,11 @@ class UpBlock(nn.Module):
         self.upsamplers = (nn.ModuleList([_Resampler(DCUp3d(channels, out_channels, time_factor))])
                            if out_channels is not None else None)
 
-    def forward(self, x: torch.Tensor, cond: _LatentCond, cache: Cache = None, split_first: bool = False):
+    def forward(self, x: torch.Tensor, cond: _LatentCond, cache: Cache = None, first: bool = True):
         for r in self.resnets:
             x = r(x, cond, cache)
         if self.upsamplers is not None:
-            x = self.upsamplers[0].conv(x, cache, split_first)
+            x = self.upsamplers[0].conv(x, cache, first)
         return x
 
 
@@ -625,7 +627,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, latent, T_lat, h, w) -> video (B, 3, 1 + st*(T_lat-1), h*ss, w*ss) (see DCUp3d)."""
+    """Latent (B, latent, T_lat, h, w) -> video (B, 3, 1 + st*(T_lat-1), h*ss, w*ss), or st*T_lat frames for a
+    later chunk of a clip (`first=False`: z does not begin with the clip's first frame; see DCUp3d)."""
 
     def __init__(self, config: VideoVAEConfig):
         super().__init__()
@@ -641,12 +644,12 @@ class Decoder(nn.Module):
         self.norm_out = SpatialNorm3D(c[-1], z)
         self.conv_out = CausalConv3d(c[-1], config.out_channels)
 
-    def forward(self, z: torch.Tensor, cache: Cache = None, split_first: bool = False) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cache: Cache = None, first: bool = True) -> torch.Tensor:
         cond = _LatentCond(z)
         x = self.conv_in(z, cache)
         x = self.mid_block(x, cond, cache)
         for block in self.up_blocks:
-            x = block(x, cond, cache, split_first)
+            x = block(x, cond, cache, first)
         return self.conv_out(F.silu(self.norm_out(x, cond), inplace=not torch.is_grad_enabled()), cache)
 
 
@@ -791,10 +794,15 @@ class VideoVAE(PretrainedMixin, nn.Module):
 
     # --- decode ---------------------------------------------------------------------------------------------
     def decode(self, z: torch.Tensor, chunked: bool = True, precision: torch.dtype = torch.float32,
-               tile: Optional[int] = None, tile_overlap: int = TILE_OVERLAP) -> torch.Tensor:
+               tile: Optional[int] = None, tile_overlap: int = TILE_OVERLAP,
+               chunk: int = DECODE_CHUNK_LATENTS) -> torch.Tensor:
         """Latent (B, 64, T_lat, h, w) -> video (B, 3, 1 + 4(T_lat-1), 16h, 16w) (released strides), roughly in
         [-1, 1] (not clamped), in the input's dtype. Any T_lat >= 1 works. `chunked=False` runs one pass.
         precision: the decoder's compute dtype (autocast); the latent projection stays in float32.
+
+        chunk: latent frames per decoder chunk (`decode_chunks`; 2, the official plan, by default). The decoder's
+        activations grow with the chunk's frames (4 output frames per latent frame), so 1 bounds them lowest; the
+        frames are those of one pass whatever the chunk (the causal convs carry their state across chunks).
 
         tile: decode a latent larger than `tile` x `tile` cells in overlapping spatial tiles of at most that size
         (each tile still chunked in time), blended linearly over `tile_overlap` cells. It bounds memory by the
@@ -806,9 +814,9 @@ class VideoVAE(PretrainedMixin, nn.Module):
                 raise ValueError(f"tile must be a positive number of latent cells larger than tile_overlap >= 0, "
                                  f"got tile={tile}, tile_overlap={tile_overlap}")
             if max(z.shape[3:]) > tile:
-                return self._decode_tiled(self._prepare(z, "latent"), chunked, precision, tile,
+                return self._decode_tiled(self._prepare(z, "latent"), chunked and chunk, precision, tile,
                                           tile_overlap).to(z.dtype)
-        return self._decode_latent(self._prepare(z, "latent"), chunked, precision).to(z.dtype)
+        return self._decode_latent(self._prepare(z, "latent"), chunked and chunk, precision).to(z.dtype)
 
     def _check_latent(self, z: torch.Tensor) -> None:
         cfg = self.config
@@ -820,15 +828,15 @@ class VideoVAE(PretrainedMixin, nn.Module):
         if min(z.shape[2:]) < 1:
             raise ValueError(f"latent has an empty dimension: {tuple(z.shape)}")
 
-    def _decode_latent(self, z: torch.Tensor, chunked: bool, precision: torch.dtype) -> torch.Tensor:
+    def _decode_latent(self, z: torch.Tensor, chunk: int, precision: torch.dtype) -> torch.Tensor:
+        """chunk: latent frames per decoder chunk; 0: one pass."""
         zq = unpatchify(self.project_up(z))
         with autocast(zq.device, precision):
-            if chunked:
-                return self._decode_chunks(zq, {}, decode_chunks(zq.shape[2]))
-            # one pass: an even count's first frame still is the clip's lone first frame
-            return self.decoder(zq, None, split_first=zq.shape[2] % 2 == 0)
+            if chunk:
+                return self._decode_chunks(zq, {}, decode_chunks(zq.shape[2], chunk), first=True)
+            return self.decoder(zq, None)
 
-    def _decode_tiled(self, z: torch.Tensor, chunked: bool, precision: torch.dtype, tile: int,
+    def _decode_tiled(self, z: torch.Tensor, chunk: int, precision: torch.dtype, tile: int,
                       overlap: int) -> torch.Tensor:
         s = self.config.spatial_stride
         rows, cols = tile_starts(z.shape[3], tile, overlap), tile_starts(z.shape[4], tile, overlap)
@@ -836,7 +844,7 @@ class VideoVAE(PretrainedMixin, nn.Module):
         out = wy = wx = None
         for y in rows:
             for x in cols:
-                part = self._decode_latent(z[:, :, :, y:y + th, x:x + tw], chunked, precision)
+                part = self._decode_latent(z[:, :, :, y:y + th, x:x + tw], chunk, precision)
                 if out is None:        # blended in float32 (at least) whatever the decoder computed in
                     dt = torch.promote_types(part.dtype, torch.float32)
                     out = part.new_zeros(*part.shape[:3], z.shape[3] * s, z.shape[4] * s, dtype=dt)
@@ -851,16 +859,19 @@ class VideoVAE(PretrainedMixin, nn.Module):
                 del part
         return out.div_(wy[:, None] * wx)
 
-    def _decode_chunks(self, zq: torch.Tensor, cache: dict, plan: list[tuple[int, bool]]) -> torch.Tensor:
+    def _decode_chunks(self, zq: torch.Tensor, cache: dict, plan: list[int], first: bool) -> torch.Tensor:
+        """Decode zq in chunks of `plan` latent frames, carrying `cache`; `first`: zq begins with the clip's first
+        frame."""
         parts, start = [], 0
-        for n, split_first in plan:
-            parts.append(self.decoder(zq[:, :, start:start + n], cache, split_first))
+        for i, n in enumerate(plan):
+            parts.append(self.decoder(zq[:, :, start:start + n], cache, first and i == 0))
             start += n
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
-    def decode_stream(self) -> "DecodeStream":
-        """A decoder for a latent video that arrives piece by piece (clip-by-clip generation)."""
-        return DecodeStream(self)
+    def decode_stream(self, chunk: int = DECODE_CHUNK_LATENTS) -> "DecodeStream":
+        """A decoder for a latent video that arrives piece by piece (clip-by-clip generation), in decoder chunks of
+        `chunk` latent frames."""
+        return DecodeStream(self, chunk)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """Reconstruction through the posterior mean."""
@@ -892,10 +903,12 @@ class DecodeStream:
     """Decodes a latent video piece by piece, keeping the decoder's causal state (the last frames each temporal
     conv saw) between pieces, so the frames of all pieces equal one chunked `VideoVAE.decode` of their
     concatenation, at a cost per piece that does not grow with the video. The first piece may have any number of
-    latent frames; the later ones an even number (whole 2-latent decoder chunks: a 20- or 4-frame clip)."""
+    latent frames; the later ones an even number (whole 2-latent decoder chunks: a 20- or 4-frame clip). chunk:
+    latent frames per decoder chunk, as in `VideoVAE.decode`."""
 
-    def __init__(self, vae: VideoVAE):
+    def __init__(self, vae: VideoVAE, chunk: int = DECODE_CHUNK_LATENTS):
         self.vae = vae
+        self.chunk = chunk
         self.cache: dict = {}
         self.latent_frames = 0
 
@@ -908,11 +921,12 @@ class DecodeStream:
         if self.latent_frames and n % DECODE_CHUNK_LATENTS:
             raise ValueError(f"a continuing piece must have a multiple of {DECODE_CHUNK_LATENTS} latent frames "
                              f"(whole decoder chunks), got {n}")
-        plan = decode_chunks(n) if not self.latent_frames else [(DECODE_CHUNK_LATENTS, False)] * (
-            n // DECODE_CHUNK_LATENTS)
+        first = not self.latent_frames
+        plan = decode_chunks(n, self.chunk) if first else [self.chunk] * (n // self.chunk) + [n % self.chunk] * (
+            n % self.chunk > 0)
         zq = unpatchify(vae.project_up(vae._prepare(z, "latent")))
         with autocast(zq.device, precision):
-            out = vae._decode_chunks(zq, self.cache, plan)
+            out = vae._decode_chunks(zq, self.cache, plan, first)
         self.latent_frames += n
         return out.to(z.dtype)
 
