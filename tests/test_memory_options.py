@@ -17,7 +17,7 @@ from infinitystar.sampling.generate import Caption, generate
 from infinitystar.sampling.guidance import Guidance
 from infinitystar.tokenizer.video_vae import VideoVAE, tile_starts
 
-PLAIN = MemoryOptions(text_encoder="device", token_chunk=None)
+PLAIN = MemoryOptions(text_encoder="device", token_chunk=None, vae_chunk=2)     # no option: the official decode
 
 
 def _tiny_generation(token_chunk):
@@ -48,6 +48,8 @@ def test_token_chunk_is_validated():
         MemoryOptions(text_encoder="gpu")
     with pytest.raises(ValueError, match="vae_tile"):
         MemoryOptions(vae_tile=4, vae_tile_overlap=4)
+    with pytest.raises(ValueError, match="vae_chunk"):
+        MemoryOptions(vae_chunk=0)
 
 
 @pytest.mark.parametrize("options", [
@@ -64,6 +66,24 @@ def test_pipeline_options_give_the_plain_frames(options):
         frames.append((out.codes, out.frames[0]))
     assert torch.allclose(frames[0][0], frames[1][0], atol=1e-6)
     assert np.array_equal(frames[0][1], frames[1][1])
+
+
+def test_vae_chunks_and_offload_for_decode_give_the_plain_frames():
+    """17 frames (5 latent frames): VAE decoder chunks of 1 and 3 latent frames give the plain decode's frames up to
+    float rounding, the codes identically; offload_for_decode too (on the CPU host and device are one, so it moves
+    nothing: its moves are checked in tests/test_plan.py on the simulated device)."""
+    outs = []
+    for opts in (PLAIN, MemoryOptions(vae_chunk=1, offload_for_decode=True), MemoryOptions(vae_chunk=3)):
+        pipe = InfinityStarPipeline.random_tiny(seed=0)
+        pipe.memory = opts
+        pipe.to("cpu")
+        outs.append(pipe("a large red circle moving right", num_frames=17, output_type="pt",
+                         generator=torch.Generator().manual_seed(1)))
+    ref = outs[0]
+    assert ref.frames.shape == (1, 17, 3, 64, 64)
+    for out in outs[1:]:
+        assert torch.equal(out.codes, ref.codes)
+        assert (out.frames - ref.frames).abs().max().item() <= 1e-6
 
 
 def test_from_pretrained_places_the_parts_as_the_options_say(tmp_path):
@@ -117,9 +137,10 @@ def test_memory_flags_round_trip():
     add_memory_flags(p)
     assert memory_from_args(p.parse_args([])) == MemoryOptions()
     got = memory_from_args(p.parse_args(["--text-encoder", "cpu", "--token-chunk", "0", "--vae-tile", "32",
-                                         "--vae-tile-overlap", "6", "--sequential-offload"]))
+                                         "--vae-tile-overlap", "6", "--sequential-offload", "--vae-chunk", "1",
+                                         "--offload-for-decode"]))
     assert got == MemoryOptions(text_encoder="cpu", token_chunk=None, vae_tile=32, vae_tile_overlap=6,
-                                sequential_offload=True)
+                                sequential_offload=True, vae_chunk=1, offload_for_decode=True)
 
 
 # --- VAE decode: spatial tiles ------------------------------------------------------------------------------------
@@ -179,10 +200,10 @@ def test_inference_decode_in_place_equals_the_autograd_path(shipped_vae_and_late
     torch.manual_seed(frames)
     for vae in (shipped_vae_and_latent[0], VideoVAE(VideoVAEConfig.tiny()).eval()):
         z = torch.randn(1, vae.config.codebook_dim, frames, 4, 6)
-        for chunked in (True, False):
+        for chunked, chunk in ((True, 2), (True, 1), (False, 2)):
             with torch.no_grad():
-                fast = vae.decode(z, chunked=chunked)
-            assert torch.equal(fast, vae.decode(z, chunked=chunked).detach())
+                fast = vae.decode(z, chunked=chunked, chunk=chunk)
+            assert torch.equal(fast, vae.decode(z, chunked=chunked, chunk=chunk).detach())
 
 
 # --- weights in bf16 ----------------------------------------------------------------------------------------------
@@ -204,3 +225,4 @@ def test_bf16_weights_track_the_fp32_path():
         assert (a["cond"].float() - b["cond"].float()).abs().max().item() <= 0.1
         same = (a["cond"][..., 1] > a["cond"][..., 0]) == (b["cond"][..., 1] > b["cond"][..., 0])
         assert same.float().mean().item() >= 0.99
+

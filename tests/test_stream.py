@@ -29,7 +29,7 @@ class FrameTokenizer:
     """A causal stand-in for the video VAE (8x space, 4x time): latent frame 0 -> 1 frame, every later latent frame
     -> 4 frames, each frame from its latent alone; encode keeps frames 0, 1, 5, 9, ... pooled to 8x8."""
 
-    def decode(self, z, first=True, precision=torch.float32):
+    def decode(self, z, first=True, precision=torch.float32, chunk=2):       # every chunking gives the same
         x = torch.tanh(z[:, :3]).repeat_interleave(8, 3).repeat_interleave(8, 4)
         if not first:
             return x.repeat_interleave(4, dim=2)
@@ -39,7 +39,7 @@ class FrameTokenizer:
         x = torch.nn.functional.avg_pool3d(video[:, :, ::4], (1, 8, 8))
         return x.repeat(1, 22, 1, 1, 1)[:, :64]
 
-    def decode_stream(self):
+    def decode_stream(self, chunk=2):
         tok, started = self, []
 
         class Stream:

@@ -2,19 +2,23 @@
 
 `MemoryOptions` is one pipeline argument (`InfinityStarPipeline(..., memory=...)`, `from_pretrained(memory=...)`)
 and one CLI flag per field (`infinitystar generate` / `plan`). Each option changes where and in which pieces the
-same numbers are computed, never which numbers (token chunks and sequential offload give the plain results up to
-float rounding; VAE tiling differs near tile seams, within the tolerance the tests state):
+same numbers are computed, never which numbers (token chunks and VAE chunks give the plain results up to float
+rounding, the offloads bit for bit; VAE tiling differs near tile seams, within the tolerance the tests state):
 
 * text_encoder: "device" keeps the text encoder on the accelerator; "offload" keeps it on the host and moves it to
   the accelerator only while it encodes; "cpu" runs it on the host (its features are moved).
 * token_chunk: KV-cached transformer passes over more tokens run their attention queries and MLP in chunks of
   that many tokens (the MLP's hidden activations of the largest scales are the biggest temporaries).
-* vae_tile / vae_tile_overlap: decode in overlapping spatial tiles of at most that many latent cells (the decoder
-  is already chunked in time).
+* vae_chunk: latent frames per video VAE decoder chunk (the decoder runs chunk by chunk in time, its causal
+  convolutions carrying their last frames across): 1, the default, needs about 0.6x the activations of the
+  official plan's 2 (whose first chunk decodes 9 frames at once).
+* vae_tile / vae_tile_overlap: decode in overlapping spatial tiles of at most that many latent cells.
+* offload_for_decode: while the VAE decodes, the transformer (and a text encoder kept on the device) wait on the
+  host; they come back when the decode is done (two copies of their weights over the host link per call).
 * sequential_offload: the transformer blocks live on the host; each is copied to the accelerator for its forward
   pass and dropped after it (the weights then cost one block of accelerator memory; every step moves all of them).
 
-Weight precision is chosen when loading (`from_pretrained(torch_dtype=...)`), not here.
+Weight precision is chosen when loading (`from_pretrained(torch_dtype=...)`, `generate --dtype`), not here.
 """
 from __future__ import annotations
 
@@ -32,11 +36,14 @@ TEXT_ENCODER_PLACEMENTS = ("device", "offload", "cpu")
 @dataclass
 class MemoryOptions:
     """The defaults are exact (the same numbers up to float rounding) and cost little time: the text encoder waits
-    on the host, and passes over more than 8192 tokens run in chunks. VAE tiles and sequential offload are opt-in."""
+    on the host, passes over more than 8192 tokens run in chunks, and the VAE decodes one latent frame (4 video
+    frames) at a time. VAE tiles and the offloads are opt-in."""
     text_encoder: str = "offload"
     token_chunk: Optional[int] = 8192
+    vae_chunk: int = 1
     vae_tile: Optional[int] = None
     vae_tile_overlap: int = 4
+    offload_for_decode: bool = False
     sequential_offload: bool = False
     offload_device: str = "cpu"
 
@@ -46,6 +53,8 @@ class MemoryOptions:
                              f"got {self.text_encoder!r}")
         if self.token_chunk is not None and int(self.token_chunk) < 1:
             raise ValueError(f"token_chunk must be a positive number of tokens, got {self.token_chunk}")
+        if isinstance(self.vae_chunk, bool) or not isinstance(self.vae_chunk, int) or self.vae_chunk < 1:
+            raise ValueError(f"vae_chunk must be a positive number of latent frames, got {self.vae_chunk!r}")
         if self.vae_tile is not None and not 0 <= self.vae_tile_overlap < self.vae_tile:
             raise ValueError(f"vae_tile ({self.vae_tile}) must be larger than vae_tile_overlap "
                              f"({self.vae_tile_overlap}) >= 0")
@@ -59,8 +68,12 @@ class MemoryOptions:
             parts.append(f"text encoder {self.text_encoder}")
         if self.token_chunk:
             parts.append(f"token chunks {self.token_chunk}")
+        if self.vae_chunk != MemoryOptions.vae_chunk:
+            parts.append(f"VAE chunks of {self.vae_chunk} latent frame{'s' if self.vae_chunk > 1 else ''}")
         if self.vae_tile:
             parts.append(f"VAE tiles {self.vae_tile} (overlap {self.vae_tile_overlap})")
+        if self.offload_for_decode:
+            parts.append("offload for decode")
         if self.sequential_offload:
             parts.append("sequential offload")
         return ", ".join(parts) or "none"
@@ -76,18 +89,25 @@ def add_memory_flags(parser) -> None:
     g.add_argument("--token-chunk", type=int, default=d.token_chunk, metavar="N",
                    help=f"run attention queries and MLP of larger scales in chunks of N tokens; 0: one pass "
                         f"(default {d.token_chunk})")
+    g.add_argument("--vae-chunk", type=int, default=d.vae_chunk, metavar="LATENTS",
+                   help="latent frames per VAE decoder chunk (4 video frames each); the same frames whatever the "
+                        f"size, the activations grow with it (default {d.vae_chunk}; 2 is the official plan)")
     g.add_argument("--vae-tile", type=int, default=d.vae_tile, metavar="CELLS",
                    help="decode in overlapping spatial tiles of at most CELLS latent cells (16 px each for the video "
                         "VAE); off by default")
     g.add_argument("--vae-tile-overlap", type=int, default=d.vae_tile_overlap, metavar="CELLS",
                    help=f"latent cells shared by neighbouring tiles (default {d.vae_tile_overlap})")
+    g.add_argument("--offload-for-decode", action="store_true",
+                   help="move the transformer (and a text encoder kept on the accelerator) to the host while the VAE "
+                        "decodes, and back after it")
     g.add_argument("--sequential-offload", action="store_true",
                    help="keep the transformer blocks on the host and copy each to the accelerator for its pass")
 
 
 def memory_from_args(args) -> MemoryOptions:
     return MemoryOptions(text_encoder=args.text_encoder, token_chunk=args.token_chunk or None,
-                         vae_tile=args.vae_tile or None, vae_tile_overlap=args.vae_tile_overlap,
+                         vae_chunk=args.vae_chunk, vae_tile=args.vae_tile or None,
+                         vae_tile_overlap=args.vae_tile_overlap, offload_for_decode=args.offload_for_decode,
                          sequential_offload=args.sequential_offload)
 
 
@@ -161,15 +181,21 @@ def place_transformer(transformer: nn.Module, device, options: MemoryOptions) ->
     if not options.sequential_offload:
         transformer.to(device)
         return None
-    blocks = set(id(b) for b in transformer.blocks)
-    for name, child in transformer.named_children():
-        if name != "blocks" and id(child) not in blocks:
-            child.to(device)
-    for p in transformer.parameters(recurse=False):
-        p.data = p.data.to(device)
-    for b in transformer.buffers(recurse=False):
-        b.data = b.data.to(device)
+    for *_, t in _resident_slots(transformer, options):
+        t.data = t.data.to(device)
     return SequentialOffload(transformer.blocks, device, host_device(options))
+
+
+def _resident_slots(transformer: nn.Module, options: MemoryOptions) -> list:
+    """The parameter and buffer slots of a transformer that live on the accelerator: all of them, or under
+    sequential offload those outside its blocks."""
+    if not options.sequential_offload:
+        return _slots(transformer)
+    blocks = set(id(b) for b in transformer.blocks)
+    own = [(transformer, kind, name, t) for kind in ("_parameters", "_buffers")
+           for name, t in getattr(transformer, kind).items() if t is not None]
+    return own + [slot for name, child in transformer.named_children() if name != "blocks" and id(child) not in blocks
+                  for slot in _slots(child)]
 
 
 def place_text_encoder(encoder: nn.Module, device, options: MemoryOptions) -> None:
@@ -190,5 +216,41 @@ def text_encoder_running(encoder: nn.Module, device, options: MemoryOptions):
         encoder.to(host_device(options))
 
 
-__all__ = ["MemoryOptions", "SequentialOffload", "place_transformer", "place_text_encoder", "text_encoder_running",
+class DecodeOffload:
+    """`offload_for_decode`: while the VAE decodes, the transformer's weights that live on the accelerator (all, or
+    under sequential offload those outside its blocks) and a text encoder kept there wait on the host, and come
+    back afterwards. Parameters keep their identity (their `.data` moves). The host copies are kept for the next
+    call (pinned when the accelerator is CUDA), so later calls copy into them without allocating."""
+
+    def __init__(self):
+        self._host: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, transformer: nn.Module, text_encoder: nn.Module, device, options: MemoryOptions):
+        device, host = torch.device(device), host_device(options)
+        if not options.offload_for_decode or device == host:
+            self._host = {}            # host copies are kept only while the option is on
+            yield
+            return
+        slots = _resident_slots(transformer, options)
+        if options.text_encoder == "device":
+            slots += _slots(text_encoder)
+        resident = {id(t): t for *_, t in slots}
+        kept, self._host = self._host, {}
+        for key, t in resident.items():
+            buf = kept.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = _to_host(t.detach(), host, device)
+            else:
+                buf.copy_(t.detach(), non_blocking=True)
+            self._host[key] = buf
+            t.data = buf
+        try:
+            yield
+        finally:
+            for key, t in resident.items():
+                t.data = self._host[key].to(device, non_blocking=True)
+
+
+__all__ = ["MemoryOptions", "DecodeOffload", "SequentialOffload", "place_transformer", "place_text_encoder", "text_encoder_running",
            "home_devices", "add_memory_flags", "memory_from_args", "TEXT_ENCODER_PLACEMENTS"]

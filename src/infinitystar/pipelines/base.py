@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from infinitystar import __version__
 from infinitystar.checkpoint_io import write_json, write_text
-from infinitystar.memory import MemoryOptions, home_devices, place_text_encoder, place_transformer
+from infinitystar.memory import DecodeOffload, MemoryOptions, home_devices, place_text_encoder, place_transformer
 from infinitystar.model.layers import PackedWeights
 from infinitystar.runtime import PRECISIONS, UserError, precision_name, resolve_precision
 from infinitystar.sampling.bits import StepInfo, check_generators
@@ -240,6 +240,7 @@ class Pipeline:
         # the transformer's linear weights packed for oneDNN on the CPU, kept across calls (one more copy of the
         # block weights; see model/layers.py)
         self.packed_weights = PackedWeights()
+        self._decode_offload = DecodeOffload()     # the host copies of `memory.offload_for_decode`
         self._progress_bar_config: dict = {}
         self._interrupt = False
 
@@ -405,8 +406,8 @@ class Pipeline:
 
     def _run(self, sample: Callable, decode: Callable, batch: int, generator, num_steps: int,
              callback_on_step_end: Optional[Callback], precision: Optional[str], output_type: str):
-        """Sample (with the progress bar and the callback) and decode (the caller runs without autograd), both in
-        the resolved precision (passed to `sample(on_step, dtype)` and `decode(codes, dtype)`); returns (sampler
+        """Sample (with the progress bar and the callback) and decode (the caller runs without autograd; with
+        `memory.offload_for_decode` the transformer waits on the host meanwhile), both in the resolved precision (passed to `sample(on_step, dtype)` and `decode(codes, dtype)`); returns (sampler
         output, decoded pixels in [0, 1] or None for "codes", the precision name)."""
         check_generators(generator, batch)
         dtype = self.compute_dtype(precision)
@@ -420,7 +421,10 @@ class Pipeline:
                         "num_steps": info.num_steps})
                 return self._interrupt
             out = sample(on_step, dtype)
-            pixels = None if output_type == "codes" else decode(out.codes, dtype)
+            pixels = None
+            if output_type != "codes":
+                with self._decode_offload(self.transformer, self.text_encoder, self.device, self.memory):
+                    pixels = decode(out.codes, dtype)
         return out, pixels, precision_name(dtype)
 
 

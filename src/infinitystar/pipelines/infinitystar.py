@@ -307,7 +307,7 @@ class InfinityStarPipeline(Pipeline):
             return out
 
         def decode(codes, dtype):
-            return to_unit(self.tokenizer.decode(codes, precision=dtype, **tiles))
+            return to_unit(self.tokenizer.decode(codes, precision=dtype, chunk=mem.vae_chunk, **tiles))
 
         out, pixels, used = self._run(sample, decode, len(grid), generator, len(schedule.steps),
                                       callback_on_step_end, precision, output_type)

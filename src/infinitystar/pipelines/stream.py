@@ -140,7 +140,7 @@ class ClipStream(VideoStream):
         super().__init__(pipe, guidance_scale, temperature, generator)
         self.state = GenerationState(pipe.transformer, 1, pipe.device, use_cfg=self.guidance.scale != 1.0,
                                      precision=self.precision, pack_weights=pipe.packed_weights)
-        self.decoder = pipe.tokenizer.decode_stream()
+        self.decoder = pipe.tokenizer.decode_stream(pipe.memory.vae_chunk)
         self.caption_of_clip: list[int] = []
         self.num_clips = 0                     # clips of the schedule generated so far (clip 0 = first frame)
 
@@ -203,7 +203,7 @@ class InteractStream(VideoStream):
                          tau=self._tau(schedule), generator=self.options.generator, prefix_bits=prefix,
                          precision=self.precision, pack_weights=pipe.packed_weights).codes
         self.previous, self.first, self.last_codes = z, z[:, :, :1], z
-        return to_frames(pipe.tokenizer.decode(z, precision=self.precision))[0]
+        return to_frames(pipe.tokenizer.decode(z, precision=self.precision, chunk=pipe.memory.vae_chunk))[0]
 
     def _extend(self, prompt) -> np.ndarray:
         pipe, s = self.pipe, self.schedule
@@ -214,7 +214,8 @@ class InteractStream(VideoStream):
         out = GenerationOutput(codes=torch.empty(0), bits=[])
         new = state.run_clip(s, 0, [0], self._tau(s), self.options, out)
         keep = pipe.pyramid.frames_per_clip * pipe.pyramid.temporal_compression
-        window = pipe.tokenizer.decode(decode_window(self.previous, new), precision=self.precision)
+        window = pipe.tokenizer.decode(decode_window(self.previous, new), precision=self.precision,
+                                       chunk=pipe.memory.vae_chunk)
         frames = to_frames(window[:, :, -keep:])[0]
         self.previous, self.last_codes = next_previous(self.previous, new), new
         return frames

@@ -2,7 +2,7 @@
 
 Peak numbers are the vendors' datasheet values for dense math (NVIDIA's datasheets print the 2:4-sparsity figure
 with a footnote; dense is half of it); the sources are cited in docs/gpu.md. Host-to-device bandwidth is the
-PCIe link's per-direction rate (sequential offload and text-encoder offload move weights over it).
+PCIe link's per-direction rate (the offloads move weights over it, each copy in one direction).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def render(res: PlanResult, compare: list = ()) -> str:
                  + "".join(f"{res.gpu_times[n]['total_s']:>9.2f}" for n in names))
     mfu = res.gpu_times["mfu"]
     lines += ["", f"times: FLOPs at {100 * mfu:.0f}% of the dense peak (bf16; TF32 for the fp32 VAE decoder) plus "
-                  f"host-to-device copies at the PCIe rate; peaks: " + ", ".join(
+                  f"host-device copies at the PCIe rate; peaks: " + ", ".join(
                       f"{n} {GPUS[n].bf16_tflops:g} TFLOPS" for n in names),
               f"host memory peak {_gib(res.host_peak_bytes)} GiB (weights read from the files, offloaded parts)",
               "fits (peak + %g GiB CUDA context): " % CONTEXT_GIB + ", ".join(

@@ -123,7 +123,7 @@ def plan(target: Target, options: Optional[MemoryOptions] = None, dtype: str = "
 
 def predict_times(stages: list[dict], mfu: float, dtype: str) -> dict:
     """Seconds per stage on each GPU: FLOPs at `mfu` of the dense peak (bf16 for the transformer and text encoder
-    in bf16; TF32 for the fp32 VAE decoder), plus host-to-device copies at the PCIe rate."""
+    in bf16; TF32 for the fp32 VAE decoder), plus copies between host and device at the PCIe rate."""
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     out = {"mfu": mfu}
@@ -136,10 +136,11 @@ def predict_times(stages: list[dict], mfu: float, dtype: str) -> dict:
     return out
 
 
-# The option ladder of `plan --compare` and docs/gpu.md: nothing, the defaults, then what a smaller card needs
-# (VAE tiles change pixels near the seams; sequential offload is exact but moves every block for every pass).
-LADDER = (("none", {"text_encoder": "device", "token_chunk": None}),
+# The option ladder of `plan --compare` and docs/gpu.md: nothing (the official decode chunks), the defaults, then
+# what a smaller card needs (VAE tiles change pixels near the seams; the offloads are exact but cost copies).
+LADDER = (("none", {"text_encoder": "device", "token_chunk": None, "vae_chunk": 2}),
           ("defaults", {}),
+          ("defaults + offload for decode", {"offload_for_decode": True}),
           ("defaults + VAE tiles 32", {"vae_tile": 32}),
           ("defaults + sequential offload", {"sequential_offload": True}),
           ("defaults + sequential offload + VAE tiles 32", {"vae_tile": 32, "sequential_offload": True}))

@@ -97,6 +97,7 @@ _FLOP_OPS = _MATMULS | _CONVS | {_FLASH_CPU.overloadpacket}
 # Finiteness checks and the reductions of their all-true results (see `_Dispatch._constant`).
 _FINITE_OPS = {aten.all.default, aten.any.default, aten.logical_not.default, aten.bitwise_not.default}
 _KEEP_CATEGORY = {aten._to_copy.default, aten.clone.default}
+_COPY = aten.copy_.default
 
 class PlanError(RuntimeError):
     """The simulated run hit something it cannot answer without real data."""
@@ -115,7 +116,7 @@ class StageStats:
     flops: float = 0.0                         # accelerator FLOPs (matmul, convolution, attention)
     host_flops: float = 0.0
     host_peak_bytes: int = 0
-    transfer_bytes: int = 0                    # bytes copied host -> device during the stage
+    transfer_bytes: int = 0                    # bytes copied between host and device during the stage
     ops: int = 0
     top: list = field(default_factory=list)    # the largest live storages near the peak (see Simulator.largest)
     _top_at: int = 0
@@ -433,7 +434,7 @@ class _Function(TorchFunctionMode):
         with sim.placing(to_host, sim.category_of(t)):
             out = torch.empty_like(t, dtype=dtype)
         sim.entry(out).origin = (None, out.shape, out.dtype)      # listed as "moved"
-        if from_host and not to_host and sim._stage is not None:
+        if from_host != to_host and sim._stage is not None:
             sim._stage.transfer_bytes += out.untyped_storage().nbytes()
         v = sim.value(t)
         if v is not None:
@@ -495,6 +496,8 @@ class _Dispatch(TorchDispatchMode):
                 return out
             return self._new(func, args, kwargs, metas, [], out, outs, None, bool(sim._place_host),
                              sim._place_category or ACTIVATIONS)
+        if func is _COPY and sim._stage is not None and sim.is_host(args[0]) != sim.is_host(args[1]):
+            sim._stage.transfer_bytes += args[1].numel() * args[1].element_size()   # into a kept buffer
         if func is aten._local_scalar_dense.default:
             v = sim.value(args[0])
             c = sim._constants.get(id(args[0].untyped_storage()))

@@ -57,13 +57,13 @@ def _generation(token_chunk, size: int = 40):
     return build
 
 
-def _decode(tile, size: int = 48):
+def _decode(tile, size: int = 48, chunk: int = 2):
     def build(device: torch.device):
         torch.manual_seed(0)
         with torch.device(device):
             vae = VideoVAE(VideoVAEConfig.small()).eval()
             z = torch.randn(1, vae.config.codebook_dim, 3, size, size)
-        return [vae], lambda: vae.decode(z, tile=tile)
+        return [vae], lambda: vae.decode(z, tile=tile, chunk=chunk)
     return build
 
 
@@ -73,10 +73,13 @@ CASES = {c.name: c for c in (
     Case("generate-chunked", "the same with token chunks of 1024", _generation(1024)),
     Case("decode", "video VAE (small) decode of a 3x48x48 latent -> 9 frames of 384x384, fp32", _decode(None)),
     Case("decode-tiled", "the same in 24-cell tiles (overlap 4)", _decode(24)),
+    Case("decode-chunk1", "the same in decoder chunks of 1 latent frame (2 + 1: 5 frames, then 4)",
+         _decode(None, chunk=1)),
     # smaller versions for the test suite (tests/test_plan.py)
     Case("tiny-generate", "the transformer above, the clip up to 24x24 (2304 tokens per step)", _generation(None, 24)),
     Case("tiny-generate-chunked", "the same with token chunks of 256", _generation(256, 24)),
     Case("tiny-decode", "the small video VAE decoding a 3x16x16 latent -> 9 frames of 128x128", _decode(None, 16)),
+    Case("tiny-decode-chunk1", "the same in decoder chunks of 1 latent frame", _decode(None, 16, 1)),
 )}
 
 
