@@ -1,6 +1,7 @@
 """Memory options: each gives the plain path's numbers (token chunks and offloads up to float rounding, VAE tiles
 within a stated tolerance), and the mechanics (placement, hooks, in-place inference paths) do what they say."""
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from infinitystar.schedules.pyramid import pyramid_preset
 from infinitystar.memory import (MemoryOptions, SequentialOffload, add_memory_flags, home_devices,
                                  memory_from_args)
 from infinitystar import pipelines
+from infinitystar.cli import main as cli_main
 from infinitystar.model.infinitystar import InfinityStarTransformer, transformer_preset
 from infinitystar.pipelines import InfinityPipeline
 from infinitystar.pipelines.infinitystar import DEFAULT_MODEL_DIR, InfinityStarPipeline
@@ -226,3 +228,18 @@ def test_bf16_weights_track_the_fp32_path():
         same = (a["cond"][..., 1] > a["cond"][..., 0]) == (b["cond"][..., 1] > b["cond"][..., 0])
         assert same.float().mean().item() >= 0.99
 
+
+def test_weights_load_straight_into_the_dtype_of_each_component(tmp_path, capsys):
+    """`from_pretrained(torch_dtype={...})` (diffusers' per-component form) and `generate --dtype bf16`: the
+    transformer is read into bf16, the VAE stays float32; unknown components are named."""
+    pipe = pipelines.load(DEFAULT_MODEL_DIR, torch_dtype={"transformer": torch.bfloat16})
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.tokenizer.parameters()} == {torch.float32}
+    every = pipelines.load(DEFAULT_MODEL_DIR, torch_dtype={"default": torch.bfloat16, "tokenizer": torch.float32})
+    assert every.dtype == torch.bfloat16 and {p.dtype for p in every.tokenizer.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="unknown component.*vae"):
+        pipelines.load(DEFAULT_MODEL_DIR, torch_dtype={"vae": torch.bfloat16})
+    out = tmp_path / "i.png"
+    assert cli_main(["generate", "--prompt", "a red circle", "--out", str(out), "--dtype", "bf16", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dtype"] == "bf16" and out.is_file()

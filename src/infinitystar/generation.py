@@ -47,14 +47,16 @@ def model_family(model: Union[str, Path]) -> str:
 
 
 def load_pipeline(model: Union[str, Path, ModelIndex], device: Union[str, torch.device, None] = "cpu",
-                  precision: str = "auto", memory: Optional[MemoryOptions] = None) -> AnyPipeline:
+                  precision: str = "auto", memory: Optional[MemoryOptions] = None,
+                  torch_dtype: Union[torch.dtype, dict, None] = None) -> AnyPipeline:
     """The pipeline of a model (a name as `model_index` takes, or its already read index), InfinityStar or Infinity
-    as its model_index.json says, placed as the memory options say (default `MemoryOptions()`); the device is
-    checked first."""
+    as its model_index.json says, placed as the memory options say (default `MemoryOptions()`), its weights read
+    straight into `torch_dtype` (as `from_pretrained`: one dtype or one per component); the device is checked
+    first."""
     dev = resolve_device(device)
     index = model if isinstance(model, ModelIndex) else model_index(model)
     try:
-        return load(index, device=dev, precision=precision, memory=memory)
+        return load(index, device=dev, precision=precision, memory=memory, torch_dtype=torch_dtype)
     except (FileNotFoundError, ValueError) as e:      # a missing part, a bad config, a strict-loading mismatch
         raise UserError(str(e)) from None
 

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from infinitystar.cli import interactive
 from infinitystar.cli.args import (check_image_file, check_output_file, check_prompts_read_whole, finite_float,
                                    positive_float, positive_int, seed)
@@ -16,6 +18,18 @@ from infinitystar.generation import (IMAGE_SUFFIXES, check_output, generate_imag
 from infinitystar.memory import add_memory_flags, memory_from_args
 from infinitystar.runtime import PRECISIONS, UserError, peak_memory_mb, read_utf8, resolve_device
 from infinitystar.shapes.benchmark import evaluate, infinity_generator, pipeline_generator
+
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def weight_dtypes(name: str) -> dict:
+    """`--dtype`: the transformer's load dtype (the other parts keep theirs)."""
+    return {"transformer": WEIGHT_DTYPES[name]}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in WEIGHT_DTYPES.items()}.get(dtype, str(dtype))
 
 
 def _read_prompts(args) -> list[str]:
@@ -57,7 +71,7 @@ def _cmd_generate(args) -> int:
         raise UserError(f"{out} is an image; use a video output (.mp4, .gif) for {frames} frames")
     prompts = _read_prompts(args)
     t0 = time.perf_counter()
-    pipe = load_pipeline(index, args.device, args.precision, memory_from_args(args))
+    pipe = load_pipeline(index, args.device, args.precision, memory_from_args(args), weight_dtypes(args.dtype))
     load_s = time.perf_counter() - t0
     if args.strict_prompt:
         check_prompts_read_whole(pipe.text_encoder, prompts)
@@ -69,8 +83,8 @@ def _cmd_generate(args) -> int:
     save_result(result.frames, out, fps=fps, lossless=args.lossless)
     summary = {"output": str(out), "prompts": prompts, "frames": int(result.frames.shape[0]), "fps": fps,
                "seed": args.seed, "load_s": round(load_s, 3), **{k: round(v, 3) for k, v in result.timings.items()},
-               "precision": result.precision, "peak_memory_mb": round(peak_memory_mb(pipe.device), 1),
-               "device": str(pipe.device)}
+               "precision": result.precision, "dtype": dtype_name(pipe.dtype),
+               "peak_memory_mb": round(peak_memory_mb(pipe.device), 1), "device": str(pipe.device)}
     print(json.dumps(summary) if args.json else f"wrote {out} ({result.frames.shape[0]} frames, "
           f"{result.timings['total_s']:.2f} s)")
     return 0
@@ -85,7 +99,7 @@ def _generate_interactive(args, out: Path, index) -> int:
                         "one line per clip")
     if out.suffix.lower() != ".mp4":
         raise UserError(f"--interactive writes a video: --out must end in .mp4, got {out.name}")
-    pipe = load_pipeline(index, args.device, args.precision, memory_from_args(args))
+    pipe = load_pipeline(index, args.device, args.precision, memory_from_args(args), weight_dtypes(args.dtype))
     return interactive.run(pipe, out, seed=args.seed, guidance_scale=args.cfg, temperature=args.tau,
                            inference=args.inference, image=args.image, video=args.video, as_json=args.json)
 
@@ -106,7 +120,7 @@ def _generate_infinity(args, out, index) -> int:
     if len(prompts) != 1:
         raise UserError(f"an Infinity model makes one image from one prompt; {len(prompts)} were given")
     t0 = time.perf_counter()
-    pipe = load_pipeline(index, args.device, args.precision, memory_from_args(args))
+    pipe = load_pipeline(index, args.device, args.precision, memory_from_args(args), weight_dtypes(args.dtype))
     load_s = time.perf_counter() - t0
     if args.strict_prompt:
         check_prompts_read_whole(pipe.text_encoder, prompts)
@@ -118,7 +132,8 @@ def _generate_infinity(args, out, index) -> int:
     summary = {"output": str(out), "prompts": prompts, "height": result.height, "width": result.width,
                "template_h_div_w": result.template, "pn": result.pn, "seed": args.seed, "load_s": round(load_s, 3),
                **{k: round(v, 3) for k, v in result.timings.items()}, "precision": result.precision,
-               "peak_memory_mb": round(peak_memory_mb(pipe.device), 1), "device": str(pipe.device)}
+               "dtype": dtype_name(pipe.dtype), "peak_memory_mb": round(peak_memory_mb(pipe.device), 1),
+               "device": str(pipe.device)}
     print(json.dumps(summary) if args.json else f"wrote {out} ({result.width}x{result.height}, "
           f"{result.timings['total_s']:.2f} s)")
     return 0
@@ -178,6 +193,9 @@ def add_cli(subparsers) -> None:
                     help="lossless RGB (4:4:4) H.264 instead of yuv420p (exact colours; fewer players open it)")
     sp.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, else fp32; fp32; bf16")
+    sp.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="fp32",
+                    help="the transformer's weights, read straight into this dtype (bf16: half the memory, never an "
+                         "fp32 copy; the VAE stays fp32, the text encoder keeps its own); default fp32")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (checked before any work)")
     sp.add_argument("--json", action="store_true", help="print a JSON summary line (no progress bar)")
     sp.add_argument("--interactive", action="store_true",

@@ -41,6 +41,7 @@ CARD_FILE = "README.md"
 COMPONENTS = ("transformer", "tokenizer", "text_encoder")
 OUTPUT_TYPES = ("np", "pil", "pt", "uint8", "codes")
 PathOrRepo = Union[str, Path, None]
+DtypeArg = Union[torch.dtype, dict, None]       # one dtype, or one per component (see `component_dtypes`)
 Callback = Callable[["Pipeline", int, int, dict], Optional[dict]]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -153,6 +154,21 @@ class GuidanceDefaults:
             return cls(**d)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
+
+
+def component_dtypes(torch_dtype: DtypeArg) -> dict[str, Optional[torch.dtype]]:
+    """The load dtype of each component: one dtype for all, or a dict by component name with "default" for the
+    rest (diffusers' convention); None keeps a component's own default."""
+    if not isinstance(torch_dtype, dict):
+        return dict.fromkeys(COMPONENTS, torch_dtype)
+    unknown = sorted(set(torch_dtype) - {*COMPONENTS, "default"})
+    if unknown:
+        raise ValueError(f"torch_dtype: unknown component(s) {', '.join(unknown)}; use "
+                         f"{', '.join(COMPONENTS)} or 'default'")
+    bad = [k for k, v in torch_dtype.items() if v is not None and not isinstance(v, torch.dtype)]
+    if bad:
+        raise ValueError(f"torch_dtype: {', '.join(bad)} must be a torch.dtype")
+    return {name: torch_dtype.get(name, torch_dtype.get("default")) for name in COMPONENTS}
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------------
@@ -305,14 +321,16 @@ class Pipeline:
     # --- persistence ------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: PathOrRepo = None, *,
-                        torch_dtype: Optional[torch.dtype] = None, device=None, precision: str = "auto",
+                        torch_dtype: DtypeArg = None, device=None, precision: str = "auto",
                         memory: Optional[MemoryOptions] = None, revision: Optional[str] = None,
                         cache_dir: Union[str, Path, None] = None, local_files_only: bool = False) -> "Pipeline":
         """Load a model folder (None: the model shipped in the package), a Hub repo id, straight into
         `torch_dtype` (None: float32; the T5 text encoder keeps its own default) on `device` (None: cpu), each part
-        read onto the device where the memory options keep it. precision: what sampling and decoding compute in
-        ("auto": bf16 autocast on CUDA and on CPUs with native bf16, else fp32; "fp32"; "bf16"), apart from the
-        weights' `torch_dtype`."""
+        read onto the device where the memory options keep it. As in diffusers, `torch_dtype` may be a dict by
+        component ("transformer", "tokenizer", "text_encoder", and "default" for the others), e.g.
+        `{"transformer": torch.bfloat16}`: the 8B transformer read straight into bf16 (never an fp32 copy), the
+        VAE in float32. precision: what sampling and decoding compute in ("auto": bf16 autocast on CUDA and on CPUs
+        with native bf16, else fp32; "fp32"; "bf16"), apart from the weights' `torch_dtype`."""
         folder = resolve_model_path(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only)
         index = read_model_index(folder)
@@ -322,10 +340,11 @@ class Pipeline:
         return cls._load(index, torch_dtype=torch_dtype, device=device, precision=precision, memory=memory)
 
     @classmethod
-    def _load(cls, index: ModelIndex, *, torch_dtype=None, device=None, precision: str = "auto",
+    def _load(cls, index: ModelIndex, *, torch_dtype: DtypeArg = None, device=None, precision: str = "auto",
               memory: Optional[MemoryOptions] = None) -> "Pipeline":
         """The folder's fields are checked before any weights are read."""
         d = index.path
+        dtypes = component_dtypes(torch_dtype)
         fields = cls._read_index(index)
         card = ModelCard.from_dict(index.data["card"], str(d / INDEX_FILE)) if "card" in index.data else None
         for name in COMPONENTS:
@@ -334,11 +353,12 @@ class Pipeline:
         memory = memory or MemoryOptions()
         device = torch.device(device if device is not None else "cpu")
         home = home_devices(device, memory)
-        pipe = cls(transformer=cls.transformer_class.from_pretrained(d / "transformer", torch_dtype=torch_dtype,
+        pipe = cls(transformer=cls.transformer_class.from_pretrained(d / "transformer",
+                                                                     torch_dtype=dtypes["transformer"],
                                                                      device=home["transformer"]),
-                   tokenizer=cls.tokenizer_class.from_pretrained(d / "tokenizer", torch_dtype=torch_dtype,
+                   tokenizer=cls.tokenizer_class.from_pretrained(d / "tokenizer", torch_dtype=dtypes["tokenizer"],
                                                                  device=home["tokenizer"]),
-                   text_encoder=load_text_encoder(d / "text_encoder", torch_dtype=torch_dtype,
+                   text_encoder=load_text_encoder(d / "text_encoder", torch_dtype=dtypes["text_encoder"],
                                                   device=home["text_encoder"]),
                    **fields, card=card, precision=precision, memory=memory)
         return pipe.to(device)
@@ -468,4 +488,4 @@ def load(pretrained_model_name_or_path: Union[PathOrRepo, ModelIndex] = None, **
 
 
 __all__ = ["Pipeline", "ModelIndex", "ModelCard", "GuidanceDefaults", "VideoPipelineOutput", "ImagePipelineOutput",
-           "read_model_index", "resolve_model_path", "load", "DEFAULT_MODEL_DIR", "OUTPUT_TYPES"]
+           "read_model_index", "resolve_model_path", "load", "component_dtypes", "DEFAULT_MODEL_DIR", "OUTPUT_TYPES"]
