@@ -141,21 +141,21 @@ def test_offload_for_decode_parks_the_resident_weights_and_brings_them_back():
         with torch.device(META):
             model = InfinityStarTransformer(cfg).eval()
             text = torch.nn.Linear(32, 32)
-        register_module(sim, model, host=False)
-        register_module(sim, text, host=False)
+        raw = register_module(sim, model, host=False), register_module(sim, text, host=False)   # unrounded bytes
         params = dict(model.named_parameters())
         total = sim.device_bytes
+        text_bytes = sim._round(32 * 32 * 4) + sim._round(32 * 4)
         park = DecodeOffload()
-        for opts, stays in ((MemoryOptions(offload_for_decode=True, text_encoder="device"), 0),
-                            (MemoryOptions(offload_for_decode=True, text_encoder="device"), 0),
-                            (MemoryOptions(offload_for_decode=True), sim._round(32 * 32 * 4) + sim._round(32 * 4)),
-                            (MemoryOptions(), total)):
+        for opts, stays, moved in ((MemoryOptions(offload_for_decode=True, text_encoder="device"), 0, sum(raw)),
+                                   (MemoryOptions(offload_for_decode=True, text_encoder="device"), 0, sum(raw)),
+                                   (MemoryOptions(offload_for_decode=True), text_bytes, raw[0]),
+                                   (MemoryOptions(), total, 0)):
             with sim.stage("decode") as st:
                 with park(model, text, META, opts):
                     assert sim.device_bytes == stays
                     assert sim.host_bytes == total - stays             # the kept host copies, not one more
                 assert sim.device_bytes == total
-            assert st.transfer_bytes == 2 * (total - stays)
+            assert st.transfer_bytes == 2 * moved
         assert dict(model.named_parameters()) == params and all(p.device == META for p in params.values())
         assert sim.host_bytes == 0                                    # off: the host copies are let go
         # sequential offload: the blocks wait on the host anyway; only the rest of the transformer moves

@@ -238,13 +238,14 @@ class DecodeOffload:
         resident = {id(t): t for *_, t in slots}
         kept, self._host = self._host, {}
         for key, t in resident.items():
-            buf = kept.get(key)
+            buf = kept.pop(key, None)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                 buf = _to_host(t.detach(), host, device)
             else:
                 buf.copy_(t.detach(), non_blocking=True)
             self._host[key] = buf
             t.data = buf
+        del kept                       # copies of what no longer lives on the device are let go
         try:
             yield
         finally:
