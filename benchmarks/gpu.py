@@ -2,7 +2,7 @@
 the plan's prediction (`infinitystar plan`).
 
     python benchmarks/gpu.py                         # 480p and 720p, 81 frames, default memory options
-    python benchmarks/gpu.py --resolution 720p --sequential-offload --vae-tile 32
+    python benchmarks/gpu.py --resolution 720p --sequential-offload
     python benchmarks/gpu.py --dry-run               # a tiny configuration on the CPU: checks the script itself
 
 Per resolution: (1) the plan, simulated on the CPU (a minute or two); (2) the pipeline built on the GPU with random
@@ -13,7 +13,7 @@ the card's dense peak (bf16; TF32 for the fp32 decoder; `--peak-tflops` override
 teacher-forced packed forward (the training attention: FlexAttention, compiled on CUDA) over the 480p schedule is
 timed as well.
 
-Needs ~40 GiB free GPU memory with the defaults at 720p (see docs/gpu.md for the options that fit smaller cards)
+Needs ~30 GiB free GPU memory with the defaults at 720p (see docs/gpu.md for the options that fit smaller cards)
 and ~20 GiB of host memory for the plan's bookkeeping-free simulation (it allocates almost nothing).
 """
 from __future__ import annotations

@@ -68,15 +68,14 @@ class MemoryOptions:
             parts.append(f"text encoder {self.text_encoder}")
         if self.token_chunk:
             parts.append(f"token chunks {self.token_chunk}")
-        if self.vae_chunk != MemoryOptions.vae_chunk:
-            parts.append(f"VAE chunks of {self.vae_chunk} latent frame{'s' if self.vae_chunk > 1 else ''}")
+        parts.append(f"VAE chunks of {self.vae_chunk} latent frame{'s' if self.vae_chunk > 1 else ''}")
         if self.vae_tile:
             parts.append(f"VAE tiles {self.vae_tile} (overlap {self.vae_tile_overlap})")
         if self.offload_for_decode:
             parts.append("offload for decode")
         if self.sequential_offload:
             parts.append("sequential offload")
-        return ", ".join(parts) or "none"
+        return ", ".join(parts)
 
 
 def add_memory_flags(parser) -> None:

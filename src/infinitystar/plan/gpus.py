@@ -36,7 +36,7 @@ GPUS: dict[str, GPU] = {
 CONTEXT_GIB = 1.0
 
 # Card sizes for the "which card needs which options" table, GiB (nominal "GB" of the card classes).
-CARD_SIZES_GIB = (16, 24, 40, 48, 80, 141)
+CARD_SIZES_GIB = (16, 24, 32, 40, 48, 80, 141)
 
 
 def fits(peak_bytes: int, memory_gib: float) -> bool:
