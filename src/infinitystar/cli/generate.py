@@ -171,7 +171,8 @@ def add_cli(subparsers) -> None:
     sp.add_argument("--prompts-file", help="a file with one prompt per line (one per clip)")
     sp.add_argument("--out", required=True, help="output .mp4 or .gif (video), .png or .jpg (image)")
     sp.add_argument("--frames", type=positive_int, default=None,
-                    help="number of frames, 1 + 4k (default 17; 1 for .png)")
+                    help="number of frames, 1 + k x the model's temporal compression (4 for the shipped model: "
+                         "17, 33, ...; default 17; 1 for .png)")
     sp.add_argument("--seed", type=seed, default=0, help="0 .. 2**64-1")
     sp.add_argument("--image", help="first frame for image-to-video")
     sp.add_argument("--video", help="video to continue")

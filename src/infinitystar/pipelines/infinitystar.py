@@ -247,7 +247,8 @@ class InfinityStarPipeline(Pipeline):
         """Generate videos (or images with num_frames=1).
 
         prompt: a text, a list of texts (a batch), or a list of per-clip text lists (a long video whose prompt
-        changes: clip k uses the k-th text, the first frame the first). num_frames: 1 (an image) or 1 + 4k.
+        changes: clip k uses the k-th text, the first frame the first). num_frames: 1 (an image) or 1 + k x the
+        pyramid's temporal compression (4 for the official models and the shipped default).
         image: the first frame (image-to-video); video: frames to continue (a path, an array, PIL images; one for
         every prompt or a list with one per prompt). negative_prompt: replaces the learned null text of the
         unconditional half (one text, or one per prompt). num_videos_per_prompt: samples per prompt (outputs are
