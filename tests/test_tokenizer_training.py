@@ -12,8 +12,8 @@ from infinitystar.quant.residual import encode_targets, quantize_multiscale
 from infinitystar.runtime import precision_name, resolve_precision
 from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
-from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, content_weights, edge_loss, reconstruction_loss,
-                                              sample_drop)
+from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, content_weights, edge_loss,
+                                               reconstruction_loss, sample_drop)
 from infinitystar.cli.tokenizer import add_cli
 from infinitystar.tokenizer.training_eval import (PSNR_CAP_DB, fit_pyramid, psnr, psnr_per_frame, ssim,
                                                   ssim_per_frame)

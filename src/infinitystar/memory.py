@@ -252,5 +252,6 @@ class DecodeOffload:
                 t.data = self._host[key].to(device, non_blocking=True)
 
 
-__all__ = ["MemoryOptions", "DecodeOffload", "SequentialOffload", "place_transformer", "place_text_encoder", "text_encoder_running",
+__all__ = ["MemoryOptions", "DecodeOffload", "SequentialOffload", "place_transformer", "place_text_encoder",
+           "text_encoder_running",
            "home_devices", "add_memory_flags", "memory_from_args", "TEXT_ENCODER_PLACEMENTS"]

@@ -427,8 +427,9 @@ class Pipeline:
     def _run(self, sample: Callable, decode: Callable, batch: int, generator, num_steps: int,
              callback_on_step_end: Optional[Callback], precision: Optional[str], output_type: str):
         """Sample (with the progress bar and the callback) and decode (the caller runs without autograd; with
-        `memory.offload_for_decode` the transformer waits on the host meanwhile), both in the resolved precision (passed to `sample(on_step, dtype)` and `decode(codes, dtype)`); returns (sampler
-        output, decoded pixels in [0, 1] or None for "codes", the precision name)."""
+        `memory.offload_for_decode` the transformer waits on the host meanwhile), both in the resolved precision
+        (passed to `sample(on_step, dtype)` and `decode(codes, dtype)`); returns (sampler output, decoded pixels in
+        [0, 1] or None for "codes", the precision name)."""
         check_generators(generator, batch)
         dtype = self.compute_dtype(precision)
         self._interrupt = False

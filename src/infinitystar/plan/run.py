@@ -132,7 +132,8 @@ def predict_times(stages: list[dict], mfu: float, dtype: str) -> dict:
         for s in stages:
             kind = "tf32" if s["name"] == "decode" or dtype == "fp32" else "bf16"
             per[s["name"]] = s["flops"] / (gpu.peak_flops(kind) * mfu) + s["transfer_bytes"] / (gpu.h2d_gbps * 1e9)
-        out[name] = {"stages_s": per, "total_s": sum(per.values()), "fits": fits(max(s["peak_bytes"] for s in stages), gpu.memory_gib)}
+        out[name] = {"stages_s": per, "total_s": sum(per.values()),
+                     "fits": fits(max(s["peak_bytes"] for s in stages), gpu.memory_gib)}
     return out
 
 

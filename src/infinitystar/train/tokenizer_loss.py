@@ -1,6 +1,6 @@
 """The tokenizer trainers' losses and quantizer-path helpers: reconstruction (L1 + MSE, optionally weighted towards
-the object, plus an optional edge term), the KL term of the continuous VAE, stochastic quantizer depth, bit usage and the latent-scale
-calibration of knowledge inheritance. Losses are computed in float32 whatever the forward's precision."""
+the object and its edge, plus an optional edge term), the KL term of the continuous VAE, stochastic quantizer depth,
+bit usage and the latent-scale calibration of knowledge inheritance. Losses are computed in float32 whatever the forward's precision."""
 from __future__ import annotations
 
 from dataclasses import dataclass
