@@ -352,6 +352,38 @@ def test_loss_weighting_follows_official_exponent():
     assert torch.allclose(flat, torch.full((3,), 1 / 3))
 
 
+def test_residual_bit_weighting_weights_each_bit_by_what_its_sign_costs():
+    from infinitystar.quant.residual import encode_targets
+    from infinitystar.train.loss import bitwise_loss
+    from infinitystar.train.targets import prepare_sample
+    sched = pyramid_preset("tiny").build(17)
+    z = torch.randn(64, sched.num_latent_frames, *sched.full_hw, generator=torch.Generator().manual_seed(0))
+    subset = ScaleSubsetConfig(mode="all")
+    kw = dict(subset=subset, bsc_strength=0.0, repetition="last")
+    plain = prepare_sample(z, sched, ["a"], [0] * sched.num_clips, torch.Generator().manual_seed(1), **kw)
+    weighted = prepare_sample(z, sched, ["a"], [0] * sched.num_clips, torch.Generator().manual_seed(1),
+                              bit_weighting="residual", **kw)
+    assert plain.bit_weights is None and len(weighted.bit_weights) == len(weighted.steps)
+    assert all(torch.equal(a, b) for a, b in zip(plain.bits, weighted.bits))   # labels unchanged
+    t = encode_targets(z[None], sched, magnitudes=True)
+    for step, w, bits in zip(weighted.steps, weighted.bit_weights, weighted.bits):
+        assert w.shape == bits.shape and abs(float(w.mean()) - 1) < 1e-5
+        mag = t.magnitudes[step.index][0].reshape(w.shape)
+        assert torch.allclose(w, mag / mag.mean())   # proportional to |residual|
+    # the loss: each bit's cross-entropy times its weight; all-equal weights give the plain loss
+    logits = torch.randn(5, 8, 2, generator=torch.Generator().manual_seed(2))
+    bits = torch.randint(0, 2, (5, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    ce, acc = bitwise_loss(logits, bits)
+    assert torch.allclose(bitwise_loss(logits, bits, torch.ones(5, 8))[0], ce)
+    w = torch.zeros(5, 8)
+    w[:, 0] = 8.0   # all weight on bit 0: the loss is bit 0's cross-entropy alone
+    only0 = torch.nn.functional.cross_entropy(logits[:, 0], bits[:, 0].long(), reduction="none")
+    got, acc_w = bitwise_loss(logits, bits, w)
+    assert torch.allclose(got, only0) and torch.equal(acc_w, acc)
+    with pytest.raises(ValueError, match="bit_weighting"):
+        prepare_sample(z, sched, ["a"], [0] * sched.num_clips, torch.Generator(), bit_weighting="magnitude", **kw)
+
+
 # --------------------------------------------------------------------------------------------------
 # Latent cache
 # --------------------------------------------------------------------------------------------------
@@ -405,7 +437,8 @@ def test_training_from_cache_equals_online_encoding(tmp_path, dataset):
 def test_training_logs_and_learns(tmp_path, dataset):
     raw = tiny_config(tmp_path / "run", dataset, train={"max_steps": 12, "micro_batch": 2, "text_dropout": 0.2,
                                                         "bsc_strength": 0.0, "scale_subset": {"mode": "all"},
-                                                        "ema_decay": 0.9, "activation_checkpointing": True},
+                                                        "ema_decay": 0.9, "activation_checkpointing": True,
+                                                        "bit_weighting": "residual"},
                       optim={"lr": 3e-3, "warmup_steps": 2, "decay": "cosine"}, checkpoint={"every": 0})
     res = run_training(raw)
     from infinitystar.train.metrics import read_metrics

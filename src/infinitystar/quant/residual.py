@@ -14,7 +14,7 @@ skipped (stochastic quantizer depth). Its forward values are exactly those of `e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Collection, Optional, Sequence, Union
 
 import torch
@@ -44,10 +44,6 @@ class CodeAccumulator:
     def residual(self, z: torch.Tensor, shape: tuple[int, int, int], bits: int) -> torch.Tensor:
         """The residual z - F area-resized to a scale, channel-first: (B, bits, t, h, w)."""
         return resize(z - self.F, (bits, *shape), "area")
-
-    def target_bits(self, z: torch.Tensor, shape: tuple[int, int, int], bits: int) -> torch.Tensor:
-        """Bit labels (B, t, h, w, bits) of the residual z - F at a scale."""
-        return residual_to_bits(self.residual(z, shape, bits)).permute(0, 2, 3, 4, 1)
 
     def add(self, bits: torch.Tensor) -> None:
         """Add the codes of bits (B, t, h, w, c) upsampled to the full size (channel axis too, c -> C)."""
@@ -109,6 +105,8 @@ class Targets:
     bits: list[torch.Tensor]           # (B, t, h, w, c) uint8 per step: clean labels
     flips: list[Optional[torch.Tensor]]
     codes: torch.Tensor                # (B, C, T, H, W): the accumulated maps (with flips) of the encoded clips
+    magnitudes: list[torch.Tensor] = field(default_factory=list)   # |residual| (B, t, h, w, c) per step, when
+                                                                    # asked: what a wrong sign would cost
 
 
 def _clip_slice(z: torch.Tensor, schedule: Schedule, clip: int) -> torch.Tensor:
@@ -147,17 +145,22 @@ def _run_loop(z: torch.Tensor, schedule: Schedule, num_clips: Optional[int], inp
 
 def encode_targets(z: torch.Tensor, schedule: Schedule, flip: Optional[FlipSource] = None,
                    num_clips: Optional[int] = None, input_mode: str = "area",
-                   up_mode: str = "trilinear") -> Targets:
+                   up_mode: str = "trilinear", magnitudes: bool = False) -> Targets:
     """Run the residual loop on a continuous latent z (B, C, T_lat, H, W).
 
     `num_clips` limits the work to the first clips (teacher-forced prefixes); by default every clip is encoded.
+    `magnitudes` also keeps |residual| per label bit: a bit's sign decides between codes +a and -a, so choosing the
+    wrong one adds 4a|r| to the squared error of the code map (the residual-weighted training loss reads it).
     """
     out = Targets([], [], [], [], z.new_zeros(0))
 
     def visit(acc: CodeAccumulator, zc: torch.Tensor, step: Step) -> None:
         scale = step.scale
         x = acc.inputs(scale.shape)
-        bits = acc.target_bits(zc, scale.shape, scale.bits)
+        r = acc.residual(zc, scale.shape, scale.bits)
+        bits = residual_to_bits(r).permute(0, 2, 3, 4, 1)
+        if magnitudes:
+            out.magnitudes.append(r.abs().permute(0, 2, 3, 4, 1))
         mask = flip(step, bits) if flip is not None else None
         acc.add(bits if mask is None else bits ^ mask)
         out.steps.append(step)

@@ -68,7 +68,8 @@ def synthetic_batch(run, model_cfg: TransformerConfig, micro_batch: int, seed: i
         z = torch.randn(model_cfg.latent_channels, schedule.num_latent_frames, *schedule.full_hw, generator=g)
         s = prepare_sample(z, schedule, ["x"] * n_caps, of_clip, g, subset=t.scale_subset,
                            bsc_strength=t.bsc_strength, repetition=t.repetition, text_dropout=t.text_dropout,
-                           reweight_by_scale=t.reweight_by_scale, max_reweight=t.max_reweight)
+                           reweight_by_scale=t.reweight_by_scale, max_reweight=t.max_reweight,
+                           bit_weighting=t.bit_weighting)
         samples.append(s)
         texts.append([torch.randn(int(torch.randint(6, 20, (), generator=g)), model_cfg.text_channels, generator=g)
                       for _ in s.captions])

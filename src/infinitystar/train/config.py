@@ -149,6 +149,9 @@ class TrainSection(TrainBase):
     pad_multiple: int = 128
     reweight_by_scale: float = 4.0       # per-scale loss weight min(max_reweight, (Vmax/V)^(1/(1+k))) * V
     max_reweight: float = 40.0
+    # bits within a scale: "uniform" (official) or "residual": each label bit's cross-entropy weighted by the
+    # magnitude of the residual it quantizes (what a wrong sign costs the code map), normalised to mean 1 per scale
+    bit_weighting: Literal["uniform", "residual"] = "uniform"
     scale_subset: ScaleSubsetConfig = field(default_factory=ScaleSubsetConfig)
     interact_first_segment: bool = True  # with `interact`: also pack the first clip in the text-to-video layout
 

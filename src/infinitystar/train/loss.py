@@ -1,17 +1,20 @@
 """Training losses: per-token bitwise cross-entropy and the per-scale weighting of the official trainer."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-def bitwise_loss(logits: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss (mean over bits of the 2-class cross-entropy) and bit accuracy.
-    logits (N, c, 2), bits (N, c)."""
+def bitwise_loss(logits: torch.Tensor, bits: torch.Tensor, bit_weights: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss (mean over bits of the 2-class cross-entropy, each bit's term times its weight when
+    `bit_weights` (N, c) is given) and bit accuracy (unweighted). logits (N, c, 2), bits (N, c)."""
     target = bits.long()
     ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+    if bit_weights is not None:
+        ce = ce * bit_weights
     acc = (logits.argmax(-1) == target).float()
     return ce.mean(-1), acc.mean(-1)
 

@@ -66,46 +66,57 @@ class PreparedSample:
     drop_text: bool                      # captions replaced by the null text (guidance training)
     conditions: list[torch.Tensor] = field(default_factory=list)   # (tokens, C) per condition block of the
                                                                    # schedule, in its order (interactive)
+    bit_weights: Optional[list[torch.Tensor]] = None   # (tokens, bits) per step, mean 1 ("residual" weighting)
 
 
 def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str], caption_of_clip: Sequence[int],
                    generator: torch.Generator, *, subset: ScaleSubsetConfig, bsc_strength: float = 0.3,
                    repetition: str = "random", text_dropout: float = 0.0, reweight_by_scale: float = 4.0,
-                   max_reweight: float = 40.0) -> PreparedSample:
+                   max_reweight: float = 40.0, bit_weighting: str = "uniform") -> PreparedSample:
     """Targets of one sample. z: (C, T_lat, h, w) latent of the schedule's size. Every random draw comes from
     `generator` in a fixed order, so a sample's targets depend only on its seed."""
     scales = choose_scales(schedule, subset, generator)
     last_clip = schedule.scales[scales[-1]].clip
-    steps, inputs, bits, weights = _targets(z, schedule, scales, last_clip + 1, generator, bsc_strength, repetition,
-                                            reweight_by_scale, max_reweight)
+    steps, inputs, bits, weights, bit_weights = _targets(z, schedule, scales, last_clip + 1, generator, bsc_strength,
+                                                         repetition, reweight_by_scale, max_reweight, bit_weighting)
     drop = text_dropout > 0 and float(torch.rand((), generator=generator)) < text_dropout
     # keep only the captions of the packed clips (a long video cut to its first clips needs fewer captions)
     used = sorted({caption_of_clip[c] for c in range(last_clip + 1)})
     remap = {old: new for new, old in enumerate(used)}
     of_clip = [remap.get(c, 0) for c in caption_of_clip]
-    return PreparedSample(schedule, steps, inputs, bits, weights, [captions[i] for i in used], of_clip, drop)
+    return PreparedSample(schedule, steps, inputs, bits, weights, [captions[i] for i in used], of_clip, drop,
+                          bit_weights=bit_weights)
 
 
 def _targets(z: torch.Tensor, schedule: Schedule, scales: Sequence[int], num_clips: int, generator: torch.Generator,
-             bsc_strength: float, repetition: str, reweight_by_scale: float, max_reweight: float):
-    """Steps (one repetition per packed scale), their inputs and labels under BSC, and the loss weights."""
+             bsc_strength: float, repetition: str, reweight_by_scale: float, max_reweight: float,
+             bit_weighting: str = "uniform"):
+    """Steps (one repetition per packed scale), their inputs and labels under BSC, the per-scale loss weights and,
+    with "residual" bit weighting, each label bit's weight (its residual's magnitude over the step's mean)."""
+    if bit_weighting not in ("uniform", "residual"):
+        raise ValueError(f"bit_weighting must be 'uniform' or 'residual', got {bit_weighting!r}")
+    by_residual = bit_weighting == "residual"
     flip = BitwiseSelfCorrection(schedule, bsc_strength, generator) if bsc_strength > 0 else None
     with torch.no_grad():
-        targets = encode_targets(z[None].float(), schedule, flip, num_clips=num_clips)
+        targets = encode_targets(z[None].float(), schedule, flip, num_clips=num_clips, magnitudes=by_residual)
     steps = select_steps(schedule, scales, repetition, generator)
     where = {st.index: i for i, st in enumerate(targets.steps)}
     inputs = torch.cat([targets.inputs[where[st.index]][0] for st in steps])
     bits = [targets.bits[where[st.index]][0].reshape(-1, st.scale.bits) for st in steps]
     weights = scale_loss_weights([st.scale.tokens for st in steps], schedule.scales[-1].tokens,
                                  reweight_by_scale, max_reweight).to(z.device)
-    return steps, inputs, bits, weights
+    bit_weights = None
+    if by_residual:
+        mags = [targets.magnitudes[where[st.index]][0].reshape(-1, st.scale.bits) for st in steps]
+        bit_weights = [m / m.mean() if m.mean() > 0 else torch.ones_like(m) for m in mags]
+    return steps, inputs, bits, weights, bit_weights
 
 
 def prepare_interact_samples(z: torch.Tensor, pyramid: PyramidConfig, num_frames: int, interact: InteractConfig,
                              captions: Sequence[str], caption_of_clip: Sequence[int], generator: torch.Generator, *,
                              first_segment: bool = True, subset: ScaleSubsetConfig, bsc_strength: float = 0.3,
                              repetition: str = "random", text_dropout: float = 0.0, reweight_by_scale: float = 4.0,
-                             max_reweight: float = 40.0) -> list[PreparedSample]:
+                             max_reweight: float = 40.0, bit_weighting: str = "uniform") -> list[PreparedSample]:
     """Targets of one video in the interactive layout (what InfinityStar-Interact's inference runs).
 
     A segment: video clip k >= 2 (drawn uniformly among the video's whole clips), laid out as a lone clip
@@ -118,21 +129,22 @@ def prepare_interact_samples(z: torch.Tensor, pyramid: PyramidConfig, num_frames
     T = pyramid.frames_per_clip
     clips = (z.shape[1] - 1) // T
     common = dict(bsc_strength=bsc_strength, repetition=repetition, text_dropout=text_dropout,
-                  reweight_by_scale=reweight_by_scale, max_reweight=max_reweight)
+                  reweight_by_scale=reweight_by_scale, max_reweight=max_reweight, bit_weighting=bit_weighting)
     if clips < 2:
         return [prepare_sample(z, pyramid.build(num_frames), captions, caption_of_clip, generator, subset=subset,
                                **common)]
     k = int(torch.randint(2, clips + 1, (), generator=generator))
     seg = segment_schedule(pyramid, interact)
     start = 1 + (k - 1) * T
-    steps, inputs, bits, weights = _targets(z[:, start:start + T], seg, range(len(seg.scales)), 1, generator,
-                                            bsc_strength, repetition, reweight_by_scale, max_reweight)
+    steps, inputs, bits, weights, bit_weights = _targets(z[:, start:start + T], seg, range(len(seg.scales)), 1,
+                                                         generator, bsc_strength, repetition, reweight_by_scale,
+                                                         max_reweight, bit_weighting)
     choices = interact.condition_noise
     noise = {c.name: choices[int(torch.randint(len(choices), (), generator=generator))] for c in seg.conditions}
     maps = condition_maps(z[None, :, start - 1 - T:start].float(), z[None, :, :1].float(), seg, noise, generator)
     drop = text_dropout > 0 and float(torch.rand((), generator=generator)) < text_dropout
     out = [PreparedSample(seg, steps, inputs, bits, weights, [captions[caption_of_clip[k]]], [0], drop,
-                          [maps[c.name][0].flatten(1).T for c in seg.conditions])]
+                          [maps[c.name][0].flatten(1).T for c in seg.conditions], bit_weights)]
     if first_segment:
         tc = pyramid.temporal_compression
         out.insert(0, prepare_sample(z[:, :1 + T], pyramid.build(1 + tc * T), captions, caption_of_clip[:2],
@@ -236,9 +248,11 @@ def packed_loss(logits: Sequence[torch.Tensor], batch: PackedBatch, anchor: Opti
     per_sample: list[list[torch.Tensor]] = [[] for _ in batch.samples]
     accs = []
     bits_iter = [iter(s.bits) for s in batch.samples]
+    bit_weights_iter = [iter(s.bit_weights) if s.bit_weights is not None else None for s in batch.samples]
     for (b, step), lg in zip(batch.packed.visual_segments, logits):
         bits = next(bits_iter[b]).to(lg.device)
-        ce, acc = bitwise_loss(lg, bits)
+        w = next(bit_weights_iter[b]).to(lg.device) if bit_weights_iter[b] is not None else None
+        ce, acc = bitwise_loss(lg, bits, w)
         per_sample[b].append(ce.mean())
         accs.append((step, acc.mean().detach()))
     losses = [(torch.stack(ls) * s.weights).sum() for ls, s in zip(per_sample, batch.samples)]

@@ -182,7 +182,7 @@ class Trainer(Harness):
             gen = torch.Generator().manual_seed(derive_seed(raw.seed, "targets"))
             common = dict(subset=t.scale_subset, bsc_strength=t.bsc_strength, repetition=t.repetition,
                           text_dropout=t.text_dropout, reweight_by_scale=t.reweight_by_scale,
-                          max_reweight=t.max_reweight)
+                          max_reweight=t.max_reweight, bit_weighting=t.bit_weighting)
             if self.config.interact is not None:
                 samples += prepare_interact_samples(z, raw.pyramid, raw.num_frames, self.config.interact,
                                                     raw.captions, raw.caption_of_clip, gen,
