@@ -4,6 +4,11 @@ with the same decoder. This is the ceiling the generator can reach with that tok
 
     python scripts/tokenizer_ceiling.py src/infinitystar/weights/default/tokenizer --n 200
     python scripts/tokenizer_ceiling.py RUN/model --continuous --n 48     # a continuous stage, before quantization
+    python scripts/tokenizer_ceiling.py RUN/model --scales 6 --n 48       # decoded from each clip's first 6 scales
+
+`--scales K` measures what the coarse scales carry on their own: a generator's last scales are its hardest to
+predict, so a tokenizer whose coarse prefix already shows the object's colour, size and place is easier to
+generate with (docs/default_model.md).
 """
 from __future__ import annotations
 
@@ -31,7 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--continuous", action="store_true",
                     help="decode the posterior mean without quantizing (a continuous stage's ceiling)")
+    ap.add_argument("--scales", type=int, default=None,
+                    help="quantize with only the first K scales of every clip (default: all)")
     a = ap.parse_args(argv)
+    if a.continuous and a.scales is not None:
+        ap.error("--scales needs the quantizer; it does not go with --continuous")
     torch.set_num_threads(a.threads)
     from pathlib import Path
     d = Path(a.tokenizer)
@@ -47,7 +56,7 @@ def main(argv=None) -> int:
     for task in ("t2i", "t2v"):
         for it in build_items(task, a.n, a.seed):
             truth = render(it.spec, it.num_frames)
-            rec = video_to_frames(reconstruct(model, frames_to_video(truth), pyramid).clamp(-1, 1))[0]
+            rec = video_to_frames(reconstruct(model, frames_to_video(truth), pyramid, a.scales).clamp(-1, 1))[0]
             ps.append(psnr(truth, rec))
             scores.append(score_image(rec[0], it.prompts) if task == "t2i" else score_video(rec, it.prompts, task=task))
     res = aggregate(scores)
