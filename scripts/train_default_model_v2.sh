@@ -30,18 +30,27 @@ if [ "$STAGE" = all ] || [ "$STAGE" = tokenizer ]; then
   # 1c. fine-tuned with the content margin
   [ -f $R/tokenizer_continuous_3/model/model.safetensors ] ||
     tok $C/tokenizer_continuous_3.yaml $(resume_flag $R/tokenizer_continuous_3)
-  # 2. the bitwise tokenizer inherited from it; its first checkpoint fixes the encoder side the generator learns
+  # 2a. the bitwise tokenizer inherited from it, nothing frozen, to step 2,000
+  [ -d $R/tokenizer_bitwise_2/checkpoints ] || [ -d $R/tokenizer_bitwise_1/checkpoints/step_00002000 ] ||
+    tok $C/tokenizer_bitwise_1.yaml --until 2000 $(resume_flag $R/tokenizer_bitwise_1)
+  # 2b. continued with coarse-prefix decoding (stochastic depth, "fine") to step 3,000
+  if [ ! -d $R/tokenizer_bitwise_2/checkpoints ]; then
+    mkdir -p $R/tokenizer_bitwise_2/checkpoints
+    cp -r $R/tokenizer_bitwise_1/checkpoints/step_00002000 $R/tokenizer_bitwise_2/checkpoints/
+  fi
+  # 2c. its step-3,000 encoder side is fixed from here on: the generator's latents come from it
   if [ ! -f $R/tokenizer_frozen_encoder/model.safetensors ]; then
-    tok $C/tokenizer_bitwise.yaml --until 1 $(resume_flag $R/tokenizer_bitwise)
+    [ -d $R/tokenizer_bitwise_2/checkpoints/step_00003000 ] || tok $C/tokenizer_bitwise_2.yaml --until 3000 --resume
     mkdir -p $R/tokenizer_frozen_encoder
-    cp $R/tokenizer_bitwise/checkpoints/step_00000001/{config.json,model.safetensors,pyramid.json} \
+    cp $R/tokenizer_bitwise_2/checkpoints/step_00003000/{config.json,model.safetensors,pyramid.json} \
        $R/tokenizer_frozen_encoder/
   fi
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = decoder ]; then
-  # 2 (continued). the decoder learns to draw from the quantized latents
-  [ -f $R/tokenizer_bitwise/model/model.safetensors ] || tok $C/tokenizer_bitwise.yaml --resume
+  # 2d. the decoder keeps learning with the encoder side frozen
+  [ -f $R/tokenizer_decoder/model/model.safetensors ] ||
+    tok $C/tokenizer_decoder.yaml $(resume_flag $R/tokenizer_decoder)
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
@@ -58,6 +67,6 @@ fi
 
 if [ "$STAGE" = all ]; then
   # 7. the model folder (EMA weights) with the fine-tuned decoder
-  infinitystar export $R/generator "${OUT:-$R/export}" --tokenizer $R/tokenizer_bitwise/model \
+  infinitystar export $R/generator "${OUT:-$R/export}" --tokenizer $R/tokenizer_decoder/model \
     --defaults "$(cat $C/defaults.json)"
 fi
