@@ -340,3 +340,32 @@ def test_generation_on_packed_weights_keeps_the_logits(monkeypatch):
     assert torch.equal(a.codes, b.codes)
     for la, lb in zip(a.logits, b.logits):
         assert torch.allclose(la["guided"], lb["guided"], atol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [5, 16])
+def test_cpu_row_blocks_of_a_cached_pass_give_the_one_pass_numbers(monkeypatch, rows):
+    """KV-cached CPU inference runs the work around each attention call on blocks of token rows (`Block`);
+    blocks of 2 or 8 tokens (CFG batch 2), uneven against the scales' 1-24 tokens, give the one-pass logits."""
+    model = _model()
+    schedule = _pyramid().build(17)
+    cap = Caption(torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(4)))
+    z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
+    kw = dict(guidance=Guidance(2.0), prefix_bits=encode_targets(z, schedule).bits, record_logits=True)
+    monkeypatch.setattr(type(model.blocks[0]), "CPU_BLOCK_ROWS", 10 ** 6)
+    one = generate(model, schedule, cap, **kw)
+    monkeypatch.setattr(type(model.blocks[0]), "CPU_BLOCK_ROWS", rows)
+    blocked = generate(model, schedule, cap, **kw)
+    assert torch.equal(one.codes, blocked.codes)
+    for a, b in zip(one.logits, blocked.logits):
+        assert torch.allclose(a["guided"], b["guided"], atol=2e-5)
+
+
+def test_swiglu_without_autograd_gives_the_autograd_numbers():
+    """Without autograd the MLP computes SiLU and the product in place (on its own temporaries only)."""
+    mlp = _model().blocks[0].mlp
+    x = torch.randn(2, 7, TINY.width)
+    x0 = x.clone()
+    want = mlp(x)
+    with torch.no_grad():
+        got = mlp(x)
+    assert want.requires_grad and torch.equal(got, want.detach()) and torch.equal(x, x0)
