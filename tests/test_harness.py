@@ -12,6 +12,7 @@ from infinitystar.quant.residual import encode_targets, quantize_multiscale
 from infinitystar.runtime import precision_name, resolve_precision
 from infinitystar.schedules.pyramid import Schedule
 from infinitystar.train.config import ConfigError
+from infinitystar.train.harness import adamw, param_groups
 from infinitystar.train.infinity_targets import forward_loss
 from infinitystar.train.tokenizer import TokenizerTrainer, config_from_dict
 from infinitystar.train.tokenizer_data import ManifestSource, held_aside
@@ -58,6 +59,24 @@ def test_resuming_a_bf16_run_is_exact(tmp_path):
     assert resumed.step == 3 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda recs: [{k: v for k, v in r.items() if k not in ("s_per_step", "peak_memory_mb")} for r in recs]
     assert strip(_log(tmp_path / "full" / "metrics.jsonl")) == strip(_log(tmp_path / "split" / "metrics.jsonl"))
+
+
+def test_adamw_is_fused_on_plain_parameters_and_updates_as_the_loop():
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = nets[0][0].weight.detach().clone()
+    fused = adamw(param_groups(nets[0], 0.1), lr=1e-2, betas=(0.9, 0.97))
+    loop = torch.optim.AdamW(param_groups(nets[1], 0.1), lr=1e-2, betas=(0.9, 0.97), foreach=False)
+    assert all(g["fused"] for g in fused.param_groups)
+    for step in range(5):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for net, opt in zip(nets, (fused, loop)):
+            net(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert not torch.allclose(nets[0][0].weight, start, atol=1e-2)          # five steps of lr 1e-2 moved it
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
 
 
 def test_resume_without_a_checkpoint_starts_fresh_and_a_used_folder_needs_resume(tmp_path, capsys):

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from infinitystar.checkpoint_io import load_strict, read_tensors
 from infinitystar.train.checkpoint import load_optimizer, save_optimizer
+from infinitystar.train.harness import adamw
 
 DISCRIMINATOR_DIR = "discriminator"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,7 +53,7 @@ class Adversary:
 
     def __init__(self, channels: int, lr: float, device: torch.device):
         self.net = PatchDiscriminator(channels).to(device)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
+        self.optimizer = adamw(self.net.parameters(), lr=lr, betas=(0.5, 0.9), weight_decay=0.0)
 
     def generator_loss(self, recon: torch.Tensor) -> torch.Tensor:
         """The reconstruction's side: -mean logit, with gradients to the reconstruction only."""

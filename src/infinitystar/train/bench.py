@@ -28,6 +28,7 @@ from infinitystar.model.infinitystar import InfinityStarTransformer, Transformer
 from infinitystar.model.packing import PackedSequence
 from infinitystar.runtime import autocast, peak_memory_mb, precision_name, resolve_device, resolve_precision
 from infinitystar.train.config import load_config
+from infinitystar.train.harness import adamw
 from infinitystar.train.targets import PackedTrainModule, pack_batch, packed_loss, prepare_sample
 from infinitystar.train.tokenizer import TokenizerTrainer, load_config as load_tokenizer_config
 
@@ -94,7 +95,7 @@ def run_train_bench(config=None, precision: str = "auto", device: Optional[str] 
     if compile:
         model.set_compile(True)
     module = PackedTrainModule(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.97))
+    opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.97))      # as the trainer's
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     extra = {} if backend is None else {"backend": backend}
 
