@@ -9,7 +9,8 @@ default model's tokenizer and captioned by its text encoder (frozen). Model and 
 self-correction, text dropout and packing, AdamW at its learning rate with 20 warm-up steps, micro-batch 4. The summary compares the final
 models' loss on 16 fixed held-out batches (fp32, no text dropout; a training batch's loss is too noisy to compare
 runs by) and the mean training loss of the last 50 steps. A third run, fp32 from the next seed (another init and
-batch order), shows how far two fp32 runs land apart.
+batch order), shows how far two fp32 runs land apart. With --seeds N, fp32 and auto each run from N seeds and
+their mean losses are compared (a single pair's difference is within the spread of fp32 runs across seeds).
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--samples", type=int, default=256, help="rendered samples in the pool")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="N > 1: fp32 and auto from each of N seeds (seed, seed + 1, ...), compared by their means")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("precision_loss_curve.json"))
     a = p.parse_args(argv)
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     pipe = InfinityStarPipeline.from_pretrained("default", device=device)
     pool = encode_pool(pipe, a.samples, a.seed, device)
     held_out = encode_pool(pipe, 32, a.seed + 1, device)
+    if a.seeds > 1:
+        return paired_seeds(a, run, pool, held_out, device)
     runs = [train_run(run, pool, held_out, prec, a.steps, a.micro_batch, seed, device)
             for prec, seed in (("fp32", a.seed), ("auto", a.seed), ("fp32", a.seed + 1))]
     labels = ["fp32", runs[1]["precision"], "fp32_next_seed"]
@@ -124,6 +129,29 @@ def main(argv=None) -> int:
         summary[key].update({f"{label}_relative_difference": round((r[key] - ref) / ref, 4)
                              for label, r in zip(labels[1:], runs[1:])})
     a.out.write_text(json.dumps({"summary": summary, "runs": runs}))
+    print(json.dumps(summary))
+    return 0
+
+
+def paired_seeds(a, run, pool, held_out, device) -> int:
+    """fp32 and `auto` from each of --seeds seeds: the mean of each precision's losses, their relative
+    difference, and the per-seed differences beside the spread of the fp32 runs across seeds."""
+    runs = [train_run(run, pool, held_out, prec, a.steps, a.micro_batch, seed, device)
+            for seed in range(a.seed, a.seed + a.seeds) for prec in ("fp32", "auto")]
+    fp32, auto = runs[0::2], runs[1::2]
+    summary = {"config": str(a.config), "steps": a.steps, "micro_batch": a.micro_batch,
+               "threads": torch.get_num_threads(), "seeds": list(range(a.seed, a.seed + a.seeds)),
+               "auto_precision": auto[0]["precision"]}
+    for key in ("held_out_loss", "train_mean_last_50"):
+        f, b = [r[key] for r in fp32], [r[key] for r in auto]
+        summary[key] = {"fp32": [round(x, 4) for x in f], "auto": [round(x, 4) for x in b],
+                        "fp32_mean": round(statistics.mean(f), 4), "auto_mean": round(statistics.mean(b), 4),
+                        "relative_difference_of_means": round(statistics.mean(b) / statistics.mean(f) - 1, 4),
+                        "per_seed_relative_difference": [round(y / x - 1, 4) for x, y in zip(f, b)],
+                        "fp32_relative_spread": round(statistics.stdev(f) / statistics.mean(f), 4)}
+    a.out.write_text(json.dumps({"summary": summary, "runs": runs}))
+    print(json.dumps(summary))
+    return 0
     print(json.dumps(summary))
     return 0
 
