@@ -343,7 +343,7 @@ def test_generation_on_packed_weights_keeps_the_logits(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [5, 16])
-def test_cpu_row_blocks_of_a_cached_pass_give_the_one_pass_numbers(monkeypatch, rows):
+def test_cpu_row_blocks_of_a_cached_pass_give_the_one_pass_numbers(rows):
     """KV-cached CPU inference runs the work around each attention call on blocks of token rows (`Block`);
     blocks of 2 or 8 tokens (CFG batch 2), uneven against the scales' 1-24 tokens, give the one-pass logits."""
     model = _model()
@@ -351,9 +351,9 @@ def test_cpu_row_blocks_of_a_cached_pass_give_the_one_pass_numbers(monkeypatch, 
     cap = Caption(torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(4)))
     z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
     kw = dict(guidance=Guidance(2.0), prefix_bits=encode_targets(z, schedule).bits, record_logits=True)
-    monkeypatch.setattr(type(model.blocks[0]), "CPU_BLOCK_ROWS", 10 ** 6)
+    model.set_cpu_block_rows(None)
     one = generate(model, schedule, cap, **kw)
-    monkeypatch.setattr(type(model.blocks[0]), "CPU_BLOCK_ROWS", rows)
+    model.set_cpu_block_rows(rows)
     blocked = generate(model, schedule, cap, **kw)
     assert torch.equal(one.codes, blocked.codes)
     for a, b in zip(one.logits, blocked.logits):

@@ -147,6 +147,14 @@ class InfinityStarTransformer(PretrainedMixin, nn.Module):
         for block in self.blocks:
             block.token_chunk = self.token_chunk
 
+    def set_cpu_block_rows(self, rows: Optional[int]) -> None:
+        """KV-cached CPU passes without autograd run the work around each attention call on blocks of about `rows`
+        token rows (default 512; None: one pass, the path every other device takes); see `Block`."""
+        if rows is not None and int(rows) < 1:
+            raise ValueError(f"cpu_block_rows must be a positive number of token rows, got {rows}")
+        for block in self.blocks:
+            block.cpu_block_rows = None if rows is None else int(rows)
+
     def set_compile(self, enabled: bool) -> None:
         """Run each block's work around its attention call under torch.compile (see `model.layers.Block`): one
         compilation of tens of seconds per process, then faster steps; falls back to eager execution with one

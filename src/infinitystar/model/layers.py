@@ -188,12 +188,12 @@ class Block(nn.Module):
     (the MLP's hidden activations, fp32 norms, RoPE) exist for one chunk at a time. Every token's result is
     computed by the same operations as in one pass. `compiled` (`InfinityStarTransformer.set_compile`): the
     halves around the attention run under torch.compile. On the CPU a KV-cached pass without autograd runs those
-    halves on blocks of about `CPU_BLOCK_ROWS` token rows (batch x tokens) around one attention call, which keeps
-    their temporaries in cache."""
+    halves on blocks of about `cpu_block_rows` token rows (batch x tokens) around one attention call, which keeps
+    their temporaries in cache (`InfinityStarTransformer.set_cpu_block_rows`; None: one pass)."""
 
     token_chunk: Optional[int] = None
     compiled: bool = False
-    CPU_BLOCK_ROWS = 512        # of 128-1024 rows, 512-768 were fastest at width 384 (~3 % over one pass)
+    cpu_block_rows: Optional[int] = 512   # of 128-1024 rows, 512-768 were fastest at width 384 (~3 % over one pass)
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_hidden: int, bias: bool, eps: float):
         super().__init__()
@@ -207,8 +207,9 @@ class Block(nn.Module):
         if n and ctx.cache is not None and x.shape[1] > n:
             return self._forward_chunked(x, cos, sin, ctx, layer, n)
         before, after = COMPILED_HALVES if self.compiled else (attention_inputs, attention_output_and_mlp)
-        block = max(1, self.CPU_BLOCK_ROWS // x.shape[0])
-        if ctx.cache is not None and x.device.type == "cpu" and x.shape[1] > block and not torch.is_grad_enabled():
+        block = max(1, (self.cpu_block_rows or 0) // x.shape[0])
+        if (self.cpu_block_rows and ctx.cache is not None and x.device.type == "cpu" and x.shape[1] > block
+                and not torch.is_grad_enabled()):
             return self._forward_blocked(x, cos, sin, ctx, layer, block, before, after)
         q, k, v = before(self, x, cos, sin)
         attended = attend(q, k, v, ctx, layer)

@@ -49,9 +49,10 @@ def _generation(token_chunk, size: int = 40):
             model = InfinityStarTransformer(cfg).eval()
             cap = Caption(torch.randn(1, 16, cfg.text_channels))
         model.set_token_chunk(token_chunk)
+        model.set_cpu_block_rows(None)
         schedule = pyr.build(17)
-        # without the CPU-only oneDNN weight packing (a copy of the block weights per generation), so the real run
-        # takes the path the plan predicts for a GPU
+        # without the CPU-only oneDNN weight packing (a copy of the block weights per generation) and row blocks
+        # (above), so the real run takes the path the plan predicts for a GPU
         return [model], lambda: generate(model, schedule, cap, guidance=Guidance(3.0),
                                          generator=torch.Generator().manual_seed(0), pack_weights=False)
     return build
