@@ -13,7 +13,7 @@ from infinitystar.runtime import precision_name, resolve_precision
 from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
 from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, content_weights, edge_loss,
-                                               reconstruction_loss, sample_drop)
+                                               reconstruction_loss, sample_drop, worst_pixel_loss)
 from infinitystar.cli.tokenizer import add_cli
 from infinitystar.tokenizer.training_eval import (PSNR_CAP_DB, fit_pyramid, psnr, psnr_per_frame, ssim,
                                                   ssim_per_frame)
@@ -125,6 +125,8 @@ def test_config_errors_name_the_key(tmp_path):
         _cfg(tmp_path, "x", mode="bitwise", init=str(tmp_path), model=None)
     with pytest.raises(ConfigError, match="loss.edge_weight"):
         _cfg(tmp_path, "x", loss={"edge_weight": -1.0})
+    with pytest.raises(ConfigError, match="loss.worst_pixel_fraction"):
+        _cfg(tmp_path, "x", loss={"worst_pixel_fraction": 0.0})
     cfg = _cfg(tmp_path, "x")
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()      # round trip
 
@@ -140,6 +142,22 @@ def test_edge_loss_penalises_a_blurred_step():
     plain, _ = reconstruction_loss(blurred, step, LossConfig())
     with_edge, terms = reconstruction_loss(blurred, step, LossConfig(edge_weight=3.0))
     assert float(with_edge - plain) == pytest.approx(3.0 * terms["edge"]) and terms["edge"] == pytest.approx(1 / 7)
+
+
+def test_worst_pixel_loss_is_the_mean_error_of_each_frames_worst_pixels():
+    target = torch.zeros(1, 3, 2, 10, 10)               # 100 pixels per frame: fraction 0.02 -> the worst 2
+    recon = target.clone()
+    recon[0, :, 0, 0, 0] = torch.tensor([3.0, 4.0, 0.0])    # frame 0: one pixel off by 5 (Euclidean over RGB)
+    recon[0, 0, 0, 5, :] = 0.1                          # ... and a row of small errors
+    recon[0, 1, 1, 2, 3] = 2.0                          # frame 1: one pixel off by 2
+    recon.requires_grad_(True)
+    worst = worst_pixel_loss(recon - target, 0.02)
+    assert float(worst) == pytest.approx(((5.0 + 0.1) + (2.0 + 0.0)) / 4, abs=1e-5)
+    worst.backward()
+    assert int((recon.grad.abs().sum(1) > 0).sum()) == 3     # only the counted pixels get a gradient
+    plain, _ = reconstruction_loss(recon.detach(), target, LossConfig())
+    total, terms = reconstruction_loss(recon.detach(), target, LossConfig(worst_pixel_weight=2.0))
+    assert float(total - plain) == pytest.approx(2.0 * terms["worst_pixel"], abs=1e-5)
 
 
 def test_content_weights_cover_both_sides_of_the_edge():

@@ -111,11 +111,14 @@ def check_tokenizer_run(cfg, freezable: tuple[str, ...]) -> None:
                                "loss.l2_weight": lo.l2_weight, "loss.kl_weight": lo.kl_weight,
                                "loss.content_weight": lo.content_weight, "loss.content_margin": lo.content_margin,
                                "loss.edge_weight": lo.edge_weight, "loss.adversarial_weight": lo.adversarial_weight,
+                               "loss.worst_pixel_weight": lo.worst_pixel_weight,
                                "loss.adversarial_start": lo.adversarial_start,
                                "loss.quant_weight": lo.quant_weight,
                                "loss.commitment_weight": lo.commitment_weight,
                                "loss.entropy_weight": lo.entropy_weight},
                  unit={"quant.drop_prob": q.drop_prob})
+    if not 0 < lo.worst_pixel_fraction <= 1:
+        raise ConfigError(f"loss.worst_pixel_fraction: expected a share in (0, 1], got {lo.worst_pixel_fraction}")
     bad = [f for f in t.freeze if f not in freezable]
     if bad:
         raise ConfigError(f"train.freeze: unknown part(s) {bad}; choose from {', '.join(freezable)}")

@@ -1,6 +1,7 @@
 """The tokenizer trainers' losses and quantizer-path helpers: reconstruction (L1 + MSE, optionally weighted towards
-the object and its edge, plus an optional edge term), the KL term of the continuous VAE, stochastic quantizer depth,
-bit usage and the latent-scale calibration of knowledge inheritance. Losses are computed in float32 whatever the forward's precision."""
+the object and its edge, plus optional edge and worst-pixel terms), the KL term of the continuous VAE, stochastic
+quantizer depth, bit usage and the latent-scale calibration of knowledge inheritance. Losses are computed in
+float32 whatever the forward's precision."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ class LossConfig:
     content_weight: float = 0.0          # extra per-pixel weight where the target differs from its frame's median
     content_margin: int = 2              # ... and within this many pixels of such a pixel (both sides of an edge)
     edge_weight: float = 0.0             # L1 between the spatial finite differences of recon and target (sharp edges)
+    worst_pixel_weight: float = 0.0      # mean RGB error of each frame's worst pixels (thin features averages blur)
+    worst_pixel_fraction: float = 0.02   # ... the share of a frame's pixels counted as its worst
     adversarial_weight: float = 0.0      # patch discriminator on frames, hinge loss (train/adversarial.py); 0: off
     adversarial_start: int = 0           # first step of the adversarial term (the discriminator trains from here too)
     discriminator_channels: int = 32
@@ -50,7 +53,7 @@ def content_weights(video: torch.Tensor, weight: float, margin: int = 2) -> torc
 
 def reconstruction_loss(recon: torch.Tensor, video: torch.Tensor, loss: LossConfig) -> tuple[torch.Tensor, dict]:
     """l1_weight * L1 + l2_weight * MSE (means over pixels, weighted by `content_weights` when
-    loss.content_weight > 0)."""
+    loss.content_weight > 0), plus the edge and worst-pixel terms where their weights are set."""
     diff = recon.float() - video.float()
     w = content_weights(video, loss.content_weight, loss.content_margin) if loss.content_weight > 0 else None
     l1 = diff.abs().mean() if w is None else (w * diff.abs()).mean()
@@ -64,6 +67,10 @@ def reconstruction_loss(recon: torch.Tensor, video: torch.Tensor, loss: LossConf
         edge = edge_loss(recon.float(), video.float())
         out = out + loss.edge_weight * edge
         terms["edge"] = float(edge.detach())
+    if loss.worst_pixel_weight > 0:
+        worst = worst_pixel_loss(diff, loss.worst_pixel_fraction)
+        out = out + loss.worst_pixel_weight * worst
+        terms["worst_pixel"] = float(worst.detach())
     return out, terms
 
 
@@ -74,6 +81,15 @@ def edge_loss(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
     dx = (recon.diff(dim=-1) - video.diff(dim=-1)).abs().mean()
     dy = (recon.diff(dim=-2) - video.diff(dim=-2)).abs().mean()
     return 0.5 * (dx + dy)
+
+
+def worst_pixel_loss(diff: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean, over frames, of the Euclidean (over channels) error of each frame's worst `fraction` of pixels;
+    `diff` is recon - target (B, C, T, H, W). A one-pixel-wide feature is a few dozen of a frame's thousands of
+    pixels, so averaged losses pay little for blurring it away; here those pixels are the loss."""
+    err = diff.square().sum(1).add(1e-12).sqrt().flatten(2)              # (B, T, H*W)
+    k = max(1, round(fraction * err.shape[-1]))
+    return err.topk(k, dim=-1).values.mean()
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
