@@ -266,6 +266,28 @@ def test_inheritance_loads_the_continuous_weights(tmp_path, continuous_dir):
     assert not torch.equal(scratch.model.state_dict()[key], src[key])
 
 
+def test_a_new_decoder_of_other_widths_trains_on_the_init_folders_encoder(tmp_path, continuous_dir):
+    """model.decoder_block_out_channels with an init folder: everything but the decoder is inherited, the decoder
+    starts fresh at the new widths, and the exported folder loads with them."""
+    src = VideoVAE.from_pretrained(continuous_dir).state_dict()
+    cfg = _cfg(tmp_path, "dec", mode="bitwise", init=str(continuous_dir),
+               model={"decoder_block_out_channels": [8, 8, 8, 8]},
+               quant={"calibrate_scale": False}, train={"max_steps": 2, "freeze": ["encoder", "proj", "scale"]})
+    assert cfg.new_decoder()
+    res = train(cfg)
+    out = VideoVAE.from_pretrained(res.model_dir)
+    assert out.config.decoder_channels == (8, 8, 8, 8) and out.config.block_out_channels == (4, 8, 8, 8)
+    got = out.state_dict()
+    assert got["decoder.conv_out.conv.weight"].shape[1] == 8 != src["decoder.conv_out.conv.weight"].shape[1]
+    for k in src:
+        if not k.startswith("decoder."):
+            assert torch.equal(src[k], got[k]), k          # inherited and frozen
+    # the widths follow the encoder's resampler rules (an upsampler 12 -> 4 cannot tile 12 channels to 4 * 4 * 2)
+    with pytest.raises(ConfigError, match="decoder_block_out_channels .*DC upsampler 12 -> 4"):
+        _cfg(tmp_path, "bad", mode="bitwise", init=str(continuous_dir),
+             model={"decoder_block_out_channels": [4, 12, 12, 12]})
+
+
 def test_calibration_beats_the_unit_scale(continuous_dir):
     vae = VideoVAE.from_pretrained(continuous_dir)
     video = torch.rand(2, 3, 5, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -80,6 +80,8 @@ class VideoVAEConfig(ArchConfig):
     temporal_compression_list: one entry (2) per stage that also resamples time; at most as many as spatial ones.
     codebook_dim: channels of the latent after patchify = 4 * latent_channels (the generator's bits per token).
     semantic_scale_dim: bits of the quantizer's semantic scales (only used to check the dropped mask buffers).
+    decoder_block_out_channels: the decoder's widths c0..cn when they differ from the encoder's (None: the same, as
+        in every official file); as many as block_out_channels, under the same resampler rules.
     """
     in_channels: int = 3
     out_channels: int = 3
@@ -90,9 +92,13 @@ class VideoVAEConfig(ArchConfig):
     temporal_compression_list: tuple[int, ...] = (2, 2)
     codebook_dim: int = 64
     semantic_scale_dim: int = 16
+    decoder_block_out_channels: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         self.block_out_channels = _int_tuple("block_out_channels", self.block_out_channels)
+        if self.decoder_block_out_channels is not None:
+            self.decoder_block_out_channels = _int_tuple("decoder_block_out_channels",
+                                                         self.decoder_block_out_channels)
         self.spatial_compression_list = _int_tuple("spatial_compression_list", self.spatial_compression_list)
         self.temporal_compression_list = _int_tuple("temporal_compression_list", self.temporal_compression_list)
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "codebook_dim",
@@ -119,30 +125,45 @@ class VideoVAEConfig(ArchConfig):
         if 2 ** nt > ENCODE_CHUNK_FRAMES:
             raise ValueError(f"VideoVAEConfig: temporal stride {2 ** nt} exceeds the {ENCODE_CHUNK_FRAMES}-frame "
                              f"encoder chunk")
-        for i in range(n):
-            cin, cout = c[i], c[i + 1]
-            if i >= ns:
-                if cin != cout:
-                    raise ValueError(f"VideoVAEConfig.block_out_channels {list(c)}: block {i} has no resampler, so "
-                                     f"widths {i} and {i + 1} must be equal ({cin} != {cout})")
-                continue
-            # down: conv to cout/4 then 2x2 space-to-depth; shortcut averages 4*cin channels in groups to cout
-            if cout % 4 or (4 * cin) % cout:
-                raise ValueError(f"VideoVAEConfig.block_out_channels {list(c)}: the DC downsampler {cin} -> {cout} "
-                                 f"needs {cout} divisible by 4 and 4*{cin} divisible by {cout}")
-            # up (mirrored): conv to cin*4*tf then depth-to-space; shortcut tiles cout channels up to cin*4*tf
-            tf = 2 if i < nt else 1
-            if (cin * 4 * tf) % cout:
-                raise ValueError(f"VideoVAEConfig.block_out_channels {list(c)}: the DC upsampler {cout} -> {cin} "
-                                 f"needs {cin}*4*{tf} divisible by {cout}")
+        dec = self.decoder_block_out_channels
+        if dec is not None and (len(dec) != len(c) or min(dec) < 1):
+            raise ValueError(f"VideoVAEConfig.decoder_block_out_channels needs {len(c)} positive widths (as many as "
+                             f"block_out_channels), got {list(dec)}")
+        self._check_widths("block_out_channels", c, down=True, up=dec is None)
+        if dec is not None:
+            self._check_widths("decoder_block_out_channels", dec, down=False, up=True)
         if self.codebook_dim != 4 * self.latent_channels:
             raise ValueError(f"VideoVAEConfig.codebook_dim must be 4 * latent_channels = {4 * self.latent_channels} "
                              f"(the 2x2 patchify of the posterior), got {self.codebook_dim}")
+
+    def _check_widths(self, name: str, c: tuple[int, ...], down: bool, up: bool) -> None:
+        ns, nt = len(self.spatial_compression_list), len(self.temporal_compression_list)
+        for i in range(len(c) - 1):
+            cin, cout = c[i], c[i + 1]
+            if i >= ns:
+                if cin != cout:
+                    raise ValueError(f"VideoVAEConfig.{name} {list(c)}: block {i} has no resampler, so "
+                                     f"widths {i} and {i + 1} must be equal ({cin} != {cout})")
+                continue
+            # down: conv to cout/4 then 2x2 space-to-depth; shortcut averages 4*cin channels in groups to cout
+            if down and (cout % 4 or (4 * cin) % cout):
+                raise ValueError(f"VideoVAEConfig.{name} {list(c)}: the DC downsampler {cin} -> {cout} "
+                                 f"needs {cout} divisible by 4 and 4*{cin} divisible by {cout}")
+            # up (mirrored): conv to cin*4*tf then depth-to-space; shortcut tiles cout channels up to cin*4*tf
+            tf = 2 if i < nt else 1
+            if up and (cin * 4 * tf) % cout:
+                raise ValueError(f"VideoVAEConfig.{name} {list(c)}: the DC upsampler {cout} -> {cin} "
+                                 f"needs {cin}*4*{tf} divisible by {cout}")
 
     # --- derived sizes ------------------------------------------------------------------------------------------
     @property
     def num_blocks(self) -> int:
         return len(self.block_out_channels) - 1
+
+    @property
+    def decoder_channels(self) -> tuple[int, ...]:
+        """The decoder's widths c0..cn (it runs them from cn down to c0)."""
+        return self.decoder_block_out_channels or self.block_out_channels
 
     @property
     def encoder_spatial_stride(self) -> int:
@@ -632,7 +653,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VideoVAEConfig):
         super().__init__()
-        c = config.block_out_channels[::-1]
+        c = config.decoder_channels[::-1]
         n, ns, nt = config.num_blocks, len(config.spatial_compression_list), len(config.temporal_compression_list)
         z = config.latent_channels
         self.conv_in = CausalConv3d(z, c[0])

@@ -56,7 +56,8 @@ UNUSED_PARAMS = ("proj_down_two.", "proj_up_two.")   # kept for strict official 
 @dataclass
 class VAESection:
     """The architecture when training from scratch: a `VideoVAEConfig` preset plus field overrides (ignored
-    in favour of the init folder's config.json when `init` is set)."""
+    in favour of the init folder's config.json when `init` is set, except `decoder_block_out_channels`: a new
+    decoder of those widths on the init folder's encoder)."""
     preset: Optional[str] = "small"
     overrides: dict = field(default_factory=dict)
 
@@ -135,6 +136,9 @@ def check_same_architecture(init: str, mine: dict, theirs: dict) -> None:
                           + "); remove the model section or make it match")
 
 
+NEW_DECODER_KEY = "decoder_block_out_channels"
+
+
 @dataclass
 class TokenizerTrainConfig(FileConfig):
     sections: ClassVar[dict] = {"model": preset_section(VAESection, VideoVAEConfig, list(PRESETS), "small"),
@@ -163,6 +167,16 @@ class TokenizerTrainConfig(FileConfig):
     def vae_config(self) -> VideoVAEConfig:
         if self.init is None:
             return self.model.build()
+        init = self.init_config()
+        if NEW_DECODER_KEY not in self.model.overrides:
+            return init
+        try:
+            return VideoVAEConfig.from_dict({**init.to_dict(), NEW_DECODER_KEY: self.model.overrides[NEW_DECODER_KEY]})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def init_config(self) -> VideoVAEConfig:
+        """The architecture of the `init` folder."""
         path = Path(self.init) / CONFIG_NAME
         if not path.is_file():
             raise ConfigError(f"init: {self.init} is not a tokenizer folder (no {CONFIG_NAME})")
@@ -171,12 +185,18 @@ class TokenizerTrainConfig(FileConfig):
         except (ValueError, TypeError) as e:
             raise ConfigError(f"init: {path}: {e}") from None
 
+    def new_decoder(self) -> bool:
+        """Whether the run starts a decoder of other widths on the `init` folder's encoder."""
+        return self.init is not None and self.vae_config().decoder_channels != self.init_config().decoder_channels
+
     def validate(self) -> None:
         d = self.data
         check_tokenizer_run(self, FREEZABLE)
         check_ranges(positive={"data.frames": d.frames}, unit={"data.val_fraction": d.val_fraction})
-        if self.init is not None and self.model.overrides:
-            check_same_architecture(self.init, self.model.build().to_dict(), self.vae_config().to_dict())
+        if self.init is not None and set(self.model.overrides) - {NEW_DECODER_KEY}:
+            mine, theirs = self.model.build().to_dict(), self.init_config().to_dict()
+            mine.pop(NEW_DECODER_KEY), theirs.pop(NEW_DECODER_KEY)
+            check_same_architecture(self.init, mine, theirs)
         if d.source == "manifest" and not d.manifests:
             raise ConfigError("data.manifests: give at least one manifest for data.source 'manifest'")
         vae, pyramid = self.vae_config(), self.pyramid.build()
@@ -248,10 +268,18 @@ class TokenizerTrainer(Harness):
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.config
-        if cfg.init is not None and self.start is None:
+        if cfg.init is not None and self.start is None and not cfg.new_decoder():
             return VideoVAE.from_pretrained(cfg.init, device=self.device).train()
         with self.seeded("init"):   # random init from the seed
-            return VideoVAE(cfg.vae_config()).to(self.device).train()
+            model = VideoVAE(cfg.vae_config()).to(self.device).train()
+        if cfg.init is not None and self.start is None:     # a new decoder: everything else from the init folder
+            inherited = {k: v for k, v in VideoVAE.from_pretrained(cfg.init).state_dict().items()
+                         if not k.startswith("decoder.")}
+            missing, unexpected = model.load_state_dict(inherited, strict=False)
+            stray = unexpected + [k for k in missing if not k.startswith("decoder.")]
+            if stray:
+                raise CheckpointError(f"init: {cfg.init}: keys that do not fit the new-decoder model: {stray[:5]}")
+        return model
 
     def calibrates(self) -> bool:
         return self.config.mode == "bitwise" and self.config.quant.calibrate_scale
@@ -363,6 +391,8 @@ class TokenizerTrainer(Harness):
     def describe(self, stop: int) -> str:
         cfg = self.config
         line = super().describe(stop) + (f"; inherited from {cfg.init}" if cfg.init else "")
+        if cfg.new_decoder():
+            line += f" (all but the decoder: new, widths {list(cfg.vae_config().decoder_channels)})"
         if self.calibration and self.step == 0:
             line += (f"; latent scale calibrated to {self.calibration['scale']:.4g} (quantization error "
                      f"{self.calibration['relative_error']:.3f} of the latent's power)")
