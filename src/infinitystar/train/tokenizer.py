@@ -239,6 +239,7 @@ class TokenizerTrainer(Harness):
     validation; the harness does the rest. resume: None, "latest" or a checkpoint folder."""
 
     config_class = TokenizerTrainConfig
+    new_decoder_widths: Optional[tuple[int, ...]] = None   # set when the run starts a new decoder on an init encoder
 
     def __init__(self, config: TokenizerTrainConfig, resume: Optional[str] = None):
         super().__init__(config, resume)
@@ -273,6 +274,7 @@ class TokenizerTrainer(Harness):
         with self.seeded("init"):   # random init from the seed
             model = VideoVAE(cfg.vae_config()).to(self.device).train()
         if cfg.init is not None and self.start is None:     # a new decoder: everything else from the init folder
+            self.new_decoder_widths = model.config.decoder_channels
             inherited = {k: v for k, v in VideoVAE.from_pretrained(cfg.init).state_dict().items()
                          if not k.startswith("decoder.")}
             missing, unexpected = model.load_state_dict(inherited, strict=False)
@@ -391,8 +393,8 @@ class TokenizerTrainer(Harness):
     def describe(self, stop: int) -> str:
         cfg = self.config
         line = super().describe(stop) + (f"; inherited from {cfg.init}" if cfg.init else "")
-        if cfg.new_decoder():
-            line += f" (all but the decoder: new, widths {list(cfg.vae_config().decoder_channels)})"
+        if self.new_decoder_widths:
+            line += f" (all but the decoder: new, widths {list(self.new_decoder_widths)})"
         if self.calibration and self.step == 0:
             line += (f"; latent scale calibrated to {self.calibration['scale']:.4g} (quantization error "
                      f"{self.calibration['relative_error']:.3f} of the latent's power)")
