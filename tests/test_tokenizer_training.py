@@ -270,15 +270,13 @@ def test_a_new_decoder_of_other_widths_trains_on_the_init_folders_encoder(tmp_pa
     """model.decoder_block_out_channels with an init folder: everything but the decoder is inherited, the decoder
     starts fresh at the new widths, and the exported folder loads with them."""
     src = VideoVAE.from_pretrained(continuous_dir).state_dict()
-    cfg = _cfg(tmp_path, "dec", mode="bitwise", init=str(continuous_dir),
-               model={"decoder_block_out_channels": [8, 8, 8, 8]},
-               quant={"calibrate_scale": False}, train={"max_steps": 2, "freeze": ["encoder", "proj", "scale"]})
-    assert cfg.new_decoder()
-    first = train(cfg)
-    longer = _cfg(tmp_path, "dec", mode="bitwise", init=str(continuous_dir),
-                  model={"decoder_block_out_channels": [8, 8, 8, 8]},
-                  quant={"calibrate_scale": False}, train={"max_steps": 3, "freeze": ["encoder", "proj", "scale"]})
-    res = train(longer, resume="latest")                 # resumes from the new decoder's own checkpoint
+    def cfg(steps):
+        return _cfg(tmp_path, "dec", mode="bitwise", init=str(continuous_dir),
+                    model={"decoder_block_out_channels": [8, 8, 8, 8]}, quant={"calibrate_scale": False},
+                    train={"max_steps": steps, "freeze": ["encoder", "proj", "scale"]})
+    assert cfg(2).new_decoder()
+    first = train(cfg(2))
+    res = train(cfg(3), resume="latest")                 # resumes from the new decoder's own checkpoint
     assert first.step == 2 and res.step == 3
     out = VideoVAE.from_pretrained(res.model_dir)
     assert out.config.decoder_channels == (8, 8, 8, 8) and out.config.block_out_channels == (4, 8, 8, 8)

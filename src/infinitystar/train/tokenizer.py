@@ -275,12 +275,15 @@ class TokenizerTrainer(Harness):
             model = VideoVAE(cfg.vae_config()).to(self.device).train()
         if cfg.init is not None and self.start is None:     # a new decoder: everything else from the init folder
             self.new_decoder_widths = model.config.decoder_channels
-            inherited = {k: v for k, v in VideoVAE.from_pretrained(cfg.init).state_dict().items()
-                         if not k.startswith("decoder.")}
-            missing, unexpected = model.load_state_dict(inherited, strict=False)
-            stray = unexpected + [k for k in missing if not k.startswith("decoder.")]
-            if stray:
-                raise CheckpointError(f"init: {cfg.init}: keys that do not fit the new-decoder model: {stray[:5]}")
+            # strict: the fresh decoder's own tensors plus every other tensor of the init folder, so a key missing,
+            # left over or mis-shaped there is an error that names it
+            state = {k: v for k, v in model.state_dict().items() if k.startswith("decoder.")}
+            state.update((k, v) for k, v in VideoVAE.from_pretrained(cfg.init).state_dict().items()
+                         if not k.startswith("decoder."))
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise CheckpointError(f"init: {cfg.init} does not fit the new-decoder model: {e}") from None
         return model
 
     def calibrates(self) -> bool:
