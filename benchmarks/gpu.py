@@ -10,8 +10,8 @@ weights (transformer bf16, flan-t5-xl-shaped encoder fp16, video VAE fp32), one 
 frame), then one timed generation. Stages are timed with CUDA synchronisation at their boundaries (the same hooks
 the planner uses); memory is `torch.cuda.max_memory_allocated` per stage. MFU = the stage's planned FLOPs / time /
 the card's dense peak (bf16; TF32 for the fp32 decoder; `--peak-tflops` overrides). With `--flex`, one
-teacher-forced packed forward (the training attention: FlexAttention, compiled on CUDA) over the 480p schedule is
-timed as well.
+teacher-forced packed forward over the 480p schedule is timed with each attention backend (FlexAttention compiled on
+CUDA, grouped SDPA, dense masked SDPA), and their outputs compared.
 
 Needs ~30 GiB free GPU memory with the defaults at 720p (see docs/gpu.md for the options that fit smaller cards)
 and ~20 GiB of host memory for the plan's bookkeeping-free simulation (it allocates almost nothing).
@@ -148,8 +148,12 @@ def run_resolution(target: Target, options: MemoryOptions, device: torch.device,
 
 
 def run_flex(device: torch.device, dry_run: bool, peak: float) -> dict:
-    """One packed teacher-forced forward (FlexAttention, compiled on CUDA) over the largest official 480p training
-    pack (the image pyramid, 8 clip scales and the clip's largest scale: 39,719 visual tokens); dry run: tiny."""
+    """One packed teacher-forced forward over the largest official 480p training pack (the image pyramid, 8 clip
+    scales and the clip's largest scale: 39,719 visual tokens; dry run: tiny), with each attention backend:
+    FlexAttention (compiled on CUDA), grouped SDPA and one dense masked SDPA. Times each, and checks that they
+    compute the same function: the logits' largest difference from the dense SDPA's, and the same for one
+    attention call alone in fp32 (random q, k, v over the pack's mask)."""
+    from infinitystar.model.attention import AttentionContext, attend, dense_mask, flex_block_mask
     from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig, transformer_preset
     from infinitystar.model.packing import PackSample, pack_sequence, select_steps
     from infinitystar.schedules.pyramid import pyramid_preset
@@ -167,21 +171,44 @@ def run_flex(device: torch.device, dry_run: bool, peak: float) -> dict:
     model = _make(lambda: InfinityStarTransformer(cfg), dtype, device)
     randomise(model)
     packed = pack_sequence([PackSample(schedule, select_steps(schedule, scales, "last"), [64])], cfg.text_maxlen)
-    x = torch.randn(packed.num_visual, cfg.latent_channels, dtype=dtype, device=device)
-    caption = [torch.randn(64, cfg.text_channels, dtype=dtype, device=device)]
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(packed.num_visual, cfg.latent_channels, dtype=dtype, device=device, generator=gen)
+    caption = [torch.randn(64, cfg.text_channels, dtype=dtype, device=device, generator=gen)]
     packed = packed.to(device)
     flops = packed_forward_flops(cfg, packed)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    rows, logits = {}, {}
     with torch.no_grad():
-        model.forward_packed(x, caption, packed, backend="flex")          # compiles on CUDA
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        model.forward_packed(x, caption, packed, backend="flex")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    return {"visual_tokens": packed.num_visual, "seconds": seconds, "flops": flops,
-            "mfu": flops / seconds / (peak * 1e12)}
+        for backend in ("flex", "grouped", "sdpa"):
+            model.forward_packed(x, caption, packed, backend=backend)          # compiles / warms up
+            sync()
+            t0 = time.perf_counter()
+            out = torch.cat([o.float().flatten() for o in model.forward_packed(x, caption, packed, backend=backend)])
+            sync()
+            seconds = time.perf_counter() - t0
+            rows[backend] = {"seconds": seconds, "mfu": flops / seconds / (peak * 1e12)}
+            logits[backend] = out
+        for backend in ("flex", "grouped"):
+            rows[backend]["logits_max_abs_diff_vs_sdpa"] = (logits[backend] - logits["sdpa"]).abs().max().item()
+        rows["sdpa"]["logits_max_abs"] = logits["sdpa"].abs().max().item()
+        # one attention call in fp32: the backends' mask handling alone, without bf16 rounding through the blocks
+        # (as many query heads as key heads: SDPA's fused kernels take a mask only without grouped queries)
+        L, hd = packed.length, cfg.width // cfg.num_heads
+        q, k, v = (torch.randn(1, cfg.num_kv_heads, L, hd, device=device, generator=gen) for _ in range(3))
+        table = packed.attention_table()
+        real = packed.num_visual + packed.num_condition + packed.num_text     # padding rows: each backend its own
+        ref = attend(q, k, v, AttentionContext(mask=dense_mask(packed.document_id, table)), 0)[:, :, :real]
+        contexts = {"flex": AttentionContext(block_mask=flex_block_mask(packed.document_id, table)),
+                    "grouped": AttentionContext(groups=packed.attention_groups())}
+        attention_fp32 = {name: (attend(q, k, v, ctx, 0)[:, :, :real] - ref).abs().max().item()
+                          for name, ctx in contexts.items()}
+    return {"visual_tokens": packed.num_visual, "packed_length": packed.length, "flops": flops,
+            "backends": rows, "attention_fp32_max_abs_diff_vs_sdpa": attention_fp32,
+            "seconds": rows["flex"]["seconds"], "mfu": rows["flex"]["mfu"]}
 
 
 def main(argv=None) -> int:
@@ -220,8 +247,13 @@ def main(argv=None) -> int:
                   f"{100 * s.get('mfu', 0):>6.1f}%{s['peak_bytes'] / GIB:>10.2f}"
                   f"{s.get('predicted_peak_bytes', 0) / GIB:>10.2f}")
     if flex:
-        print(f"\npacked forward (FlexAttention), {flex['visual_tokens']} visual tokens: {flex['seconds']:.2f} s, "
-              f"{flex['flops']:.3g} FLOP, MFU {100 * flex['mfu']:.1f}%")
+        print(f"\npacked forward, {flex['visual_tokens']} visual tokens, {flex['flops']:.3g} FLOP:")
+        for name, r in flex["backends"].items():
+            diff = r.get("logits_max_abs_diff_vs_sdpa")
+            print(f"  {name:<8}{r['seconds']:>8.3f} s  MFU {100 * r['mfu']:5.1f}%"
+                  + ("" if diff is None else f"  logits max |diff| vs sdpa {diff:.3g}"))
+        print("  one attention call in fp32, max |diff| vs sdpa: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in flex["attention_fp32_max_abs_diff_vs_sdpa"].items()))
     return 0
 
 

@@ -50,6 +50,16 @@ def test_top_level_exports_are_lazy():
         infinitystar.Nope
 
 
+def test_the_package_runs_without_pyav_until_a_video_file_is_touched():
+    # a GPU image without PyAV still generates and trains; only .mp4 reading/writing needs it, with a clear error
+    out = _python("import sys; sys.modules['av'] = None\n"
+                  "import numpy as np, infinitystar.pipelines, infinitystar.train.data, infinitystar.bench\n"
+                  "from infinitystar.media import MediaError, export_to_video\n"
+                  "try:\n    export_to_video(np.zeros((2, 8, 8, 3), np.uint8), 'x.mp4')\n"
+                  "except MediaError as e:\n    print(e)")
+    assert out.strip() == "reading or writing .mp4 needs PyAV: pip install av"
+
+
 # --- one from_pretrained for every module --------------------------------------------------------------------------
 def _modules():
     torch.manual_seed(0)

@@ -28,7 +28,13 @@ def test_dry_run_times_every_stage_beside_the_plan(gpu_bench, capsys):
         assert s["seconds"] > 0 and s["planned_flops"] > 0 and s["predicted_peak_bytes"] > 0
         assert s["mfu"] == pytest.approx(s["planned_flops"] / s["seconds"] / (1e12 * (0.5 if name == "decode" else 1)))
     assert res["predicted"]["flops"] == pytest.approx(sum(s["planned_flops"] for s in res["stages"]))
-    assert out["flex"]["visual_tokens"] > 0 and out["flex"]["flops"] > 0 and out["flex"]["seconds"] > 0
+    flex = out["flex"]
+    assert flex["visual_tokens"] > 0 and flex["flops"] > 0 and flex["seconds"] > 0
+    assert set(flex["backends"]) == {"flex", "grouped", "sdpa"}
+    # fp32 on the CPU: the three backends compute the same function
+    assert flex["backends"]["flex"]["logits_max_abs_diff_vs_sdpa"] < 1e-4
+    assert flex["backends"]["grouped"]["logits_max_abs_diff_vs_sdpa"] < 1e-4
+    assert max(flex["attention_fp32_max_abs_diff_vs_sdpa"].values()) < 1e-5
 
 
 def test_no_gpu_is_a_clear_error(gpu_bench):

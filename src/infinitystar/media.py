@@ -13,12 +13,21 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
-import av
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from infinitystar import checkpoint_io
+
+
+def require_av():
+    """PyAV, imported when a video file is read or written (a dependency, but the rest of the package runs
+    without it: e.g. on a GPU image that lacks it)."""
+    try:
+        import av
+    except ImportError:
+        raise MediaError("reading or writing .mp4 needs PyAV: pip install av") from None
+    return av
 
 PathLike = Union[str, Path]
 VIDEO_SUFFIXES = (".mp4", ".gif", ".npy")
@@ -103,6 +112,7 @@ def export_to_video(frames, path: PathLike, fps: int = 16, lossless: bool = Fals
     # The same frames must give the same bytes: threaded encoding varies, and so does the macroblock-tree rate
     # control even on one thread (6 of 150 runs in one process differed). Without both: 300 of 300 identical.
     options = {"threads": "1", "preset": "veryfast", "x264-params": "mbtree=0"}
+    av = require_av()
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             if lossless:
@@ -162,6 +172,7 @@ def load_video(path: PathLike) -> np.ndarray:
         arr = np.load(path)
         arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
         return _as_frames(arr)
+    av = require_av()
     try:
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

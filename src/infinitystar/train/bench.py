@@ -43,7 +43,7 @@ def packed_forward_flops(cfg: TransformerConfig, packed: PackedSequence) -> floa
     C, H, KV, hd, I = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_hidden
     per_token = 2 * (C * H * hd + 2 * C * KV * hd + H * hd * C + 3 * C * I)
     lengths = torch.tensor(packed.segment_lengths[:-1], dtype=torch.float64)   # the last segment is padding
-    table = packed.segment_table[:-1, :-1].to(torch.float64)
+    table = packed.segment_table[:-1, :-1].to("cpu", torch.float64)
     pairs = float((lengths * (table @ lengths)).sum())
     latent = packed.num_visual + getattr(packed, "num_condition", 0)   # condition blocks: latent tokens too
     flops = cfg.depth * ((latent + packed.num_text) * per_token + 4 * H * hd * pairs)

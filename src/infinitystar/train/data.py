@@ -24,12 +24,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import av
 import numpy as np
 import torch
 from PIL import Image
 
 from infinitystar.manifest import ManifestError, manifest_lines, media_path
+from infinitystar.media import require_av
 from infinitystar.schedules.dynamic_resolution import all_templates, nearest_template, num_scales
 from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.train.latent_cache import CacheMismatch, read_cached_latent
@@ -236,7 +236,7 @@ def read_video_frames(path: str, indices: Sequence[int], allow_short: bool = Fal
             wanted = set(want)
             last = want[-1]
             got: dict[int, np.ndarray] = {}
-            with av.open(path) as container:
+            with require_av().open(path) as container:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 for i, frame in enumerate(container.decode(stream)):

@@ -255,7 +255,7 @@ def packed_loss(logits: Sequence[torch.Tensor], batch: PackedBatch, anchor: Opti
         ce, acc = bitwise_loss(lg, bits, w)
         per_sample[b].append(ce.mean())
         accs.append((step, acc.mean().detach()))
-    losses = [(torch.stack(ls) * s.weights).sum() for ls, s in zip(per_sample, batch.samples)]
+    losses = [(torch.stack(ls) * s.weights.to(ls[0].device)).sum() for ls, s in zip(per_sample, batch.samples)]
     total = torch.stack(losses).mean()
     if anchor is not None:
         total = total + anchor
