@@ -384,6 +384,37 @@ def test_residual_bit_weighting_weights_each_bit_by_what_its_sign_costs():
         prepare_sample(z, sched, ["a"], [0] * sched.num_clips, torch.Generator(), bit_weighting="magnitude", **kw)
 
 
+def test_clip_scale_boost_moves_loss_weight_to_the_chosen_clip_scales():
+    from infinitystar.train.targets import boost_clip_scales, prepare_sample
+    sched = pyramid_preset("tiny").build(17)
+    z = torch.randn(64, sched.num_latent_frames, *sched.full_hw, generator=torch.Generator().manual_seed(0))
+    plain = prepare_sample(z, sched, ["a"], [0] * sched.num_clips, torch.Generator().manual_seed(1),
+                           subset=ScaleSubsetConfig(mode="all"), bsc_strength=0.0, repetition="last")
+    n = sched.scales_per_clip
+    boost = [5.0] + [1.0] * (n - 1)            # the first scale of every video clip
+    got = boost_clip_scales(plain, boost)
+    assert abs(float(got.weights.sum()) - 1) < 1e-6
+    ratio = got.weights / plain.weights
+    for st, r in zip(plain.steps, ratio.tolist()):
+        boosted = st.scale.clip >= 1 and st.scale.in_clip == 0
+        # every weight rescaled by the same normaliser, the boosted ones 5x more
+        assert r == pytest.approx(float(ratio[0]) * (5.0 if boosted else 1.0), rel=1e-5)
+    assert any(st.scale.clip >= 1 and st.scale.in_clip == 0 for st in plain.steps)
+    assert torch.equal(boost_clip_scales(plain, [1.0] * n).weights, plain.weights / plain.weights.sum())
+
+
+def test_clip_scale_boost_trains_and_must_give_one_positive_factor_per_clip_scale(tmp_path):
+    from infinitystar.train.trainer import Trainer
+    manifest = write_dataset(tmp_path / "data", n_videos=2, n_images=1, seed=0)
+    n = pyramid_preset("tiny").build(17).scales_per_clip
+    out = run_training(tiny_config(tmp_path / "ok", manifest, train={"clip_scale_boost": [3.0] + [1.0] * (n - 1)}))
+    assert out.step == 4 and math.isfinite(out.loss)
+    for bad in ([2.0], [0.0] * n):
+        raw = tiny_config(tmp_path / "bad", manifest, train={"clip_scale_boost": bad})
+        with pytest.raises(ConfigError, match=f"clip_scale_boost: expected {n} positive factors"):
+            Trainer(config_from_dict(raw), text_encoder=HashTextEncoder(32), tokenizer=LinearTokenizer())
+
+
 # --------------------------------------------------------------------------------------------------
 # Latent cache
 # --------------------------------------------------------------------------------------------------

@@ -152,6 +152,9 @@ class TrainSection(TrainBase):
     # bits within a scale: "uniform" (official) or "residual": each label bit's cross-entropy weighted by the
     # magnitude of the residual it quantizes (what a wrong sign costs the code map), normalised to mean 1 per scale
     bit_weighting: Literal["uniform", "residual"] = "uniform"
+    # multiplies each video-clip scale's loss weight by its entry (by scale index within the clip; clips >= 1, the
+    # image pyramid untouched), then renormalises: more loss on the steps where motion is decided (null: off)
+    clip_scale_boost: Optional[list[float]] = None
     scale_subset: ScaleSubsetConfig = field(default_factory=ScaleSubsetConfig)
     interact_first_segment: bool = True  # with `interact`: also pack the first clip in the text-to-video layout
 

@@ -3,7 +3,7 @@ self-correction, one repetition per scale, text dropout, the packed forward and 
 `prepare_interact_samples` lays a video out for the interactive mode (a segment with its condition blocks)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -110,6 +110,15 @@ def _targets(z: torch.Tensor, schedule: Schedule, scales: Sequence[int], num_cli
         mags = [targets.magnitudes[where[st.index]][0].reshape(-1, st.scale.bits) for st in steps]
         bit_weights = [m / m.mean() if m.mean() > 0 else torch.ones_like(m) for m in mags]
     return steps, inputs, bits, weights, bit_weights
+
+
+def boost_clip_scales(sample: PreparedSample, boost: Sequence[float]) -> PreparedSample:
+    """The sample with each video-clip step's loss weight times boost[its index within the clip] (the image
+    pyramid's steps keep theirs), renormalised to sum to 1 (`train.clip_scale_boost`)."""
+    factor = torch.tensor([boost[st.scale.in_clip] if st.scale.clip >= 1 else 1.0 for st in sample.steps],
+                          dtype=sample.weights.dtype, device=sample.weights.device)
+    weights = sample.weights * factor
+    return replace(sample, weights=weights / weights.sum())
 
 
 def prepare_interact_samples(z: torch.Tensor, pyramid: PyramidConfig, num_frames: int, interact: InteractConfig,

@@ -33,7 +33,7 @@ from infinitystar.train.distributed import DistInfo, all_reduce_sum, init_distri
 from infinitystar.train.features import encode_pixels
 from infinitystar.train.harness import Harness, lr_at
 from infinitystar.train.metrics import ScaleAccuracy
-from infinitystar.train.targets import (PackedTrainModule, TextRow, pack_batch, packed_loss,
+from infinitystar.train.targets import (PackedTrainModule, boost_clip_scales, TextRow, pack_batch, packed_loss,
                                         prepare_interact_samples, prepare_sample)
 
 
@@ -147,7 +147,12 @@ class Trainer(Harness):
             self.spec.require_cache = True   # nothing could encode an uncached sample: skip and count it
         order = ShardedOrder(len(self.records), cfg.seed, info.rank, info.world_size, d.shuffle)
         self.loader = SampleLoader(self.records, self.spec, order, d.num_workers)
-        self.scale_acc = ScaleAccuracy(cfg.pyramid.build().build(1).scales_per_clip, self.device)
+        per_clip = cfg.pyramid.build().build(1).scales_per_clip
+        self.scale_acc = ScaleAccuracy(per_clip, self.device)
+        boost = cfg.train.clip_scale_boost
+        if boost is not None and (len(boost) != per_clip or min(boost) <= 0):
+            raise ConfigError(f"train.clip_scale_boost: expected {per_clip} positive factors (one per scale of a "
+                              f"clip), got {boost}")
 
         # --- state: seeded per rank, then the checkpoint (if any) restores it ---------------------------
         self.text_cut = 0
@@ -190,6 +195,8 @@ class Trainer(Harness):
             else:
                 samples.append(prepare_sample(z, raw.pyramid.build(raw.num_frames), raw.captions,
                                               raw.caption_of_clip, gen, **common))
+        if t.clip_scale_boost is not None:
+            samples = [boost_clip_scales(s, t.clip_scale_boost) for s in samples]
         prompts = [c for s in samples for c in s.captions]
         text_tokens = None
         if self.text_trainable:   # encoded inside the module, with gradients
