@@ -384,6 +384,20 @@ def test_residual_bit_weighting_weights_each_bit_by_what_its_sign_costs():
         prepare_sample(z, sched, ["a"], [0] * sched.num_clips, torch.Generator(), bit_weighting="magnitude", **kw)
 
 
+def test_focal_gamma_weights_each_bit_by_how_wrong_the_model_is():
+    from infinitystar.train.loss import bitwise_loss
+    logits = torch.randn(6, 8, 2, generator=torch.Generator().manual_seed(0))
+    bits = torch.randint(0, 2, (6, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    ce = F.cross_entropy(logits.flatten(0, 1), bits.flatten().long(), reduction="none").view(6, 8)
+    p_true = logits.softmax(-1).gather(-1, bits.long()[..., None])[..., 0]
+    got, acc = bitwise_loss(logits, bits, focal_gamma=2.0)
+    assert torch.allclose(got, (ce * (1 - p_true) ** 2).mean(-1), atol=1e-6)
+    assert torch.equal(acc, bitwise_loss(logits, bits)[1])
+    assert torch.equal(bitwise_loss(logits, bits, focal_gamma=0.0)[0], ce.mean(-1))
+    with pytest.raises(ConfigError, match="train.focal_gamma"):
+        config_from_dict({"train": {"focal_gamma": -1.0}})
+
+
 def test_clip_scale_boost_moves_loss_weight_to_the_chosen_clip_scales():
     from infinitystar.train.targets import boost_clip_scales, prepare_sample
     sched = pyramid_preset("tiny").build(17)

@@ -155,6 +155,7 @@ class TrainSection(TrainBase):
     # multiplies each video-clip scale's loss weight by its entry (by scale index within the clip; clips >= 1, the
     # image pyramid untouched), then renormalises: more loss on the steps where motion is decided (null: off)
     clip_scale_boost: Optional[list[float]] = None
+    focal_gamma: float = 0.0             # > 0: focal loss, each bit's term times (1 - p_true)^gamma
     scale_subset: ScaleSubsetConfig = field(default_factory=ScaleSubsetConfig)
     interact_first_segment: bool = True  # with `interact`: also pack the first clip in the text-to-video layout
 
@@ -283,7 +284,8 @@ class RunConfig(FileConfig):
         check_ranges(positive={"train.micro_batch": t.micro_batch, "train.grad_accum": t.grad_accum,
                                "train.pad_multiple": t.pad_multiple, "data.pixels_per_latent": d.pixels_per_latent,
                                "data.max_frames": d.max_frames},
-                     non_negative={"data.num_workers": d.num_workers, "train.reweight_by_scale": t.reweight_by_scale},
+                     non_negative={"data.num_workers": d.num_workers, "train.reweight_by_scale": t.reweight_by_scale,
+                                   "train.focal_gamma": t.focal_gamma},
                      unit={"train.bsc_strength": t.bsc_strength, "train.text_dropout": t.text_dropout,
                            "data.short_caption_prob": d.short_caption_prob,
                            "train.scale_subset.earlier_full_prob": t.scale_subset.earlier_full_prob})

@@ -7,12 +7,16 @@ import torch
 import torch.nn.functional as F
 
 
-def bitwise_loss(logits: torch.Tensor, bits: torch.Tensor, bit_weights: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def bitwise_loss(logits: torch.Tensor, bits: torch.Tensor, bit_weights: Optional[torch.Tensor] = None,
+                 focal_gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (mean over bits of the 2-class cross-entropy, each bit's term times its weight when
-    `bit_weights` (N, c) is given) and bit accuracy (unweighted). logits (N, c, 2), bits (N, c)."""
+    `bit_weights` (N, c) is given) and bit accuracy (unweighted). logits (N, c, 2), bits (N, c).
+    `focal_gamma` > 0: each term times (1 - p_true)^gamma (focal loss), so the bits the model gets wrong dominate
+    the easy ones (e.g. the few bits of a step that only the text can decide)."""
     target = bits.long()
     ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+    if focal_gamma > 0:
+        ce = ce * (-ce.detach()).exp().neg().add(1).pow(focal_gamma)
     if bit_weights is not None:
         ce = ce * bit_weights
     acc = (logits.argmax(-1) == target).float()

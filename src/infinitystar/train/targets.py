@@ -250,8 +250,8 @@ class LossOutput:
     sample_losses: list[torch.Tensor]
 
 
-def packed_loss(logits: Sequence[torch.Tensor], batch: PackedBatch, anchor: Optional[torch.Tensor] = None
-                ) -> LossOutput:
+def packed_loss(logits: Sequence[torch.Tensor], batch: PackedBatch, anchor: Optional[torch.Tensor] = None,
+                focal_gamma: float = 0.0) -> LossOutput:
     """Per sample: sum_s w_s * mean_tokens(mean_bits CE) with the normalised official weights; then the mean
     over the batch's samples (plus the module's zero anchor, see PackedTrainModule)."""
     per_sample: list[list[torch.Tensor]] = [[] for _ in batch.samples]
@@ -261,7 +261,7 @@ def packed_loss(logits: Sequence[torch.Tensor], batch: PackedBatch, anchor: Opti
     for (b, step), lg in zip(batch.packed.visual_segments, logits):
         bits = next(bits_iter[b]).to(lg.device)
         w = next(bit_weights_iter[b]).to(lg.device) if bit_weights_iter[b] is not None else None
-        ce, acc = bitwise_loss(lg, bits, w)
+        ce, acc = bitwise_loss(lg, bits, w, focal_gamma)
         per_sample[b].append(ce.mean())
         accs.append((step, acc.mean().detach()))
     losses = [(torch.stack(ls) * s.weights.to(ls[0].device)).sum() for ls, s in zip(per_sample, batch.samples)]

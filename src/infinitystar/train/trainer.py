@@ -218,7 +218,7 @@ class Trainer(Harness):
         with self.autocast():   # the bit heads run in fp32 inside (InfinityStarTransformer.logits)
             logits, anchor = self.module(batch.x_visual, batch.captions, batch.packed, self.backend, text_tokens,
                                          batch.conditions)
-        out = packed_loss(logits, batch, anchor)
+        out = packed_loss(logits, batch, anchor, self.config.train.focal_gamma)
         (out.loss * scale).backward()
         for step, acc in out.scale_acc:   # image scales have t == 1 in clip 0; an interactive segment's t > 1
             self.scale_acc.add(step.scale.clip > 0 or step.scale.t > 1, step.scale.in_clip, acc)
