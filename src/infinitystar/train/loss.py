@@ -11,8 +11,8 @@ def bitwise_loss(logits: torch.Tensor, bits: torch.Tensor, bit_weights: Optional
                  focal_gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (mean over bits of the 2-class cross-entropy, each bit's term times its weight when
     `bit_weights` (N, c) is given) and bit accuracy (unweighted). logits (N, c, 2), bits (N, c).
-    `focal_gamma` > 0: each term times (1 - p_true)^gamma (focal loss), so the bits the model gets wrong dominate
-    the easy ones (e.g. the few bits of a step that only the text can decide)."""
+    `focal_gamma` > 0: each term times (1 - p_true)^gamma, a weight (not differentiated), so the bits the model
+    gets wrong dominate the easy ones (e.g. the few bits of a step that only the text can decide)."""
     target = bits.long()
     ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
     if focal_gamma > 0:
