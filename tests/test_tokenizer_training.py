@@ -152,7 +152,7 @@ def test_worst_pixel_loss_is_the_mean_error_of_each_frames_worst_pixels():
     recon[0, 1, 1, 2, 3] = 2.0                          # frame 1: one pixel off by 2
     recon.requires_grad_(True)
     worst = worst_pixel_loss(recon - target, 0.02)
-    assert float(worst) == pytest.approx(((5.0 + 0.1) + (2.0 + 0.0)) / 4, abs=1e-5)
+    assert float(worst.detach()) == pytest.approx(((5.0 + 0.1) + (2.0 + 0.0)) / 4, abs=1e-5)
     worst.backward()
     assert int((recon.grad.abs().sum(1) > 0).sum()) == 3     # only the counted pixels get a gradient
     plain, _ = reconstruction_loss(recon.detach(), target, LossConfig())

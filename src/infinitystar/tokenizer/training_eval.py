@@ -34,6 +34,8 @@ def frames_to_video(frames: Union[np.ndarray, Sequence[np.ndarray]], device=None
         arr = arr[None]
     if arr.ndim != 5 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3) or (B, T, H, W, 3), got {arr.dtype} {arr.shape}")
+    if not arr.flags.writeable:          # e.g. decoded video frames: torch wants a writable buffer
+        arr = arr.copy()
     x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
     return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
 
