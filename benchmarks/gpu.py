@@ -73,19 +73,21 @@ def randomise(module: torch.nn.Module) -> None:
                 p.fill_(1.0)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StageClock:
     """Wall time and peak allocated memory per stage (synchronising at every boundary)."""
 
     def __init__(self, device: torch.device):
         self.device, self.rows, self.name, self.t0 = device, {}, None, 0.0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def begin(self, name: str) -> None:
         self.end()
-        self._sync()
+        _sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.name, self.t0 = name, time.perf_counter()
@@ -93,7 +95,7 @@ class StageClock:
     def end(self) -> None:
         if self.name is None:
             return
-        self._sync()
+        _sync(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.rows[self.name] = {"seconds": time.perf_counter() - self.t0, "peak_bytes": peak}
         self.name = None
@@ -153,7 +155,7 @@ def run_flex(device: torch.device, dry_run: bool, peak: float) -> dict:
     FlexAttention (compiled on CUDA), grouped SDPA and one dense masked SDPA. Times each, and checks that they
     compute the same function: the logits' largest difference from the dense SDPA's, and the same for one
     attention call alone in fp32 (random q, k, v over the pack's mask)."""
-    from infinitystar.model.attention import AttentionContext, attend, dense_mask, flex_block_mask
+    from infinitystar.model.attention import attend
     from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig, transformer_preset
     from infinitystar.model.packing import PackSample, pack_sequence, select_steps
     from infinitystar.schedules.pyramid import pyramid_preset
@@ -177,18 +179,14 @@ def run_flex(device: torch.device, dry_run: bool, peak: float) -> dict:
     packed = packed.to(device)
     flops = packed_forward_flops(cfg, packed)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     rows, logits = {}, {}
     with torch.no_grad():
         for backend in ("flex", "grouped", "sdpa"):
             model.forward_packed(x, caption, packed, backend=backend)          # compiles / warms up
-            sync()
+            _sync(device)
             t0 = time.perf_counter()
             out = torch.cat([o.float().flatten() for o in model.forward_packed(x, caption, packed, backend=backend)])
-            sync()
+            _sync(device)
             seconds = time.perf_counter() - t0
             rows[backend] = {"seconds": seconds, "mfu": flops / seconds / (peak * 1e12)}
             logits[backend] = out
@@ -199,13 +197,10 @@ def run_flex(device: torch.device, dry_run: bool, peak: float) -> dict:
         # (as many query heads as key heads: SDPA's fused kernels take a mask only without grouped queries)
         L, hd = packed.length, cfg.width // cfg.num_heads
         q, k, v = (torch.randn(1, cfg.num_kv_heads, L, hd, device=device, generator=gen) for _ in range(3))
-        table = packed.attention_table()
         real = packed.num_visual + packed.num_condition + packed.num_text     # padding rows: each backend its own
-        ref = attend(q, k, v, AttentionContext(mask=dense_mask(packed.document_id, table)), 0)[:, :, :real]
-        contexts = {"flex": AttentionContext(block_mask=flex_block_mask(packed.document_id, table)),
-                    "grouped": AttentionContext(groups=packed.attention_groups())}
-        attention_fp32 = {name: (attend(q, k, v, ctx, 0)[:, :, :real] - ref).abs().max().item()
-                          for name, ctx in contexts.items()}
+        ref = attend(q, k, v, packed.attention_context("sdpa"), 0)[:, :, :real]
+        attention_fp32 = {name: (attend(q, k, v, packed.attention_context(name), 0)[:, :, :real] - ref).abs().max()
+                          .item() for name in ("flex", "grouped")}
     return {"visual_tokens": packed.num_visual, "packed_length": packed.length, "flops": flops,
             "backends": rows, "attention_fp32_max_abs_diff_vs_sdpa": attention_fp32,
             "seconds": rows["flex"]["seconds"], "mfu": rows["flex"]["mfu"]}

@@ -2,7 +2,8 @@
 # Every GPU check of one short lease, most valuable first, each under its own time limit. Results go to
 # $OUT/results.jsonl (one {"check": ..., "rc": ..., "result": <the command's JSON>} line per check, written as each
 # ends, so a lease cut short still returns what finished) and stderr to $OUT/errors.log. Runs from the repository
-# root without installing (PYTHONPATH=src). ONLY="name ..." runs those checks alone. DRY=1 runs the same sequence on the CPU in tiny configurations.
+# root without installing (PYTHONPATH=src). ONLY="name ..." runs those checks alone; DRY=1 runs the same sequence
+# on the CPU in tiny configurations.
 #
 #   bash benchmarks/gpu_checks.sh                 # on a GPU machine
 #   DRY=1 OUT=/tmp/gpu_dry bash benchmarks/gpu_checks.sh

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from infinitystar.checkpoint_io import PretrainedMixin
 from infinitystar.config import ArchConfig
-from infinitystar.model.attention import AttentionContext, dense_mask, flex_block_mask, resolve_backend
+from infinitystar.model.attention import AttentionContext
 from infinitystar.model.layers import Block, RMSNorm
 from infinitystar.model.packing import PackedSequence
 from infinitystar.model.rope import Rope4D
@@ -212,14 +212,7 @@ class InfinityStarTransformer(PretrainedMixin, nn.Module):
         pad = packed.length - packed.num_visual - packed.num_condition - packed.num_text
         tokens.append(x_visual.new_zeros(pad, self.config.width))
         x = torch.cat([t[None] for t in tokens], 1)   # not a view: compiled blocks see the same kind of input
-        backend = resolve_backend(backend, x.device)
-        if backend == "grouped":
-            ctx = AttentionContext(groups=packed.attention_groups())
-        elif backend == "sdpa":
-            ctx = AttentionContext(mask=dense_mask(packed.document_id, packed.attention_table()))
-        else:
-            ctx = AttentionContext(block_mask=flex_block_mask(packed.document_id, packed.attention_table()))
-        h = self.run_blocks(x, packed.positions, ctx)[0]
+        h = self.run_blocks(x, packed.positions, packed.attention_context(backend))[0]
         # split, not slices: a slice's backward fills a full-length buffer, per segment
         parts = h[:packed.num_visual].split([step.scale.tokens for _, step in packed.visual_segments])
         return [self.logits(part, step.scale.bits) for part, (_, step) in zip(parts, packed.visual_segments)]

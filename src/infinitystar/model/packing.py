@@ -8,7 +8,8 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from infinitystar.model.attention import SegmentGroups, segment_groups, visible_context
+from infinitystar.model.attention import (AttentionContext, SegmentGroups, dense_mask, flex_block_mask,
+                                          resolve_backend, segment_groups, visible_context)
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.schedules.pyramid import ConditionBlock, Schedule, Step
 
@@ -75,6 +76,15 @@ class PackedSequence:
     def attention_groups(self) -> SegmentGroups:
         """The segment table as groups for grouped SDPA (padding attends to nothing and gets zeros)."""
         return segment_groups(self.segment_lengths, self.segment_table)
+
+    def attention_context(self, backend: str = "auto") -> AttentionContext:
+        """How this pack's attention runs under `backend` (model/attention.py; "auto" picks by device)."""
+        backend = resolve_backend(backend, self.document_id.device)
+        if backend == "grouped":
+            return AttentionContext(groups=self.attention_groups())
+        if backend == "sdpa":
+            return AttentionContext(mask=dense_mask(self.document_id, self.attention_table()))
+        return AttentionContext(block_mask=flex_block_mask(self.document_id, self.attention_table()))
 
     def to(self, device) -> "PackedSequence":
         self.document_id = self.document_id.to(device)
