@@ -96,3 +96,36 @@ def test_compiled_training_matches_eager(tmp_path, precision, tol):
     assert len(runs[True]) == 3
     for a, b in zip(runs[False], runs[True]):
         assert a == pytest.approx(b, rel=tol)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(runtime.cpp_compiler() is None, reason="inductor needs a C++ compiler")
+def test_compiled_tokenizer_steps_match_eager(tmp_path):
+    """`train.compile` of both tokenizer trainers (video: continuous and bitwise; the 2-D Infinity VAE): the same
+    fp32 losses as eager steps, and the model passes did go through torch.compile. Inductor's kernels round
+    differently (encoder outputs ~4e-6 apart), and a latent that close to a quantizer threshold can take the other
+    sign, hence 1e-3 on the quantized losses."""
+    from torch._dynamo.utils import counters
+    from infinitystar.train.infinity_tokenizer import InfinityTokenizerTrainer
+    from infinitystar.train.infinity_tokenizer import config_from_dict as image_config
+    from infinitystar.train.tokenizer import TokenizerTrainer, config_from_dict as video_config
+    common = {"device": "cpu", "quant": {"calibration_clips": 2}, "checkpoint": {"every": 0},
+              "log": {"every": 1, "progress": False}}
+    video = {**common, "model": {"block_out_channels": [4, 8, 8, 8]}, "data": {"frames": 5, "val_samples": 1}}
+    cases = [(TokenizerTrainer, video_config, {**video, "mode": "continuous"}),
+             (TokenizerTrainer, video_config, {**video, "mode": "bitwise"}),
+             (InfinityTokenizerTrainer, image_config, {**common, "data": {"val_samples": 1}})]
+    for i, (trainer, make_config, raw) in enumerate(cases):
+        losses = {}
+        for compile_ in (False, True):
+            torch._dynamo.reset()        # count this run's graphs (an equal earlier graph would be reused)
+            before = counters["stats"]["unique_graphs"]
+            cfg = make_config({**raw, "output_dir": str(tmp_path / f"{i}_{compile_}"), "train": {
+                "max_steps": 2, "batch_size": 2, "val_every": 0, "precision": "fp32", "compile": compile_}})
+            run = trainer(cfg)
+            losses[compile_] = [run.train_step()["loss"] for _ in range(2)]
+            run.close()
+            graphs = counters["stats"]["unique_graphs"] - before
+            assert graphs >= 2 if compile_ else graphs == 0     # an encoder and a decoder graph (at least)
+        rel = 1e-4 if raw.get("mode") == "continuous" else 1e-3
+        assert losses[True] == pytest.approx(losses[False], rel=rel), raw.get("mode", "image")

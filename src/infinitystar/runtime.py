@@ -159,13 +159,14 @@ def cpp_compiler() -> Optional[str]:
 
 
 class Compiler:
-    """Functions put under torch.compile together (inductor, dynamic shapes: one graph serves every sequence
-    length), each compiled on its first call. Where compiling cannot work - no C++ compiler for CPU inputs, or it
+    """Functions put under torch.compile together (inductor; `dynamic`: one graph serves every sequence length,
+    else one graph per input shape), each compiled on its first call. Where compiling cannot work - no C++ compiler for CPU inputs, or it
     fails - the group warns once and runs its functions eagerly from then on, so turning compilation on never
     stops a run. An error that the eager function raises too is the caller's own and propagates unchanged."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, dynamic: bool = True):
         self.what = what
+        self.dynamic = dynamic
         self.failed = False
 
     def wrap(self, fn: Callable) -> Callable:
@@ -179,7 +180,7 @@ class Compiler:
             if compiled is None:
                 if any(t.device.type == "cpu" for t in tensors) and cpp_compiler() is None:
                     return self._give_up(fn, args, "no C++ compiler found (inductor needs g++ or clang++, or $CXX)")
-                compiled = torch.compile(fn, dynamic=True)
+                compiled = torch.compile(fn, dynamic=self.dynamic)
             try:
                 return compiled(*args)
             except Exception as e:                 # noqa: BLE001 - told apart below by running eagerly

@@ -348,11 +348,11 @@ class CausalConv3d(nn.Module):
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
         if (x.device.type == "cpu" and x.dtype in _MKLDNN_DTYPES and c.weight.dtype == torch.float32
-                and _MKLDNN and torch.backends.mkldnn.enabled):
+                and _MKLDNN and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
             # For small CPU inputs (N*C*T*H < 20480) PyTorch picks its im2col conv3d, which is 5-10x slower here
             # and allocates C_in*k^3*T*H*W of scratch (it made chunked decoding use more memory than one pass);
             # oneDNN's kernel computes the same convolution (differentiable too) without that. Autocast does not
-            # see this call, so its dtype is applied here.
+            # see this call, so its dtype is applied here. Under torch.compile inductor picks its own conv kernels.
             dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
             w, b = c.weight.to(dt), None if c.bias is None else c.bias.to(dt)
             return torch.mkldnn_convolution(x.to(dt).contiguous(), w, b, c.padding, c.stride, c.dilation, c.groups)

@@ -248,11 +248,21 @@ def calibrate_latent(model: InfinityVAE, images: torch.Tensor, scales) -> dict[s
 # Trainer
 # --------------------------------------------------------------------------------------------------
 
+def encode_images(model: InfinityVAE, images: torch.Tensor) -> torch.Tensor:
+    return model.encode(images)
+
+
+def decode_unclamped(model: InfinityVAE, codes: torch.Tensor) -> torch.Tensor:
+    return model.decode(codes, clamp=False)      # a clamp would stop gradients at +-1
+
+
 class InfinityTokenizerTrainer(TokenizerTrainer):
     """`TokenizerTrainer` for the 2-D Infinity VAE: same loop, checkpoints and logs (see the module docstring).
     Images travel as one-frame videos (B, 3, 1, H, W)."""
 
     config_class = InfinityTokenizerTrainConfig
+    encode_fn = staticmethod(encode_images)
+    decode_fn = staticmethod(decode_unclamped)
 
     def setup_data(self) -> None:
         d = self.config.data
@@ -283,9 +293,9 @@ class InfinityTokenizerTrainer(TokenizerTrainer):
         g = torch.Generator().manual_seed(self.seed_of("noise", step))
         drop = sample_drop(cfg.quant.depth_mode, cfg.quant.drop_prob, len(self.scales), g)
         with self.autocast():
-            q = quantize_image_latent(m.encode(video[:, :, 0]), self.scales, drop_scales=drop,
+            q = quantize_image_latent(self.encode_pass(m, video[:, :, 0]), self.scales, drop_scales=drop,
                                       inv_temperature=cfg.loss.inv_temperature)
-            recon = m.decode(q.codes, clamp=False).unsqueeze(2)   # unclamped: a clamp would stop gradients at +-1
+            recon = self.decode_pass(m, q.codes).unsqueeze(2)
         rec_loss, terms = reconstruction_loss(recon, video, cfg.loss)
         aux = q.aux_loss(cfg.loss.commitment_weight, cfg.loss.entropy_weight).float()
         loss = rec_loss + cfg.loss.quant_weight * aux

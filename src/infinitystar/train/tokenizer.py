@@ -31,7 +31,8 @@ from infinitystar.quant.residual import quantize_multiscale
 from infinitystar.schedules.pyramid import PYRAMID_PRESETS, PyramidConfig, Schedule
 from infinitystar.tokenizer.training_eval import frames_to_video, psnr, reconstruct, ssim, video_to_frames
 from infinitystar.checkpoint_io import CONFIG_FILE as CONFIG_NAME
-from infinitystar.tokenizer.video_vae import PRESETS, VideoVAE, VideoVAEConfig
+from infinitystar.runtime import Compiler
+from infinitystar.tokenizer.video_vae import PRESETS, VideoVAE, VideoVAEConfig, VideoVAEPosterior
 from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig, LogConfig, OptimConfig,
                                        PyramidSection, TrainBase, check_ranges, check_run, preset_section)
 from infinitystar.train.adversarial import Adversary
@@ -98,6 +99,10 @@ class TokenizerTrainSection(TrainBase):
     batch_size: int = 4
     freeze: list[str] = field(default_factory=list)   # any of encoder, decoder, proj, scale
     val_every: int = 25                  # steps between validations (0: only at the start and the end)
+    # the training step's encoder and decoder passes under torch.compile (needs a C++ compiler on the CPU; without
+    # one, or when compiling fails, one warning and eager steps): ~1.1x faster CPU steps after about a minute of
+    # compiling per process; validation stays eager
+    compile: bool = False
 
 
 def check_tokenizer_run(cfg, freezable: tuple[str, ...]) -> None:
@@ -234,11 +239,25 @@ def make_source(cfg: TokenizerTrainConfig):
 # Trainer
 # --------------------------------------------------------------------------------------------------
 
+def encode_one_pass(model: VideoVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training step's encoder pass (one pass, no chunks): the posterior's fields as a tuple of tensors, which
+    torch.compile returns as they are."""
+    post = model.encode_posterior(video, chunked=False)
+    return post.mean, post.logvar, post.enc_h
+
+
+def decode_one_pass(model: VideoVAE, z: torch.Tensor) -> torch.Tensor:
+    return model.decode(z, chunked=False)
+
+
 class TokenizerTrainer(Harness):
     """The video tokenizer's run: its model (random, or an `init` folder), calibration, one step's losses and
     validation; the harness does the rest. resume: None, "latest" or a checkpoint folder."""
 
     config_class = TokenizerTrainConfig
+    # the training step's model passes, (model, input) -> output, put under torch.compile with train.compile
+    encode_fn = staticmethod(encode_one_pass)
+    decode_fn = staticmethod(decode_one_pass)
     new_decoder_widths: Optional[tuple[int, ...]] = None   # set when the run starts a new decoder on an init encoder
 
     def __init__(self, config: TokenizerTrainConfig, resume: Optional[str] = None):
@@ -247,6 +266,9 @@ class TokenizerTrainer(Harness):
         self.name = cfg.mode
         self.setup_data()
         self.model = self.build_model()
+        compiler = Compiler("the tokenizer's training step", dynamic=False)   # one batch shape throughout
+        self.encode_pass, self.decode_pass = ((compiler.wrap(f) if cfg.train.compile else f)
+                                              for f in (type(self).encode_fn, type(self).decode_fn))
         self.calibration: Optional[dict] = None
         if self.start is None and self.calibrates():
             self.calibration = self.calibrate(self.clips_to_video(
@@ -315,10 +337,10 @@ class TokenizerTrainer(Harness):
         g = torch.Generator().manual_seed(self.seed_of("noise", step))
         terms: dict[str, float] = {}
         with self.autocast():
-            post = m.encode_posterior(video, chunked=False)
+            post = VideoVAEPosterior(*self.encode_pass(m, video))
             if cfg.mode == "continuous":
                 noise = torch.randn(post.mean.shape, generator=g).to(self.device)
-                recon = m.decode(m.project_down(post.sample(noise)), chunked=False)
+                recon = self.decode_pass(m, m.project_down(post.sample(noise)))
             else:
                 if cfg.quant.sample_posterior:
                     z_raw = post.sample(torch.randn(post.mean.shape, generator=g).to(self.device))
@@ -328,7 +350,7 @@ class TokenizerTrainer(Harness):
                 drop = sample_drop(cfg.quant.depth_mode, cfg.quant.drop_prob, schedule.scales_per_clip, g)
                 q = quantize_multiscale(m.project_down(z_raw), schedule, drop_scales=drop,
                                         inv_temperature=cfg.loss.inv_temperature)
-                recon = m.decode(q.codes, chunked=False)
+                recon = self.decode_pass(m, q.codes)
         rec_loss, rec_terms = reconstruction_loss(recon, video, cfg.loss)
         terms.update(rec_terms)
         if cfg.mode == "continuous":
