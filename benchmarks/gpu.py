@@ -96,8 +96,11 @@ class StageClock:
         if self.name is None:
             return
         _sync(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-        self.rows[self.name] = {"seconds": time.perf_counter() - self.t0, "peak_bytes": peak}
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        reserved = torch.cuda.max_memory_reserved(self.device) if cuda else 0     # what the card must hold
+        self.rows[self.name] = {"seconds": time.perf_counter() - self.t0, "peak_bytes": peak,
+                                "peak_reserved_bytes": reserved}
         self.name = None
 
 
@@ -112,8 +115,38 @@ def peak_tflops(device: torch.device, override) -> tuple[float, str]:
     return matmul_rate(device, torch.float32 if device.type == "cpu" else torch.bfloat16) / 1e12, "measured matmul"
 
 
+def peak_breakdown(trace: list[dict], top: int = 25) -> dict:
+    """Replay an allocator trace (`torch.cuda.memory._snapshot()["device_traces"][i]`): the allocations alive at the
+    moment allocated memory peaked (counting only what the trace saw allocated), summed by the innermost frames of
+    this package that made them, largest first."""
+    live, total, peak, peak_at = {}, 0, 0, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            total += e["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])
+    live = {}
+    for e in trace[:peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for e in live.values():
+        ours = [f for f in e.get("frames", []) if "infinitystar" in f["filename"]]
+        where = " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in ours[:2]) or "(other)"
+        g = groups.setdefault(where, [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    rows = sorted(({"where": k, "bytes": v[0], "count": v[1]} for k, v in groups.items()), key=lambda r: -r["bytes"])
+    return {"peak_bytes_in_trace": peak, "groups": rows[:top]}
+
+
 def run_resolution(target: Target, options: MemoryOptions, device: torch.device, text_tokens: int, peak: float,
-                   do_plan: bool) -> dict:
+                   do_plan: bool, breakdown: bool = False) -> dict:
     predicted = plan(target, options, text_tokens=text_tokens) if do_plan else None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     clock = StageClock(device)
@@ -129,10 +162,22 @@ def run_resolution(target: Target, options: MemoryOptions, device: torch.device,
     gen = torch.Generator().manual_seed(0)
     pipe(["warm-up"], num_frames=1, generator=gen)          # kernels, autotuning, compiled code
     hooks = StageHooks(pipe, target.family, clock.begin)
+    recording = breakdown and device.type == "cuda"
+    if recording:   # allocations made from here on, with their Python stacks (slows the run; times then mean little)
+        allocated_before = torch.cuda.memory_allocated(device)
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
     clock.begin("text")
     pipe(["benchmark"], generator=gen, **target.call)
     clock.end()
     hooks.remove()
+    extra = {}
+    if recording:
+        try:    # private API: a change in its format costs this number, not the run's others
+            trace = torch.cuda.memory._snapshot(device)["device_traces"][device.index or 0]
+            extra["peak_breakdown"] = {"allocated_before": allocated_before, **peak_breakdown(trace)}
+        except Exception as e:     # noqa: BLE001
+            extra["peak_breakdown"] = {"error": f"{type(e).__name__}: {e}"}
+        torch.cuda.memory._record_memory_history(enabled=None)
     rows = []
     for name, m in clock.rows.items():
         row = {"stage": name, **m}
@@ -146,7 +191,8 @@ def run_resolution(target: Target, options: MemoryOptions, device: torch.device,
     return {"target": target.name, "options": options.to_dict(), "stages": rows,
             "total_s": sum(r["seconds"] for r in rows if r["stage"] != "load"),
             "predicted": None if predicted is None else {"peak_bytes": predicted.peak_bytes, "flops": predicted.flops,
-                                                         "H100_s": predicted.gpu_times["H100-80GB"]["total_s"]}}
+                                                         "H100_s": predicted.gpu_times["H100-80GB"]["total_s"]},
+            **extra}
 
 
 def run_flex(device: torch.device, dry_run: bool, peak: float) -> dict:
@@ -216,6 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="a tiny configuration (CPU by default): checks the script")
     p.add_argument("--no-plan", action="store_true", help="skip the prediction")
     p.add_argument("--flex", action="store_true", help="also time one packed forward with FlexAttention")
+    p.add_argument("--peak-breakdown", action="store_true",
+                   help="record the allocator's trace during the timed generation and list what is alive at its peak")
     p.add_argument("--json", action="store_true")
     add_memory_flags(p)
     a = p.parse_args(argv)
@@ -226,7 +274,8 @@ def main(argv=None) -> int:
     options = memory_from_args(a)
     targets = [tiny_target()] if a.dry_run else [named_targets(a.frames)[f"infinitystar-8b-{r}"] for r in a.resolution]
     text_tokens = min(a.text_tokens, 16) if a.dry_run else a.text_tokens     # the tiny model's null text: 32 rows
-    results = [run_resolution(t, options, device, text_tokens, peak, not a.no_plan) for t in targets]
+    results = [run_resolution(t, options, device, text_tokens, peak, not a.no_plan, a.peak_breakdown)
+               for t in targets]
     flex = run_flex(device, a.dry_run, peak) if a.flex else None
     out = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "peak_tflops": peak, "peak_source": source, "torch": torch.__version__, "results": results, "flex": flex}

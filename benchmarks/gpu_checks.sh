@@ -10,8 +10,9 @@
 #
 # Checks: the bf16/TF32/fp32 matmul rates; the official 8B InfinityStar, random weights, at 480p (81 frames) with
 # the packed forward under each attention backend (FlexAttention vs SDPA equality) and at 720p, memory and time
-# per stage (compare with `infinitystar plan`, docs/gpu.md); the built-in model's generator training step; sparse
-# vs dense generation as videos grow.
+# per stage (compare with `infinitystar plan`, docs/gpu.md), 480p with --token-chunk 4096 (the 24 GB card's
+# setting) and with the allocator's trace replayed at the peak (--peak-breakdown); the built-in model's generator
+# training step; sparse vs dense generation as videos grow.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -49,6 +50,8 @@ torch.backends.cuda.matmul.allow_tf32 = True
 r['tf32'] = matmul_rate(d, torch.float32, n=8192 if d.type == 'cuda' else 1024)
 print(json.dumps(r))"
 check gpu_480p_flex 170 $PY benchmarks/gpu.py $GPU_ARGS --flex --json --resolution 480p
+check gpu_480p_chunk4096 110 $PY benchmarks/gpu.py $GPU_ARGS --json --resolution 480p --token-chunk 4096
+check gpu_480p_breakdown 150 $PY benchmarks/gpu.py $GPU_ARGS --json --resolution 480p --peak-breakdown
 check gpu_720p 150 $PY benchmarks/gpu.py $GPU_ARGS --json --resolution 720p
 check train_default_auto 80 $PY -m infinitystar.cli bench --train --device $DEV --precision auto --steps 5 --json
 check sparse_vs_dense 80 $PY -m infinitystar.cli bench --device $DEV --clips $CLIPS --width $WIDTH --depth $DEPTH --json

@@ -43,3 +43,20 @@ def test_no_gpu_is_a_clear_error(gpu_bench):
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="no CUDA device"):
         gpu_bench.main([])
+
+
+def test_peak_breakdown_lists_what_is_alive_at_the_peak(gpu_bench):
+    def frame(name, line):
+        return {"filename": "/x/src/infinitystar/model/layers.py", "line": line, "name": name}
+    other = {"filename": "/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"}
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": [other, frame("mlp", 10)]},
+             {"action": "alloc", "addr": 2, "size": 50, "frames": [frame("attn", 20)]},
+             {"action": "free_completed", "addr": 1, "size": 100},
+             {"action": "alloc", "addr": 3, "size": 30, "frames": [frame("mlp", 10)]},    # total 80 < 150
+             {"action": "alloc", "addr": 4, "size": 90, "frames": []},                     # total 170: the peak
+             {"action": "free_completed", "addr": 4, "size": 90}]
+    out = gpu_bench.peak_breakdown(trace)
+    assert out["peak_bytes_in_trace"] == 170
+    assert out["groups"] == [{"where": "(other)", "bytes": 90, "count": 1},
+                             {"where": "layers.py:20 attn", "bytes": 50, "count": 1},
+                             {"where": "layers.py:10 mlp", "bytes": 30, "count": 1}]
