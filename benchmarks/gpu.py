@@ -264,12 +264,18 @@ def main(argv=None) -> int:
     p.add_argument("--flex", action="store_true", help="also time one packed forward with FlexAttention")
     p.add_argument("--peak-breakdown", action="store_true",
                    help="record the allocator's trace during the timed generation and list what is alive at its peak")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="cap this process's GPU memory at N GiB, as a smaller card would (less its CUDA context)")
     p.add_argument("--json", action="store_true")
     add_memory_flags(p)
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cpu" if a.dry_run else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here; use --dry-run on a CPU")
+    if a.memory_cap_gib and device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.set_per_process_memory_fraction(a.memory_cap_gib * 2 ** 30 / torch.cuda.get_device_properties(index)
+                                                   .total_memory, index)
     peak, source = peak_tflops(device, a.peak_tflops)
     options = memory_from_args(a)
     targets = [tiny_target()] if a.dry_run else [named_targets(a.frames)[f"infinitystar-8b-{r}"] for r in a.resolution]
@@ -278,6 +284,7 @@ def main(argv=None) -> int:
                for t in targets]
     flex = run_flex(device, a.dry_run, peak) if a.flex else None
     out = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "memory_cap_gib": a.memory_cap_gib,
            "peak_tflops": peak, "peak_source": source, "torch": torch.__version__, "results": results, "flex": flex}
     if a.json:
         print(json.dumps(out))

@@ -52,6 +52,12 @@ print(json.dumps(r))"
 check gpu_480p_flex 170 $PY benchmarks/gpu.py $GPU_ARGS --flex --json --resolution 480p
 check gpu_480p_chunk4096 110 $PY benchmarks/gpu.py $GPU_ARGS --json --resolution 480p --token-chunk 4096
 check gpu_480p_breakdown 150 $PY benchmarks/gpu.py $GPU_ARGS --json --resolution 480p --peak-breakdown
+# a 24 GiB card holds ~23 GiB for the process (the CUDA context and the driver take the rest); 21.4 GiB (23 GB)
+# with token chunks of 4096 and 2048 ran out of memory in the transformer stage (2026-12-04)
+check gpu_480p_cap23gib 110 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $PY benchmarks/gpu.py \
+  $GPU_ARGS --json --resolution 480p --memory-cap-gib 23
+check gpu_480p_cap23gib_chunk4096 110 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $PY benchmarks/gpu.py \
+  $GPU_ARGS --json --resolution 480p --token-chunk 4096 --memory-cap-gib 23
 check gpu_720p 150 $PY benchmarks/gpu.py $GPU_ARGS --json --resolution 720p
 check train_default_auto 80 $PY -m infinitystar.cli bench --train --device $DEV --precision auto --steps 5 --json
 check sparse_vs_dense 80 $PY -m infinitystar.cli bench --device $DEV --clips $CLIPS --width $WIDTH --depth $DEPTH --json
