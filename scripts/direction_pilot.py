@@ -7,6 +7,9 @@
     python scripts/direction_pilot.py eval MODEL [--vary] [--n 40] [--seed 0]
         Generate n prompts of the same kind (five directions in turn) and print one JSON line: the share whose
         decoded motion has the prompted direction (and colour, with --vary).
+
+    --words motion (both commands): captions name the motion alone ("moving left quickly", "standing still"), so a
+    run tells whether the generator can draw motion over varied objects when the text carries nothing else.
 """
 from __future__ import annotations
 
@@ -34,7 +37,14 @@ def spec_for(rng: np.random.Generator, direction: str, vary: bool) -> ShapeSpec:
             return spec
 
 
-def write_data(out: Path, n: int, seed: int, vary: bool) -> Path:
+def caption_for(spec: ShapeSpec, words: str) -> str:
+    if words == "all":
+        return caption_video(spec)
+    motion = spec.segments[0]
+    return "standing still" if motion.direction == "still" else f"moving {motion.direction} {motion.speed}"
+
+
+def write_data(out: Path, n: int, seed: int, vary: bool, words: str = "all") -> Path:
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
@@ -42,7 +52,7 @@ def write_data(out: Path, n: int, seed: int, vary: bool) -> Path:
         spec = spec_for(rng, DIRECTIONS[i % len(DIRECTIONS)], vary)
         path = out / "videos" / f"{i:06d}.npy"
         np.save(path, render(spec, 17))
-        caption = caption_video(spec)
+        caption = caption_for(spec, words)
         lines.append({"video_path": str(path.resolve()), "begin_frame_id": 0, "end_frame_id": 17, "fps": 16,
                       "caption": caption, "h_div_w": 1.0})
     manifest = out / "videos.jsonl"
@@ -50,7 +60,7 @@ def write_data(out: Path, n: int, seed: int, vary: bool) -> Path:
     return manifest
 
 
-def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8) -> dict:
+def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8, words: str = "all") -> dict:
     from infinitystar.pipelines import InfinityStarPipeline
     from infinitystar.shapes.decoder import decode_video
     pipe = InfinityStarPipeline.from_pretrained(model)
@@ -60,13 +70,13 @@ def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8) -> dict:
     direction = color = 0
     for start in range(0, n, batch):
         part = specs[start:start + batch]
-        frames = pipe([caption_video(s) for s in part], num_frames=17,
+        frames = pipe([caption_for(s, words) for s in part], num_frames=17,
                       generator=torch.Generator().manual_seed(seed + start)).frames
         for f, s in zip(frames, part):
             got = decode_video(np.asarray(f))
             direction += got.direction == s.segments[0].direction
             color += got.color == s.color
-    return {"model": model, "n": n, "vary": vary, "direction": direction / n, "color": color / n}
+    return {"model": model, "n": n, "vary": vary, "words": words, "direction": direction / n, "color": color / n}
 
 
 def main(argv=None) -> int:
@@ -82,11 +92,13 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=40)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--vary", action="store_true")
+    for q in (d, e):
+        q.add_argument("--words", choices=("all", "motion"), default="all")
     a = p.parse_args(argv)
     if a.cmd == "data":
-        print(write_data(a.out, a.n, a.seed, a.vary))
+        print(write_data(a.out, a.n, a.seed, a.vary, a.words))
     else:
-        print(json.dumps(judge(a.model, a.n, a.seed, a.vary)))
+        print(json.dumps(judge(a.model, a.n, a.seed, a.vary, words=a.words)))
     return 0
 
 

@@ -32,3 +32,12 @@ def test_data_videos_move_as_captioned(tmp_path):
         for r, c in zip(rows, captions):
             got = decode_video(np.load(r["video_path"]))
             assert got.direction == c.get("direction", "still") and got.color == c["color"]
+
+
+def test_motion_only_captions_name_the_motion_of_the_video(tmp_path):
+    pilot = _script()
+    manifest = pilot.write_data(tmp_path, n=5, seed=2, vary=True, words="motion")
+    rows = [json.loads(l) for l in manifest.read_text().splitlines()]
+    assert [r["caption"] for r in rows] == ["moving left quickly", "moving right quickly", "moving up quickly",
+                                            "moving down quickly", "standing still"]
+    assert [decode_video(np.load(r["video_path"])).direction for r in rows] == list(pilot.DIRECTIONS)
