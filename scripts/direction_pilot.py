@@ -10,6 +10,8 @@
 
     --words motion (both commands): captions name the motion alone ("moving left quickly", "standing still"), so a
     run tells whether the generator can draw motion over varied objects when the text carries nothing else.
+    --i2v (eval): the true first frame is given (image-to-video), so only the motion is asked of the model (with
+    --words motion the model cannot know what to draw otherwise).
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def write_data(out: Path, n: int, seed: int, vary: bool, words: str = "all") -> 
     return manifest
 
 
-def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8, words: str = "all") -> dict:
+def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8, words: str = "all", i2v: bool = False) -> dict:
     from infinitystar.pipelines import InfinityStarPipeline
     from infinitystar.shapes.decoder import decode_video
     pipe = InfinityStarPipeline.from_pretrained(model)
@@ -70,13 +72,15 @@ def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8, words: str 
     direction = color = 0
     for start in range(0, n, batch):
         part = specs[start:start + batch]
-        frames = pipe([caption_for(s, words) for s in part], num_frames=17,
+        image = [render(s, 1)[0] for s in part] if i2v else None
+        frames = pipe([caption_for(s, words) for s in part], num_frames=17, image=image,
                       generator=torch.Generator().manual_seed(seed + start)).frames
         for f, s in zip(frames, part):
             got = decode_video(np.asarray(f))
             direction += got.direction == s.segments[0].direction
             color += got.color == s.color
-    return {"model": model, "n": n, "vary": vary, "words": words, "direction": direction / n, "color": color / n}
+    return {"model": model, "n": n, "vary": vary, "words": words, "i2v": i2v, "direction": direction / n,
+            "color": color / n}
 
 
 def main(argv=None) -> int:
@@ -92,13 +96,14 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=40)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--vary", action="store_true")
+    e.add_argument("--i2v", action="store_true")
     for q in (d, e):
         q.add_argument("--words", choices=("all", "motion"), default="all")
     a = p.parse_args(argv)
     if a.cmd == "data":
         print(write_data(a.out, a.n, a.seed, a.vary, a.words))
     else:
-        print(json.dumps(judge(a.model, a.n, a.seed, a.vary, words=a.words)))
+        print(json.dumps(judge(a.model, a.n, a.seed, a.vary, words=a.words, i2v=a.i2v)))
     return 0
 
 
