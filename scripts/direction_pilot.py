@@ -1,6 +1,6 @@
 """Can the generator learn the direction word? Data and judge of the motion pilot (docs/default_model.md).
 
-    python scripts/direction_pilot.py data OUT [--vary] [--n 1000] [--seed 5]
+    python scripts/direction_pilot.py data OUT [--vary [--vary-only color,...]] [--n 1000] [--seed 5]
         17-frame videos moving `quickly` in each of the four directions or standing still (one fifth each), as a
         manifest OUT/videos.jsonl: one object (a large red square on black) at random starts, or with --vary random
         attributes of the training pairs. Train on it with any generator config (data.manifests).
@@ -22,17 +22,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from infinitystar.shapes.world import Motion, ShapeSpec, caption_video, fits_canvas, render, sample_attributes
+from infinitystar.shapes.world import (HELD_OUT_PAIRS, Motion, ShapeSpec, caption_video, fits_canvas, render,
+                                      sample_attributes)
 
 DIRECTIONS = ("left", "right", "up", "down", "still")
 ONE_OBJECT = {"color": "red", "shape": "square", "size": "large", "background": "black"}
 
 
-def spec_for(rng: np.random.Generator, direction: str, vary: bool) -> ShapeSpec:
-    """A random start (and with `vary`, random attributes) that keeps the object inside for 17 frames."""
+def spec_for(rng: np.random.Generator, direction: str, vary: bool, only: tuple[str, ...] = ()) -> ShapeSpec:
+    """A random start (and with `vary`, random attributes of training pairs; with `only` too, just those attributes
+    random, the others the one object's) that keeps the object inside for 17 frames."""
     motion = Motion(direction, None if direction == "still" else "quickly")
     while True:
         a = sample_attributes(rng, "train") if vary else ONE_OBJECT
+        if vary and only:
+            a = {k: a[k] if k in only else v for k, v in ONE_OBJECT.items()}
+            if (a["color"], a["shape"]) in HELD_OUT_PAIRS:
+                continue
         spec = ShapeSpec(a["color"], a["shape"], a["size"], a["background"], float(rng.integers(6, 59)),
                          float(rng.integers(6, 59)), (motion,))
         if fits_canvas(spec, 17):
@@ -46,12 +52,12 @@ def caption_for(spec: ShapeSpec, words: str) -> str:
     return "standing still" if motion.direction == "still" else f"moving {motion.direction} {motion.speed}"
 
 
-def write_data(out: Path, n: int, seed: int, vary: bool, words: str = "all") -> Path:
+def write_data(out: Path, n: int, seed: int, vary: bool, words: str = "all", only: tuple[str, ...] = ()) -> Path:
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
-        spec = spec_for(rng, DIRECTIONS[i % len(DIRECTIONS)], vary)
+        spec = spec_for(rng, DIRECTIONS[i % len(DIRECTIONS)], vary, only)
         path = out / "videos" / f"{i:06d}.npy"
         np.save(path, render(spec, 17))
         caption = caption_for(spec, words)
@@ -62,13 +68,14 @@ def write_data(out: Path, n: int, seed: int, vary: bool, words: str = "all") -> 
     return manifest
 
 
-def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8, words: str = "all", i2v: bool = False) -> dict:
+def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8, words: str = "all", i2v: bool = False,
+          only: tuple[str, ...] = ()) -> dict:
     from infinitystar.pipelines import InfinityStarPipeline
     from infinitystar.shapes.decoder import decode_video
     pipe = InfinityStarPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(seed)
-    specs = [spec_for(rng, DIRECTIONS[i % len(DIRECTIONS)], vary) for i in range(n)]
+    specs = [spec_for(rng, DIRECTIONS[i % len(DIRECTIONS)], vary, only) for i in range(n)]
     direction = color = 0
     for start in range(0, n, batch):
         part = specs[start:start + batch]
@@ -99,11 +106,18 @@ def main(argv=None) -> int:
     e.add_argument("--i2v", action="store_true")
     for q in (d, e):
         q.add_argument("--words", choices=("all", "motion"), default="all")
+        q.add_argument("--vary-only", default="", help="with --vary: only these attributes vary (comma-separated, "
+                       "of color, shape, size, background)")
     a = p.parse_args(argv)
+    only = tuple(x for x in a.vary_only.split(",") if x)
+    unknown = set(only) - set(ONE_OBJECT)
+    if unknown or (only and not a.vary):
+        p.error(f"--vary-only takes {', '.join(ONE_OBJECT)} and needs --vary" + (f"; got {', '.join(sorted(unknown))}"
+                                                                                if unknown else ""))
     if a.cmd == "data":
-        print(write_data(a.out, a.n, a.seed, a.vary, a.words))
+        print(write_data(a.out, a.n, a.seed, a.vary, a.words, only))
     else:
-        print(json.dumps(judge(a.model, a.n, a.seed, a.vary, words=a.words, i2v=a.i2v)))
+        print(json.dumps(judge(a.model, a.n, a.seed, a.vary, words=a.words, i2v=a.i2v, only=only)))
     return 0
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from infinitystar.shapes.decoder import decode_video
 from infinitystar.shapes.world import parse_caption
@@ -41,3 +42,20 @@ def test_motion_only_captions_name_the_motion_of_the_video(tmp_path):
     assert [r["caption"] for r in rows] == ["moving left quickly", "moving right quickly", "moving up quickly",
                                             "moving down quickly", "standing still"]
     assert [decode_video(np.load(r["video_path"])).direction for r in rows] == list(pilot.DIRECTIONS)
+
+
+def test_vary_only_keeps_the_other_attributes_and_skips_held_out_pairs(tmp_path):
+    pilot = _script()
+    manifest = pilot.write_data(tmp_path, n=40, seed=3, vary=True, only=("color",))
+    captions = [parse_caption(json.loads(l)["caption"]) for l in manifest.read_text().splitlines()]
+    assert {(c["shape"], c["size"], c["background"]) for c in captions} == {("square", "large", "black")}
+    colors = {c["color"] for c in captions}
+    assert len(colors) > 3 and "cyan" not in colors          # cyan square is a held-out pair
+
+
+def test_vary_only_needs_vary_and_known_attributes(tmp_path, capsys):
+    pilot = _script()
+    for args in (["--vary-only", "color"], ["--vary", "--vary-only", "colour"]):
+        with pytest.raises(SystemExit):
+            pilot.main(["data", str(tmp_path), *args])
+        assert "--vary-only takes color, shape, size, background and needs --vary" in capsys.readouterr().err
