@@ -78,12 +78,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cuda_index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 class StageClock:
     """Wall time and peak allocated memory per stage (synchronising at every boundary)."""
 
     def __init__(self, device: torch.device):
         self.device, self.rows, self.name, self.t0 = device, {}, None, 0.0
-
 
     def begin(self, name: str) -> None:
         self.end()
@@ -173,7 +176,7 @@ def run_resolution(target: Target, options: MemoryOptions, device: torch.device,
     extra = {}
     if recording:
         try:    # private API: a change in its format costs this number, not the run's others
-            trace = torch.cuda.memory._snapshot(device)["device_traces"][device.index or 0]
+            trace = torch.cuda.memory._snapshot(device)["device_traces"][_cuda_index(device)]
             extra["peak_breakdown"] = {"allocated_before": allocated_before, **peak_breakdown(trace)}
         except Exception as e:     # noqa: BLE001
             extra["peak_breakdown"] = {"error": f"{type(e).__name__}: {e}"}
@@ -273,7 +276,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here; use --dry-run on a CPU")
     if a.memory_cap_gib and device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
+        index = _cuda_index(device)
         torch.cuda.set_per_process_memory_fraction(a.memory_cap_gib * 2 ** 30 / torch.cuda.get_device_properties(index)
                                                    .total_memory, index)
     peak, source = peak_tflops(device, a.peak_tflops)

@@ -160,9 +160,10 @@ def cpp_compiler() -> Optional[str]:
 
 class Compiler:
     """Functions put under torch.compile together (inductor; `dynamic`: one graph serves every sequence length,
-    else one graph per input shape), each compiled on its first call. Where compiling cannot work - no C++ compiler for CPU inputs, or it
-    fails - the group warns once and runs its functions eagerly from then on, so turning compilation on never
-    stops a run. An error that the eager function raises too is the caller's own and propagates unchanged."""
+    else one graph per input shape), each compiled on its first call. Where compiling cannot work - no C++
+    compiler for CPU inputs, or it fails - the group warns once and runs its functions eagerly from then on, so
+    turning compilation on never stops a run. An error that the eager function raises too is the caller's own and
+    propagates unchanged."""
 
     def __init__(self, what: str, dynamic: bool = True):
         self.what = what

@@ -268,7 +268,7 @@ class TokenizerTrainer(Harness):
         self.model = self.build_model()
         compiler = Compiler("the tokenizer's training step", dynamic=False)   # one batch shape throughout
         self.encode_pass, self.decode_pass = ((compiler.wrap(f) if cfg.train.compile else f)
-                                              for f in (type(self).encode_fn, type(self).decode_fn))
+                                              for f in (self.encode_fn, self.decode_fn))
         self.calibration: Optional[dict] = None
         if self.start is None and self.calibrates():
             self.calibration = self.calibrate(self.clips_to_video(
