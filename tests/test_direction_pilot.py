@@ -59,3 +59,28 @@ def test_vary_only_needs_vary_and_known_attributes(tmp_path, capsys):
         with pytest.raises(SystemExit):
             pilot.main(["data", str(tmp_path), *args])
         assert "--vary-only takes color, shape, size, background and needs --vary" in capsys.readouterr().err
+
+
+def test_images_show_what_their_captions_say(tmp_path):
+    pilot = _script()
+    manifest = pilot.write_data(tmp_path, n=12, seed=4, vary=True, only=("shape", "size"), images=True)
+    assert manifest.name == "images.jsonl"
+    rows = [json.loads(l) for l in manifest.read_text().splitlines()]
+    from infinitystar.media import load_image
+    from infinitystar.shapes.decoder import decode_frame
+    seen = set()
+    for r in rows:
+        c = parse_caption(r["text"])
+        got = decode_frame(load_image(r["image_path"]))
+        assert (got.color, got.shape, got.size, got.background) == (c["color"], c["shape"], c["size"],
+                                                                     c["background"])
+        assert (c["color"], c["background"]) == ("red", "black") and c.get("direction") is None
+        seen.add((c["shape"], c["size"]))
+    assert len(seen) >= 4
+
+
+def test_images_take_no_motion_options(tmp_path, capsys):
+    pilot = _script()
+    with pytest.raises(SystemExit):
+        pilot.main(["data", str(tmp_path), "--images", "--words", "motion"])
+    assert "--images takes neither --words motion nor --i2v" in capsys.readouterr().err
