@@ -270,6 +270,32 @@ def test_small_preset_fewer_stages():
         torch.testing.assert_close(m1.decode(z), m1.decode(z, chunked=False), rtol=0, atol=1e-5)
 
 
+def test_pixel_repeat_is_the_same_tokenizer_on_enlarged_frames():
+    """pixel_repeat k: encoding a frame equals encoding its k-times pixel copy with k = 1, and decoding returns
+    the k = 1 decoder's output averaged over k x k blocks, in one pass, in chunks and streamed."""
+    base = VideoVAEConfig(block_out_channels=(4, 8, 8), spatial_compression_list=(2,), temporal_compression_list=(2,))
+    rep = VideoVAEConfig.from_dict({**base.to_dict(), "pixel_repeat": 2})
+    assert (base.spatial_stride, rep.spatial_stride) == (4, 2)
+    torch.manual_seed(0)
+    m1 = VideoVAE(base).eval()
+    m2 = VideoVAE(rep).eval()
+    m2.load_state_dict(m1.state_dict())
+    video = torch.rand(1, 3, 5, 8, 12) * 2 - 1
+    big = video.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    with torch.no_grad():
+        z = m2.encode(video)
+        assert z.shape == (1, 64, 3, 4, 6)
+        torch.testing.assert_close(z, m1.encode(big), rtol=0, atol=0)
+        want = torch.nn.functional.avg_pool3d(m1.decode(z), (1, 2, 2))
+        for out in (m2.decode(z), m2.decode(z, chunked=False), m2.decode_stream().decode(z)):
+            assert out.shape == (1, 3, 5, 8, 12)
+            torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="multiples of the tokenizer's spatial stride 2"):
+        m2.encode(torch.zeros(1, 3, 5, 8, 7))
+    with pytest.raises(ValueError, match="pixel_repeat must divide the tokenizer's stride 4, got 3"):
+        VideoVAEConfig.from_dict({**base.to_dict(), "pixel_repeat": 3})
+
+
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(spatial_compression_list=(2, 4)), "every entry must be 2"),
     (dict(temporal_compression_list=(2, 2, 2, 2)), "temporal stages but only 3"),

@@ -82,6 +82,10 @@ class VideoVAEConfig(ArchConfig):
     semantic_scale_dim: bits of the quantizer's semantic scales (only used to check the dropped mask buffers).
     decoder_block_out_channels: the decoder's widths c0..cn when they differ from the encoder's (None: the same, as
         in every official file); as many as block_out_channels, under the same resampler rules.
+    pixel_repeat: each frame is enlarged by this factor (pixel copies) before the encoder, and the decoder's output
+        is averaged back down by it, so the tokenizer works at k times the resolution it is given and one latent
+        cell covers spatial_stride = (its stride) / k pixels. 1 in every official file. Used by the built-in model:
+        its 8x tokenizer with k = 2 keeps small shapes that its 8x latents blur (docs/default_model.md).
     """
     in_channels: int = 3
     out_channels: int = 3
@@ -93,6 +97,7 @@ class VideoVAEConfig(ArchConfig):
     codebook_dim: int = 64
     semantic_scale_dim: int = 16
     decoder_block_out_channels: Optional[tuple[int, ...]] = None
+    pixel_repeat: int = 1
 
     def __post_init__(self):
         self.block_out_channels = _int_tuple("block_out_channels", self.block_out_channels)
@@ -102,7 +107,7 @@ class VideoVAEConfig(ArchConfig):
         self.spatial_compression_list = _int_tuple("spatial_compression_list", self.spatial_compression_list)
         self.temporal_compression_list = _int_tuple("temporal_compression_list", self.temporal_compression_list)
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "codebook_dim",
-                     "semantic_scale_dim"):
+                     "semantic_scale_dim", "pixel_repeat"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"VideoVAEConfig.{name} must be a positive integer, got {v!r}")
@@ -132,6 +137,9 @@ class VideoVAEConfig(ArchConfig):
         self._check_widths("block_out_channels", c, down=True, up=dec is None)
         if dec is not None:
             self._check_widths("decoder_block_out_channels", dec, down=False, up=True)
+        if (2 * self.encoder_spatial_stride) % self.pixel_repeat:
+            raise ValueError(f"VideoVAEConfig.pixel_repeat must divide the tokenizer's stride "
+                             f"{2 * self.encoder_spatial_stride}, got {self.pixel_repeat}")
         if self.codebook_dim != 4 * self.latent_channels:
             raise ValueError(f"VideoVAEConfig.codebook_dim must be 4 * latent_channels = {4 * self.latent_channels} "
                              f"(the 2x2 patchify of the posterior), got {self.codebook_dim}")
@@ -171,8 +179,9 @@ class VideoVAEConfig(ArchConfig):
 
     @property
     def spatial_stride(self) -> int:
-        """Pixels per latent cell along H and W (the encoder's stride times the absorbed 2x2 patchify)."""
-        return 2 * self.encoder_spatial_stride
+        """Pixels per latent cell along H and W (the encoder's stride times the absorbed 2x2 patchify, divided by
+        pixel_repeat)."""
+        return 2 * self.encoder_spatial_stride // self.pixel_repeat
 
     @property
     def temporal_stride(self) -> int:
@@ -775,6 +784,9 @@ class VideoVAE(PretrainedMixin, nn.Module):
         memory, same result). precision: the resolved compute dtype of the encoder (autocast); the posterior is
         in the tokenizer's dtype."""
         x = self._check_video(video)
+        k = self.config.pixel_repeat
+        if k > 1:
+            x = x.repeat_interleave(k, dim=3).repeat_interleave(k, dim=4)
         with autocast(x.device, precision):
             if chunked:
                 cache: dict = {}
@@ -855,7 +867,7 @@ class VideoVAE(PretrainedMixin, nn.Module):
         with autocast(zq.device, precision):
             if chunk:
                 return self._decode_chunks(zq, {}, decode_chunks(zq.shape[2], chunk), first=True)
-            return self.decoder(zq, None)
+            return self.shrink(self.decoder(zq, None))
 
     def _decode_tiled(self, z: torch.Tensor, chunk: int, precision: torch.dtype, tile: int,
                       overlap: int) -> torch.Tensor:
@@ -885,9 +897,17 @@ class VideoVAE(PretrainedMixin, nn.Module):
         frame."""
         parts, start = [], 0
         for i, n in enumerate(plan):
-            parts.append(self.decoder(zq[:, :, start:start + n], cache, first and i == 0))
+            parts.append(self.shrink(self.decoder(zq[:, :, start:start + n], cache, first and i == 0)))
             start += n
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def shrink(self, frames: torch.Tensor) -> torch.Tensor:
+        """The decoder's (B, C, T, kH, kW) output averaged over k x k blocks (k = pixel_repeat)."""
+        k = self.config.pixel_repeat
+        if k == 1:
+            return frames
+        b, c, t, h, w = frames.shape
+        return frames.reshape(b, c, t, h // k, k, w // k, k).mean(dim=(4, 6))
 
     def decode_stream(self, chunk: int = DECODE_CHUNK_LATENTS) -> "DecodeStream":
         """A decoder for a latent video that arrives piece by piece (clip-by-clip generation), in decoder chunks of
