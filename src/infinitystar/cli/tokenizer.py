@@ -1,4 +1,5 @@
-"""`infinitystar tokenizer train ...` and `infinitystar tokenizer reconstruct IN OUT ...`."""
+"""`infinitystar tokenizer train ...`, `infinitystar tokenizer reconstruct IN OUT ...` and
+`infinitystar tokenizer derive SRC DST ...`."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +139,47 @@ def cmd_reconstruct(args) -> int:
 # Registration
 # --------------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------------
+# derive
+# --------------------------------------------------------------------------------------------------
+
+def parse_scales(text: str) -> list[list[int]]:
+    """"1,2,4,8" -> [[1, 1], [2, 2], [4, 4], [8, 8]]; "1x2,2x4" -> [[1, 2], [2, 4]] (h x w)."""
+    try:
+        out = [[int(v) for v in (part.split("x") if "x" in part else (part, part))] for part in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(len(hw) != 2 or min(hw) < 1 for hw in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 1,2,4,8 or 1x2,2x4, got {text!r}")
+    return out
+
+
+def cmd_derive(args) -> int:
+    """The same weights with another pixel_repeat and/or pyramid, as a new tokenizer folder."""
+    vae, pyramid, src = load_tokenizer_folder(args.source, "cpu")
+    out = Path(args.output)
+    if out.resolve() == src.resolve():
+        raise SystemExit("error: the output folder must differ from the source folder")
+    config = vae.config.to_dict()
+    if args.pixel_repeat is not None:
+        config["pixel_repeat"] = args.pixel_repeat
+    pyr = pyramid.to_dict()
+    if args.scales is not None:
+        n = len(args.scales)
+        pyr.update(custom_scales=args.scales, image_repetition=[1] * n, video_repetition=[1] * n)
+    try:
+        derived = VideoVAE(type(vae.config).from_dict(config))
+        PyramidConfig.from_dict(pyr).build(1)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    derived.load_state_dict(vae.state_dict())
+    derived.save_pretrained(out)
+    (out / PYRAMID_FILE).write_text(json.dumps(pyr, indent=1) + "\n")
+    print(json.dumps({"output": str(out), "pixel_repeat": derived.config.pixel_repeat,
+                      "spatial_stride": derived.config.spatial_stride, "scales": pyr["custom_scales"]}))
+    return 0
+
+
 def add_cli(subparsers) -> None:
     """Register `tokenizer` with its `train` and `reconstruct` subcommands on the main command's subparsers."""
     tok = subparsers.add_parser("tokenizer", help="train the video tokenizer or measure its reconstructions")
@@ -168,4 +210,15 @@ def add_cli(subparsers) -> None:
     p.add_argument("--fps", type=positive_int, default=16, help="frame rate of an .mp4 output")
     p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 for an .mp4 output")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("derive", help="write a tokenizer folder with the same weights and another pixel_repeat "
+                                      "or pyramid")
+    p.add_argument("source", help="tokenizer folder")
+    p.add_argument("output", help="new tokenizer folder")
+    p.add_argument("--pixel-repeat", type=positive_int, default=None,
+                   help="enlarge frames by this factor before encoding and average the output back (the latent "
+                        "grid grows by it)")
+    p.add_argument("--scales", type=parse_scales, default=None,
+                   help="the pyramid's scales, e.g. 1,2,3,4,6,8,12,16 (repetitions reset to 1)")
+    p.set_defaults(func=cmd_derive)
 
