@@ -59,14 +59,19 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
     python -m infinitystar.shapes.data $D --n-images 10000 --n-videos 10000 --n-long 2000 --video-format npy
   # 4. the built-in text encoder's initial weights (trained with the generator)
   [ -f $R/text_encoder_init/config.json ] || python -m infinitystar.text.builtin $R/text_encoder_init
-  # 5. latents through the frozen encoder, once (resumable)
-  infinitystar extract-features --config $C/generator.yaml
+  # 5. latents through the frozen encoder at twice the resolution (16x16 per frame), once (resumable)
+  [ -f $R/tokenizer_frozen_encoder_x2/config.json ] ||
+    infinitystar tokenizer derive $R/tokenizer_frozen_encoder $R/tokenizer_frozen_encoder_x2 --pixel-repeat 2 \
+      --scales 1,2,3,4,6,8,12,16
+  infinitystar extract-features --config $C/generator_x2.yaml
   # 6. the generator (and the text encoder)
-  infinitystar train generator $C/generator.yaml $(resume_flag $R/generator)
+  infinitystar train generator $C/generator_x2.yaml $(resume_flag $R/generator_x2)
 fi
 
 if [ "$STAGE" = all ]; then
-  # 7. the model folder (EMA weights) with the fine-tuned decoder
-  infinitystar export $R/generator "${OUT:-$R/export}" --tokenizer $R/tokenizer_decoder/model \
+  # 7. the model folder (EMA weights) with the fine-tuned decoder, also at twice the resolution
+  [ -f $R/tokenizer_x2/config.json ] ||
+    infinitystar tokenizer derive $R/tokenizer_decoder/model $R/tokenizer_x2 --pixel-repeat 2 --scales 1,2,3,4,6,8,12,16
+  infinitystar export $R/generator_x2 "${OUT:-$R/export}" --tokenizer $R/tokenizer_x2 \
     --defaults "$(cat $C/defaults.json)"
 fi
