@@ -233,3 +233,26 @@ def test_generate_command(tmp_path, capsys, pipe):
         assert cli_main(["generate", "--prompt", "x", "--out", str(out), "--device", "cuda"]) == 2
         assert "this torch has no CUDA device; available here: cpu" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*"))            # no temporary files left behind
+
+
+def test_tokenizer_with_pixel_repeat_generates_at_the_frame_size(tmp_path):
+    """A tokenizer with pixel_repeat 2 gives 16x16 latents for 64x64 frames: every task still returns 64x64 frames,
+    the given frame comes back through the pipeline's encoder, and a saved folder loads with it."""
+    from infinitystar.schedules.pyramid import PyramidConfig
+    from infinitystar.tokenizer.video_vae import VideoVAE, VideoVAEConfig
+    tiny = InfinityStarPipeline.random_tiny(seed=0)
+    vae = VideoVAE(VideoVAEConfig.from_dict({**VideoVAEConfig.small().to_dict(), "pixel_repeat": 2})).eval()
+    vae.load_state_dict(tiny.tokenizer.state_dict())
+    pyramid = PyramidConfig(pn=None, custom_scales=[[1, 1], [2, 2], [4, 4], [8, 8], [16, 16]], frames_per_clip=4,
+                            temporal_compression=vae.config.temporal_stride, detail_min_tokens=36)
+    pipe = InfinityStarPipeline(tiny.transformer, vae, tiny.text_encoder, pyramid, 64, 64)
+    pipe.precision = "fp32"
+    out = pipe(PROMPT, num_frames=5, generator=g(0), output_type="codes")
+    assert out.codes.shape[-2:] == (16, 16)
+    video = pipe(PROMPT, num_frames=5, image=np.zeros((64, 64, 3), np.uint8), generator=g(0), output_type="uint8")
+    assert video.frames[0].shape == (5, 64, 64, 3)
+    pipe.save_pretrained(tmp_path / "x2")
+    again = InfinityStarPipeline.from_pretrained(tmp_path / "x2", precision="fp32")
+    assert again.tokenizer.config.pixel_repeat == 2
+    assert np.array_equal(again(PROMPT, num_frames=1, generator=g(1), output_type="uint8").images[0],
+                          pipe(PROMPT, num_frames=1, generator=g(1), output_type="uint8").images[0])
