@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parent.parent
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -12,3 +14,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def load_repo_script(relative: str):
+    """A script of the repository (e.g. "scripts/overfit_check.py", not a package module) imported for its tests."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    return load_repo_script

@@ -1,7 +1,5 @@
 """scripts/direction_pilot.py: its videos move as their captions say, one fifth per motion."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,18 +7,13 @@ import pytest
 from infinitystar.shapes.decoder import decode_video
 from infinitystar.shapes.world import parse_caption
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "direction_pilot.py"
+
+@pytest.fixture(scope="module")
+def pilot(load_script):
+    return load_script("scripts/direction_pilot.py")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("direction_pilot", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_data_videos_move_as_captioned(tmp_path):
-    pilot = _script()
+def test_data_videos_move_as_captioned(tmp_path, pilot):
     for vary in (False, True):
         manifest = pilot.write_data(tmp_path / str(vary), n=10, seed=1, vary=vary)
         rows = [json.loads(l) for l in manifest.read_text().splitlines()]
@@ -35,8 +28,7 @@ def test_data_videos_move_as_captioned(tmp_path):
             assert got.direction == c.get("direction", "still") and got.color == c["color"]
 
 
-def test_motion_only_captions_name_the_motion_of_the_video(tmp_path):
-    pilot = _script()
+def test_motion_only_captions_name_the_motion_of_the_video(tmp_path, pilot):
     manifest = pilot.write_data(tmp_path, n=5, seed=2, vary=True, words="motion")
     rows = [json.loads(l) for l in manifest.read_text().splitlines()]
     assert [r["caption"] for r in rows] == ["moving left quickly", "moving right quickly", "moving up quickly",
@@ -44,8 +36,7 @@ def test_motion_only_captions_name_the_motion_of_the_video(tmp_path):
     assert [decode_video(np.load(r["video_path"])).direction for r in rows] == list(pilot.DIRECTIONS)
 
 
-def test_vary_only_keeps_the_other_attributes_and_skips_held_out_pairs(tmp_path):
-    pilot = _script()
+def test_vary_only_keeps_the_other_attributes_and_skips_held_out_pairs(tmp_path, pilot):
     manifest = pilot.write_data(tmp_path, n=40, seed=3, vary=True, only=("color",))
     captions = [parse_caption(json.loads(l)["caption"]) for l in manifest.read_text().splitlines()]
     assert {(c["shape"], c["size"], c["background"]) for c in captions} == {("square", "large", "black")}
@@ -53,16 +44,14 @@ def test_vary_only_keeps_the_other_attributes_and_skips_held_out_pairs(tmp_path)
     assert len(colors) > 3 and "cyan" not in colors          # cyan square is a held-out pair
 
 
-def test_vary_only_needs_vary_and_known_attributes(tmp_path, capsys):
-    pilot = _script()
+def test_vary_only_needs_vary_and_known_attributes(tmp_path, capsys, pilot):
     for args in (["--vary-only", "color"], ["--vary", "--vary-only", "colour"]):
         with pytest.raises(SystemExit):
             pilot.main(["data", str(tmp_path), *args])
         assert "--vary-only takes color, shape, size, background and needs --vary" in capsys.readouterr().err
 
 
-def test_images_show_what_their_captions_say(tmp_path):
-    pilot = _script()
+def test_images_show_what_their_captions_say(tmp_path, pilot):
     manifest = pilot.write_data(tmp_path, n=12, seed=4, vary=True, only=("shape", "size"), images=True)
     assert manifest.name == "images.jsonl"
     rows = [json.loads(l) for l in manifest.read_text().splitlines()]
@@ -79,8 +68,7 @@ def test_images_show_what_their_captions_say(tmp_path):
     assert len(seen) >= 4
 
 
-def test_images_take_no_motion_options(tmp_path, capsys):
-    pilot = _script()
+def test_images_take_no_motion_options(tmp_path, capsys, pilot):
     with pytest.raises(SystemExit):
         pilot.main(["data", str(tmp_path), "--images", "--words", "motion"])
     assert "--images takes neither --words motion nor --i2v" in capsys.readouterr().err

@@ -1,19 +1,12 @@
 """benchmarks/gpu.py in its --dry-run mode (a tiny configuration on the CPU): the script runs end to end."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
-
 
 @pytest.fixture(scope="module")
-def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def gpu_bench(load_script):
+    return load_script("benchmarks/gpu.py")
 
 
 def test_dry_run_times_every_stage_beside_the_plan(gpu_bench, capsys):

@@ -1,25 +1,13 @@
 """Gate 1 of the built-in model at a tiny scale (scripts/overfit_check.py; docs/default_model.md): a generator that
 has memorised one captioned image and one video gives them back when sampled through the pipeline."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("overfit_check", ROOT / "scripts" / "overfit_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.mark.slow
-def test_memorised_samples_come_back_through_the_pipeline(tmp_path):
+def test_memorised_samples_come_back_through_the_pipeline(tmp_path, load_script):
     torch.set_num_threads(2)
-    report = _load_script().overfit_check(tmp_path, n=1, steps=2500, lr=3e-3, overrides=[
+    report = load_script("scripts/overfit_check.py").overfit_check(tmp_path, n=1, steps=2500, lr=3e-3, overrides=[
         "model.preset=tiny", "model.width=128", "train.bsc_strength=0"])
     acc = report["final_bit_accuracy"]
     # memorised: the trainer's teacher-forced bit accuracy is ~1 on every scale it logged
