@@ -136,10 +136,6 @@ def cmd_reconstruct(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Registration
-# --------------------------------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------------------------------
 # derive
 # --------------------------------------------------------------------------------------------------
 
@@ -180,8 +176,13 @@ def cmd_derive(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+
 def add_cli(subparsers) -> None:
-    """Register `tokenizer` with its `train` and `reconstruct` subcommands on the main command's subparsers."""
+    """Register `tokenizer` with its `train`, `reconstruct` and `derive` subcommands on the main command's
+    subparsers."""
     tok = subparsers.add_parser("tokenizer", help="train the video tokenizer or measure its reconstructions")
     sub = tok.add_subparsers(dest="tokenizer_command", required=True)
 
