@@ -101,7 +101,7 @@ def judge(model: str, n: int, seed: int, vary: bool, batch: int = 8, words: str 
                       generator=torch.Generator().manual_seed(seed + start)).frames
         for f, s in zip(frames, part):
             if images:
-                got = decode_frame(np.asarray(f).reshape(-1, *np.asarray(f).shape[-3:])[0])
+                got = decode_frame(np.asarray(f)[0])      # (1, H, W, 3): the one frame
                 ok = {a: getattr(got, a) == getattr(s, a) for a in ("color", "shape", "size", "background")}
                 right["all"] += all(ok.values())
                 for a in ("color", "shape", "size"):

@@ -9,10 +9,6 @@ with the same decoder. This is the ceiling the generator can reach with that tok
 `--scales K` measures what the coarse scales carry on their own: a generator's last scales are its hardest to
 predict, so a tokenizer whose coarse prefix already shows the object's colour, size and place is easier to
 generate with (docs/default_model.md).
-
-`--upscale 2 --pyramid P.json` encodes every frame enlarged 2x (pixel copies) and judges the reconstruction
-averaged back down to 64 x 64: an 8x tokenizer used as a 4x one, with the pyramid P's finer scales (e.g. up to
-16 x 16 latents).
 """
 from __future__ import annotations
 
@@ -30,15 +26,6 @@ from infinitystar.tokenizer.training_eval import frames_to_video, psnr, reconstr
 from infinitystar.tokenizer.video_vae import VideoVAE
 
 
-def shrink(frames: np.ndarray, k: int) -> np.ndarray:
-    """(T, kH, kW, 3) uint8 -> (T, H, W, 3): the mean of each k x k block, rounded."""
-    if k == 1:
-        return frames
-    t, h, w, c = frames.shape
-    blocks = frames.reshape(t, h // k, k, w // k, k, c).astype(np.float64).mean(axis=(2, 4))
-    return np.clip(np.round(blocks), 0, 255).astype(np.uint8)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tokenizer", help="VideoVAE folder")
@@ -51,11 +38,7 @@ def main(argv=None) -> int:
                     help="decode the posterior mean without quantizing (a continuous stage's ceiling)")
     ap.add_argument("--scales", type=int, default=None,
                     help="quantize with only the first K scales of every clip (default: all)")
-    ap.add_argument("--upscale", type=int, default=1,
-                    help="enlarge frames by this integer factor before encoding, average the output back down")
     a = ap.parse_args(argv)
-    if a.upscale < 1:
-        ap.error(f"--upscale must be a positive integer, got {a.upscale}")
     if a.continuous and a.scales is not None:
         ap.error("--scales needs the quantizer; it does not go with --continuous")
     torch.set_num_threads(a.threads)
@@ -73,9 +56,7 @@ def main(argv=None) -> int:
     for task in ("t2i", "t2v"):
         for it in build_items(task, a.n, a.seed):
             truth = render(it.spec, it.num_frames)
-            big = truth.repeat(a.upscale, axis=1).repeat(a.upscale, axis=2)
-            rec = video_to_frames(reconstruct(model, frames_to_video(big), pyramid, a.scales).clamp(-1, 1))[0]
-            rec = shrink(rec, a.upscale)
+            rec = video_to_frames(reconstruct(model, frames_to_video(truth), pyramid, a.scales).clamp(-1, 1))[0]
             ps.append(psnr(truth, rec))
             scores.append(score_image(rec[0], it.prompts) if task == "t2i" else score_video(rec, it.prompts, task=task))
     res = aggregate(scores)

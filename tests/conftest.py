@@ -16,15 +16,13 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-def load_repo_script(relative: str):
-    """A script of the repository (e.g. "scripts/overfit_check.py", not a package module) imported for its tests."""
-    path = REPO / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="session")
 def load_script():
-    return load_repo_script
+    """Imports a script of the repository (e.g. "scripts/overfit_check.py", not a package module) for its tests."""
+    def load(relative: str):
+        path = REPO / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

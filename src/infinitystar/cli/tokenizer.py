@@ -19,7 +19,8 @@ from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
                                                   ssim_per_frame, video_to_frames)
 from infinitystar.tokenizer.video_vae import VideoVAE
-from infinitystar.train.tokenizer import DEFAULT_PYRAMID, PYRAMID_FILE, config_from_dict, load_config
+from infinitystar.train.tokenizer import (DEFAULT_PYRAMID, PYRAMID_FILE, config_from_dict, load_config,
+                                         save_tokenizer_folder)
 
 
 def default_tokenizer_dir() -> Path:
@@ -165,14 +166,14 @@ def cmd_derive(args) -> int:
         pyr.update(custom_scales=args.scales, image_repetition=[1] * n, video_repetition=[1] * n)
     try:
         derived = VideoVAE(type(vae.config).from_dict(config))
-        PyramidConfig.from_dict(pyr).build(1)
+        pyramid = PyramidConfig.from_dict(pyr)
+        pyramid.build(1)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     derived.load_state_dict(vae.state_dict())
-    derived.save_pretrained(out)
-    (out / PYRAMID_FILE).write_text(json.dumps(pyr, indent=1) + "\n")
+    save_tokenizer_folder(derived, pyramid, out)
     print(json.dumps({"output": str(out), "pixel_repeat": derived.config.pixel_repeat,
-                      "spatial_stride": derived.config.spatial_stride, "scales": pyr["custom_scales"]}))
+                      "spatial_stride": derived.config.spatial_stride, "scales": pyramid.custom_scales}))
     return 0
 
 

@@ -239,6 +239,12 @@ def make_source(cfg: TokenizerTrainConfig):
 # Trainer
 # --------------------------------------------------------------------------------------------------
 
+def save_tokenizer_folder(model: VideoVAE, pyramid: PyramidConfig, folder: Path) -> None:
+    """A tokenizer folder: the weights and config, and beside them the pyramid it quantizes with."""
+    model.save_pretrained(folder)
+    (Path(folder) / PYRAMID_FILE).write_text(json.dumps(pyramid.to_dict(), indent=1) + "\n")
+
+
 def encode_one_pass(model: VideoVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training step's encoder pass (one pass, no chunks): the posterior's fields as a tuple of tensors, which
     torch.compile returns as they are."""
@@ -374,8 +380,7 @@ class TokenizerTrainer(Harness):
             return video_to_frames(reconstruct(self.model, self.clips_to_video(clips), pyramid))
 
     def write_weights(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
-        (folder / PYRAMID_FILE).write_text(json.dumps(self.pyramid.to_dict(), indent=1) + "\n")
+        save_tokenizer_folder(self.model, self.pyramid, folder)
 
     # --- harness hooks -----------------------------------------------------------------------------------------------
     def forward_backward(self) -> dict[str, Any]:
@@ -461,4 +466,5 @@ train = TokenizerTrainer.train
 
 __all__ = ["TokenizerTrainConfig", "TokenizerTrainer", "VAESection", "TokenizerDataConfig", "QuantConfig",
            "TokenizerTrainSection", "config_from_dict", "load_config", "train", "make_source", "PYRAMID_FILE",
+           "save_tokenizer_folder",
            "DEFAULT_PYRAMID", "TRAINING_FILE", "check_tokenizer_run", "check_same_architecture"]
