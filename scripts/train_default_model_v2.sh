@@ -51,11 +51,10 @@ if [ "$STAGE" = all ] || [ "$STAGE" = decoder ]; then
   # 2d. the decoder keeps learning with the encoder side frozen
   [ -f $R/tokenizer_decoder/model/model.safetensors ] ||
     tok $C/tokenizer_decoder.yaml $(resume_flag $R/tokenizer_decoder)
-  # 2e. the same weights used at twice the resolution (16x16 latents), the decoder fine-tuned there
+  # 2e. the same weights used at twice the resolution (16x16 latents). No fine-tuning there: it raised PSNR but lost
+  # shapes (docs/default_model.md)
   [ -f $R/tokenizer_x2/config.json ] ||
     infinitystar tokenizer derive $R/tokenizer_decoder/model $R/tokenizer_x2 --pixel-repeat 2 --scales 1,2,3,4,6,8,12,16
-  [ -f $R/tokenizer_decoder_x2/model/model.safetensors ] ||
-    tok $C/tokenizer_decoder_x2.yaml $(resume_flag $R/tokenizer_decoder_x2)
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
@@ -74,7 +73,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
 fi
 
 if [ "$STAGE" = all ]; then
-  # 7. the model folder (EMA weights) with the decoder of 2e
-  infinitystar export $R/generator_x2 "${OUT:-$R/export}" --tokenizer $R/tokenizer_decoder_x2/model \
+  # 7. the model folder (EMA weights) with the tokenizer of 2e
+  infinitystar export $R/generator_x2 "${OUT:-$R/export}" --tokenizer $R/tokenizer_x2 \
     --defaults "$(cat $C/defaults.json)"
 fi
