@@ -67,12 +67,13 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
   [ -f $R/tokenizer_frozen_encoder_x2/config.json ] ||
     infinitystar tokenizer derive $R/tokenizer_frozen_encoder $R/tokenizer_frozen_encoder_x2 --pixel-repeat 2 \
       --scales 1,2,3,4,6,8,12,16
-  infinitystar extract-features --config $C/generator_x2.yaml
+  # at 33 frames, what stage 6b reads (6a cuts the cached latents to 17)
+  infinitystar extract-features --config $C/generator_x2.yaml --set data.max_frames=33
   # 6a. the generator (and the text encoder) on 17-frame clips (one moving clip per video) to step 4,000
   [ -d $R/generator_x2_long/checkpoints ] || [ -d $R/generator_x2/checkpoints/step_00004000 ] ||
     infinitystar train generator $C/generator_x2.yaml --until 4000 $(resume_flag $R/generator_x2)
   # 6b. the rest of its schedule on clips of up to 33 frames: a second moving clip after the first (continuation)
-  # and, in long videos, under the next segment's caption (prompt switching); the cache holds every frame
+  # and, in long videos, under the next segment's caption (prompt switching)
   if [ ! -d $R/generator_x2_long/checkpoints ]; then
     mkdir -p $R/generator_x2_long/checkpoints
     cp -r $R/generator_x2/checkpoints/step_00004000 $R/generator_x2_long/checkpoints/
