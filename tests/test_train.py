@@ -433,6 +433,19 @@ def test_clip_scale_boost_trains_and_must_give_one_positive_factor_per_clip_scal
 # Latent cache
 # --------------------------------------------------------------------------------------------------
 
+def test_ema_warms_up_instead_of_keeping_the_initialisation():
+    from infinitystar.train.checkpoint import EMA
+    layer = nn.Linear(3, 2, bias=False)
+    start = layer.weight.detach().clone()
+    ema = EMA(layer, decay=0.999)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update(0)           # first update: decay min(0.999, 1/10) keeps a tenth of the start
+    torch.testing.assert_close(ema.shadow[0], start + 0.9)
+    assert ema.decay_at(2000) == pytest.approx(2001 / 2010)
+    assert ema.decay_at(10 ** 6) == 0.999   # the configured decay once warmed up
+
+
 def test_extract_features_sharded_resumable_no_collisions(tmp_path):
     from infinitystar.train.features import extract_features
     from infinitystar.train.latent_cache import cache_path

@@ -193,17 +193,27 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 class EMA:
     """Exponential moving average of the trained parameters (the transformer's under their own names, a trained
     text encoder's under `text_encoder.`), kept in the parameters' own sharding (a DTensor shard under FSDP2),
-    updated once per optimizer step."""
+    updated once per optimizer step.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates: with the constant decay from step 0 the
+    average kept 0.999^n of the random initialisation (37 % at step 1,000, 14 % at 2,000), which drew worse
+    samples than the raw weights at every early evaluation."""
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
         self.params = [(_strip(n), p) for n, p in module.named_parameters() if p.requires_grad]
         self.shadow = [p.detach().clone().float() for _, p in self.params]
 
+    def decay_at(self, updates_done: int) -> float:
+        return min(self.decay, (1.0 + updates_done) / (10.0 + updates_done))
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, updates_done: int) -> None:
+        """`updates_done`: optimizer steps before this one (the trainer's step counter, so a resumed run continues
+        the same warm-up)."""
+        weight = 1.0 - self.decay_at(updates_done)
         for s, (_, p) in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+            s.lerp_(p.detach().float(), weight)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full tensors on CPU (a collective under FSDP: every rank must call it)."""

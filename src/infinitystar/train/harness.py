@@ -261,7 +261,7 @@ class Harness:
         if math.isfinite(norm):
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update()
+                self.ema.update(self.step)
         else:   # skipped; the norm is global, so every rank decides the same
             self.nonfinite_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
