@@ -4,7 +4,7 @@ default settings, and judge every attribute with the reference decoder, for ever
 k = 0 is plain generation; k = all steps is the tokenizer round trip. The k where an attribute's accuracy jumps
 is the step that decides it; a change to the model or the pyramid should move accuracy at the k it targets.
 
-    python scripts/forcing_diagnostic.py [--model DIR] [--n 12] [--seed 3] [--out report.json]
+    python scripts/forcing_diagnostic.py [--model DIR] [--n 12] [--seed 3] [--k 0 8 ...] [--out report.json]
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from infinitystar.tokenizer.training_eval import frames_to_video, video_to_frame
 ATTRIBUTES = ("background", "color", "shape", "size", "direction", "speed")
 
 
-def run_task(pipe: InfinityStarPipeline, task: str, n: int, seed: int, guidance_scale, greedy: bool) -> dict:
+def run_task(pipe: InfinityStarPipeline, task: str, n: int, seed: int, guidance_scale, greedy: bool,
+             ks=None) -> dict:
     items = build_items(task, n, seed)
     frames = items[0].num_frames
     schedule = pipe.pyramid.build(frames)
@@ -41,6 +42,8 @@ def run_task(pipe: InfinityStarPipeline, task: str, n: int, seed: int, guidance_
         feats, mask = pipe.text_encoder.encode(prompts, pipe.device)
     table = []
     for k in range(len(schedule.steps) + 1):
+        if ks is not None and k not in ks:
+            continue
         g = torch.Generator().manual_seed(seed)
         out = generate(pipe.transformer, schedule, Caption(feats, mask), guidance=guidance, tau=tau, generator=g,
                        greedy=greedy, prefix_bits=targets.bits[:k])
@@ -69,11 +72,12 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--tasks", nargs="+", default=["t2i", "t2v"], choices=["t2i", "t2v"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k", type=int, nargs="+", default=None, help="only these k (default: every k)")
     ap.add_argument("--out", default=None, help="write the full report as JSON")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     pipe = InfinityStarPipeline.from_pretrained(a.model)
-    report = [run_task(pipe, t, a.n, a.seed, a.guidance_scale, a.greedy) for t in a.tasks]
+    report = [run_task(pipe, t, a.n, a.seed, a.guidance_scale, a.greedy, a.k) for t in a.tasks]
     for r in report:
         print(f"{r['task']} ({r['frames']} frames, guidance {r['guidance_scale']}{', greedy' if a.greedy else ''}),"
               f" accuracy over {a.n} prompts with the first k steps forced:")
