@@ -71,15 +71,11 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
       --scales 1,2,3,4,6,8,12,16
   # at 33 frames, what stage 6b reads (6a cuts the cached latents to 17)
   infinitystar extract-features --config $C/generator_x2.yaml --set data.max_frames=33
-  # 6a. the generator (and the text encoder) on 17-frame clips (one moving clip per video): to step 2,500 with the
-  # official per-scale loss weights, then to 4,000 with the moving clip's coarse steps weighted up (BOOST: they
-  # decide the motion and held 4 % of a video's loss; docs/default_model.md)
-  BOOST='train.clip_scale_boost=[8,8,8,4,2,1,1,1]'
+  # 6a. the generator (and the text encoder) on 17-frame clips (one moving clip per video), to step 4,000. The
+  # config weights the moving clip's coarse steps up (clip_scale_boost: they decide the motion; docs/default_model.md)
   if [ ! -d $R/generator_x2_long/checkpoints ]; then
-    [ "$(latest_step $R/generator_x2)" -ge 2500 ] ||
-      infinitystar train generator $C/generator_x2.yaml --until 2500 $(resume_flag $R/generator_x2)
     [ "$(latest_step $R/generator_x2)" -ge 4000 ] ||
-      infinitystar train generator $C/generator_x2.yaml --until 4000 --resume --set "$BOOST"
+      infinitystar train generator $C/generator_x2.yaml --until 4000 $(resume_flag $R/generator_x2)
   fi
   # 6b. the rest of its schedule on clips of up to 33 frames: a second moving clip after the first (continuation)
   # and, in long videos, under the next segment's caption (prompt switching)
@@ -88,7 +84,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
     cp -r $R/generator_x2/checkpoints/step_00004000 $R/generator_x2_long/checkpoints/
   fi
   infinitystar train generator $C/generator_x2.yaml --resume \
-    --set output_dir=$R/generator_x2_long --set data.max_frames=33 --set "$BOOST"
+    --set output_dir=$R/generator_x2_long --set data.max_frames=33
 fi
 
 if [ "$STAGE" = all ]; then
