@@ -429,10 +429,6 @@ def test_clip_scale_boost_trains_and_must_give_one_positive_factor_per_clip_scal
             Trainer(config_from_dict(raw), text_encoder=HashTextEncoder(32), tokenizer=LinearTokenizer())
 
 
-# --------------------------------------------------------------------------------------------------
-# Latent cache
-# --------------------------------------------------------------------------------------------------
-
 def test_ema_warms_up_instead_of_keeping_the_initialisation():
     from infinitystar.train.checkpoint import EMA
     layer = nn.Linear(3, 2, bias=False)
@@ -445,6 +441,10 @@ def test_ema_warms_up_instead_of_keeping_the_initialisation():
     assert ema.decay_at(2000) == pytest.approx(2001 / 2010)
     assert ema.decay_at(10 ** 6) == 0.999   # the configured decay once warmed up
 
+
+# --------------------------------------------------------------------------------------------------
+# Latent cache
+# --------------------------------------------------------------------------------------------------
 
 def test_extract_features_sharded_resumable_no_collisions(tmp_path):
     from infinitystar.train.features import extract_features
