@@ -131,20 +131,6 @@ def test_config_errors_name_the_key(tmp_path):
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()      # round trip
 
 
-def test_pixel_repeat_feeds_pixel_copies_and_sizes_the_pyramid_by_them(tmp_path):
-    plain = TokenizerTrainer(_cfg(tmp_path, "plain"))
-    big = TokenizerTrainer(_cfg(tmp_path, "big", data={"pixel_repeat": 2},
-                                pyramid={"custom_scales": [[1, 1], [4, 4], [16, 16]]}))
-    a, b = plain.batch(5), big.batch(5)
-    assert tuple(b.shape[-2:]) == (128, 128)
-    assert torch.equal(b, a.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4))
-    assert big.val_clips[0].shape[1:3] == (128, 128)
-    with pytest.raises(ConfigError, match="last scale \\[8, 8\\] must be the latent size \\[16, 16\\] of 128x128"):
-        _cfg(tmp_path, "x", data={"pixel_repeat": 2}, pyramid={"custom_scales": [[1, 1], [8, 8]]})
-    with pytest.raises(ConfigError, match="data.pixel_repeat"):
-        _cfg(tmp_path, "x", data={"pixel_repeat": 0})
-
-
 def test_edge_loss_penalises_a_blurred_step():
     step = torch.zeros(1, 3, 1, 4, 8)
     step[..., 4:] = 2.0                                 # one vertical edge of height 2 between columns 3 and 4

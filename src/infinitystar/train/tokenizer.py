@@ -37,7 +37,7 @@ from infinitystar.train.config import (CheckpointConfig, ConfigError, FileConfig
                                        PyramidSection, TrainBase, check_ranges, check_run, preset_section)
 from infinitystar.train.adversarial import Adversary
 from infinitystar.train.harness import Harness, publish_folder
-from infinitystar.train.tokenizer_data import ManifestSource, PixelRepeated, ShapesSource
+from infinitystar.train.tokenizer_data import ManifestSource, ShapesSource
 from infinitystar.train.tokenizer_loss import (LossConfig, bit_usage, calibrate_scale, kl_divergence,
                                                reconstruction_loss, sample_drop)
 
@@ -81,8 +81,6 @@ class TokenizerDataConfig:
     width: int = 64
     val_samples: int = 16                # fixed validation clips, drawn once from val_seed (never trained on)
     val_seed: int = 1_000_003
-    pixel_repeat: int = 1                # clips enlarged k x by pixel copies before the model: a decoder trained for a
-                                         # `pixel_repeat: k` tokenizer with its loss on every pixel it paints (docs)
 
 
 @dataclass
@@ -199,8 +197,7 @@ class TokenizerTrainConfig(FileConfig):
     def validate(self) -> None:
         d = self.data
         check_tokenizer_run(self, FREEZABLE)
-        check_ranges(positive={"data.frames": d.frames, "data.pixel_repeat": d.pixel_repeat},
-                     unit={"data.val_fraction": d.val_fraction})
+        check_ranges(positive={"data.frames": d.frames}, unit={"data.val_fraction": d.val_fraction})
         if self.init is not None and set(self.model.overrides) - {NEW_DECODER_KEY}:
             mine, theirs = self.model.build().to_dict(), self.init_config().to_dict()
             mine.pop(NEW_DECODER_KEY), theirs.pop(NEW_DECODER_KEY)
@@ -211,20 +208,19 @@ class TokenizerTrainConfig(FileConfig):
         ts, ss = vae.temporal_stride, vae.spatial_stride
         if (d.frames - 1) % ts:
             raise ConfigError(f"data.frames must be 1 + k * {ts} (the tokenizer's temporal stride), got {d.frames}")
-        h, w = d.height * d.pixel_repeat, d.width * d.pixel_repeat     # what the model sees
-        if h % ss or w % ss:
-            raise ConfigError(f"data.height/width x data.pixel_repeat must be multiples of the tokenizer's spatial "
-                              f"stride {ss}, got {h}x{w}")
+        if d.height % ss or d.width % ss:
+            raise ConfigError(f"data.height/width must be multiples of the tokenizer's spatial stride {ss}, got "
+                              f"{d.height}x{d.width}")
         if pyramid.temporal_compression != ts:
             raise ConfigError(f"pyramid.temporal_compression ({pyramid.temporal_compression}) must equal the "
                               f"tokenizer's temporal stride ({ts})")
         if pyramid.detail_bits != vae.codebook_dim or pyramid.semantic_bits > vae.codebook_dim:
             raise ConfigError(f"pyramid bits ({pyramid.semantic_bits}/{pyramid.detail_bits}) must fit the "
                               f"tokenizer's {vae.codebook_dim} latent channels (detail_bits = {vae.codebook_dim})")
-        latent = (h // ss, w // ss)
+        latent = (d.height // ss, d.width // ss)
         if tuple(pyramid.spatial_scales()[-1]) != latent:
             raise ConfigError(f"pyramid: the last scale {list(pyramid.spatial_scales()[-1])} must be the latent size "
-                              f"{list(latent)} of {h}x{w} frames")
+                              f"{list(latent)} of {d.height}x{d.width} frames")
 
 
 config_from_dict = TokenizerTrainConfig.from_dict
@@ -234,11 +230,9 @@ load_config = TokenizerTrainConfig.load
 def make_source(cfg: TokenizerTrainConfig):
     d = cfg.data
     if d.source == "shapes":
-        source = ShapesSource(d.frames, d.height, d.width, d.val_seed, d.val_samples)
-    else:
-        source = ManifestSource(d.manifests, d.frames, d.height, d.width, d.val_seed, d.val_samples,
-                                d.val_manifests, d.val_fraction)
-    return source if d.pixel_repeat == 1 else PixelRepeated(source, d.pixel_repeat)
+        return ShapesSource(d.frames, d.height, d.width, d.val_seed, d.val_samples)
+    return ManifestSource(d.manifests, d.frames, d.height, d.width, d.val_seed, d.val_samples, d.val_manifests,
+                          d.val_fraction)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,24 +45,6 @@ class ShapesSource:
         return self.train_clips(self.val_seed, self.val_samples)
 
 
-class PixelRepeated:
-    """Another source's clips with every pixel copied into a k x k block: what a `pixel_repeat: k` tokenizer's
-    encoder sees. A model trained on them at pixel_repeat 1 paints the frames at the resolution such a tokenizer
-    decodes at, and its loss compares every painted pixel (a pixel_repeat model's loss sees only k x k means)."""
-
-    def __init__(self, source, k: int):
-        self.source, self.k = source, k
-
-    def _enlarge(self, clips: list[np.ndarray]) -> list[np.ndarray]:
-        return [c.repeat(self.k, axis=1).repeat(self.k, axis=2) for c in clips]
-
-    def train_clips(self, seed: int, n: int) -> list[np.ndarray]:
-        return self._enlarge(self.source.train_clips(seed, n))
-
-    def val_clips(self) -> list[np.ndarray]:
-        return self._enlarge(self.source.val_clips())
-
-
 def read_items(manifests: Sequence[str], frames: int) -> list[Item]:
     """The usable lines of JSONL manifests (`video_path` or `image_path`, relative to the manifest; optional
     `begin_frame_id` / `end_frame_id`). Images only count for one-frame clips."""
