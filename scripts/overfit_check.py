@@ -116,7 +116,7 @@ def evaluate(model_dir: Path, manifests: dict[str, Path], seed: int) -> dict:
     return result
 
 
-def overfit_check(out: Path, *, config: str = str(ROOT / "configs" / "default_model.yaml"),
+def overfit_check(out: Path, *, config: str = str(ROOT / "configs" / "default_v2" / "generator_x2.yaml"),
                   tokenizer: Path = DEFAULT_MODEL_DIR / "tokenizer", n: int = 8, steps: int = 1500,
                   lr: float = 1e-3, seed: int = 0, overrides: list[str] = ()) -> dict:
     """Select, train, export (raw and EMA weights), sample and judge; returns the report (also report.json)."""
@@ -156,7 +156,7 @@ def overfit_check(out: Path, *, config: str = str(ROOT / "configs" / "default_mo
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="work folder (data, run, exported model, report.json)")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default_model.yaml"),
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default_v2" / "generator_x2.yaml"),
                     help="generator config whose architecture and recipe are checked")
     ap.add_argument("--tokenizer", default=str(DEFAULT_MODEL_DIR / "tokenizer"))
     ap.add_argument("--n", type=int, default=8, help="images and videos each")

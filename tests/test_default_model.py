@@ -2,9 +2,10 @@
 
 Quality checks are majorities over several seeds and prompts, so that a bit flipped by another CPU's arithmetic
 cannot fail them. The pipeline runs in its default precision ("auto": bf16 on a CPU with native bf16, fp32 on
-others); the counts noted as measured are the same in both. They assert only what this model does reliably
-(background, keeping a given first frame); its colour, shape and motion accuracies are far from reliable and are
-measured by `infinitystar eval shapes` instead (docs/default_model.md).
+others); the counts noted as measured are for fp32 / bf16. They assert what this model does reliably (background,
+colour, direction, keeping a given first frame) with a margin of two or more samples; its shape is not reliable
+yet (squares and triangles mostly come out rounded) and is measured by `infinitystar eval shapes` instead
+(docs/default_model.md).
 """
 import json
 
@@ -44,7 +45,9 @@ def test_text_to_video_follows_the_prompt(pipe):
         out = pipe([prompt] * 4, num_frames=17, generator=torch.Generator().manual_seed(100 + i))
         scores += [score_video(frames, prompt) for frames in out.frames]
     assert all(frames.shape == (17, 64, 64, 3) for frames in out.frames)
-    assert sum(s.correct["background"] for s in scores) >= 9      # 12 of 12 measured (fp32 and bf16)
+    assert sum(s.correct["background"] for s in scores) >= 10     # 12 / 12 of 12 measured
+    assert sum(s.correct["color"] for s in scores) >= 10          # 12 / 12
+    assert sum(s.correct["direction"] for s in scores) >= 9       # 12 / 12
 
 
 def test_text_to_image_and_image_to_video(pipe):
@@ -52,7 +55,8 @@ def test_text_to_image_and_image_to_video(pipe):
                "a large cyan triangle on a gray background"]
     out = pipe(prompts * 2, num_frames=1, generator=torch.Generator().manual_seed(7))
     scores = [score_image(img, p) for img, p in zip(out.images, prompts * 2)]
-    assert sum(s.correct["background"] for s in scores) >= 3       # 4 of 6 measured (fp32 and bf16)
+    assert sum(s.correct["background"] for s in scores) >= 4       # 6 / 6 of 6 measured
+    assert sum(s.correct["color"] for s in scores) >= 4            # 6 / 6
     from infinitystar.shapes.world import ShapeSpec, render
     spec = ShapeSpec(color="red", shape="square", size="large", background="black", cx0=32.0, cy0=32.0)
     first = render(spec, 1)[0]
@@ -60,7 +64,8 @@ def test_text_to_image_and_image_to_video(pipe):
     video = pipe([prompt] * 4, num_frames=17, image=first, generator=torch.Generator().manual_seed(8))
     kept = [score_video(frames, prompt, condition_frames=first[None]) for frames in video.frames]
     assert all(frames.shape == (17, 64, 64, 3) for frames in video.frames)
-    assert sum(s.correct["condition"] for s in kept) >= 3          # the first frame is kept: 4 of 4 (both)
+    assert sum(s.correct["condition"] for s in kept) >= 3          # the first frame is kept: 4 / 4 of 4
+    assert sum(s.correct["direction"] for s in kept) >= 3          # and it moves left: 4 / 4
 
 
 def test_interactive_stream_of_three_prompts(pipe, tmp_path):

@@ -64,7 +64,7 @@ def test_unknown_words_are_a_warning_in_the_reply(demo):
     (dict(seed=None), "the seed must be a whole number"),
     (dict(temperature="hot"), "temperature must be a positive number"),
     (dict(temperature="0"), "temperature must be a positive number"),
-    (dict(frames=18), "1 + 4k"),
+    (dict(frames=18), "got 18; use 17"),
 ])
 def test_bad_input_is_a_message(demo, kwargs, message):
     args = dict(prompt=PROMPT, frames=17, **KNOBS) | kwargs

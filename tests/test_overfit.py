@@ -7,7 +7,7 @@ import torch
 @pytest.mark.slow
 def test_memorised_samples_come_back_through_the_pipeline(tmp_path, load_script):
     torch.set_num_threads(2)
-    report = load_script("scripts/overfit_check.py").overfit_check(tmp_path, n=1, steps=2500, lr=3e-3, overrides=[
+    report = load_script("scripts/overfit_check.py").overfit_check(tmp_path, n=1, steps=1000, lr=3e-3, overrides=[
         "model.preset=tiny", "model.width=128", "train.bsc_strength=0"])
     acc = report["final_bit_accuracy"]
     # memorised: the trainer's teacher-forced bit accuracy is ~1 on every scale it logged
