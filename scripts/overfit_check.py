@@ -42,6 +42,7 @@ from infinitystar.train.features import extract_features
 from infinitystar.train.trainer import spec_from_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = str(ROOT / "configs" / "default_v2" / "generator_x2.yaml")   # the shipped model's generator recipe
 
 
 def judge(frames: np.ndarray, caption: str):
@@ -116,7 +117,7 @@ def evaluate(model_dir: Path, manifests: dict[str, Path], seed: int) -> dict:
     return result
 
 
-def overfit_check(out: Path, *, config: str = str(ROOT / "configs" / "default_v2" / "generator_x2.yaml"),
+def overfit_check(out: Path, *, config: str = DEFAULT_CONFIG,
                   tokenizer: Path = DEFAULT_MODEL_DIR / "tokenizer", n: int = 8, steps: int = 1500,
                   lr: float = 1e-3, seed: int = 0, overrides: list[str] = ()) -> dict:
     """Select, train, export (raw and EMA weights), sample and judge; returns the report (also report.json)."""
@@ -156,7 +157,7 @@ def overfit_check(out: Path, *, config: str = str(ROOT / "configs" / "default_v2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="work folder (data, run, exported model, report.json)")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default_v2" / "generator_x2.yaml"),
+    ap.add_argument("--config", default=DEFAULT_CONFIG,
                     help="generator config whose architecture and recipe are checked")
     ap.add_argument("--tokenizer", default=str(DEFAULT_MODEL_DIR / "tokenizer"))
     ap.add_argument("--n", type=int, default=8, help="images and videos each")
