@@ -212,7 +212,7 @@ def test_inference_decode_in_place_equals_the_autograd_path(shipped_vae_and_late
 # --- weights in bf16 ----------------------------------------------------------------------------------------------
 def test_bf16_weights_track_the_fp32_path():
     """The shipped transformer loaded straight into bf16, teacher-forced on the fp32 run's bits: its logits stay
-    within 4 % of the step's largest logit (measured <= 2.3 %: bf16 keeps 8 bits of mantissa) and pick the same
+    within 4 % of the step's largest logit (measured <= 2.5 %: bf16 keeps 8 bits of mantissa) and pick the same
     likely value for >= 99 % of the bits (measured >= 99.6 %)."""
     pipe = InfinityStarPipeline.from_pretrained()
     fp32 = pipe.transformer
