@@ -417,16 +417,45 @@ def test_clip_scale_boost_moves_loss_weight_to_the_chosen_clip_scales():
     assert torch.equal(boost_clip_scales(plain, [1.0] * n).weights, plain.weights / plain.weights.sum())
 
 
+def test_first_frame_scale_boost_weights_a_videos_first_frame_and_leaves_images_alone():
+    from infinitystar.train.targets import boost_clip_scales, prepare_sample
+    common = dict(subset=ScaleSubsetConfig(mode="all"), bsc_strength=0.0, repetition="last")
+    video = pyramid_preset("tiny").build(17)
+    z = torch.randn(64, video.num_latent_frames, *video.full_hw, generator=torch.Generator().manual_seed(0))
+    plain = prepare_sample(z, video, ["a"], [0] * video.num_clips, torch.Generator().manual_seed(1), **common)
+    n = video.scales_per_clip
+    first = [4.0, 2.0] + [1.0] * (n - 2)
+    got = boost_clip_scales(plain, None, first)
+    assert abs(float(got.weights.sum()) - 1) < 1e-6
+    ratio = (got.weights / plain.weights).tolist()
+    for st, r in zip(plain.steps, ratio):
+        want = first[st.scale.in_clip] if st.scale.clip == 0 else 1.0
+        assert r == pytest.approx(ratio[-1] * want, rel=1e-5)
+    # with both boosts the clip's steps take clip_scale_boost, the first frame's first_frame_scale_boost
+    both = boost_clip_scales(plain, [3.0] * n, first)
+    r2 = (both.weights / plain.weights).tolist()
+    for st, r in zip(plain.steps, r2):
+        want = first[st.scale.in_clip] if st.scale.clip == 0 else 3.0
+        assert r == pytest.approx(r2[0] / first[0] * want, rel=1e-5)
+    image = pyramid_preset("tiny").build(1)
+    zi = torch.randn(64, 1, *image.full_hw, generator=torch.Generator().manual_seed(2))
+    img = prepare_sample(zi, image, ["a"], [0] * image.num_clips, torch.Generator().manual_seed(3), **common)
+    assert torch.allclose(boost_clip_scales(img, None, first).weights, img.weights / img.weights.sum())
+
+
 def test_clip_scale_boost_trains_and_must_give_one_positive_factor_per_clip_scale(tmp_path):
     from infinitystar.train.trainer import Trainer
     manifest = write_dataset(tmp_path / "data", n_videos=2, n_images=1, seed=0)
     n = pyramid_preset("tiny").build(17).scales_per_clip
     out = run_training(tiny_config(tmp_path / "ok", manifest, train={"clip_scale_boost": [3.0] + [1.0] * (n - 1)}))
     assert out.step == 4 and math.isfinite(out.loss)
-    for bad in ([2.0], [0.0] * n):
-        raw = tiny_config(tmp_path / "bad", manifest, train={"clip_scale_boost": bad})
-        with pytest.raises(ConfigError, match=f"clip_scale_boost: expected {n} positive factors"):
-            Trainer(config_from_dict(raw), text_encoder=HashTextEncoder(32), tokenizer=LinearTokenizer())
+    out = run_training(tiny_config(tmp_path / "ff", manifest, train={"first_frame_scale_boost": [3.0] * n}))
+    assert out.step == 4 and math.isfinite(out.loss)
+    for key in ("clip_scale_boost", "first_frame_scale_boost"):
+        for bad in ([2.0], [0.0] * n):
+            raw = tiny_config(tmp_path / "bad", manifest, train={key: bad})
+            with pytest.raises(ConfigError, match=f"{key}: expected {n} positive factors"):
+                Trainer(config_from_dict(raw), text_encoder=HashTextEncoder(32), tokenizer=LinearTokenizer())
 
 
 def test_ema_warms_up_instead_of_keeping_the_initialisation():

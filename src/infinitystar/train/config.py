@@ -155,6 +155,9 @@ class TrainSection(TrainBase):
     # multiplies each video-clip scale's loss weight by its entry (by scale index within the clip; clips >= 1, the
     # image pyramid untouched), then renormalises: more loss on the steps where motion is decided (null: off)
     clip_scale_boost: Optional[list[float]] = None
+    # the same for the first frame's steps of a video sample (images untouched): where a video's start position is
+    # decided, which must leave room for the prompted travel (null: off)
+    first_frame_scale_boost: Optional[list[float]] = None
     focal_gamma: float = 0.0             # > 0: focal loss, each bit's term times (1 - p_true)^gamma
     scale_subset: ScaleSubsetConfig = field(default_factory=ScaleSubsetConfig)
     interact_first_segment: bool = True  # with `interact`: also pack the first clip in the text-to-video layout

@@ -112,12 +112,20 @@ def _targets(z: torch.Tensor, schedule: Schedule, scales: Sequence[int], num_cli
     return steps, inputs, bits, weights, bit_weights
 
 
-def boost_clip_scales(sample: PreparedSample, boost: Sequence[float]) -> PreparedSample:
-    """The sample with each video-clip step's loss weight times boost[its index within the clip] (the image
-    pyramid's steps keep theirs), renormalised to sum to 1 (`train.clip_scale_boost`)."""
-    factor = torch.tensor([boost[st.scale.in_clip] if st.scale.clip >= 1 else 1.0 for st in sample.steps],
-                          dtype=sample.weights.dtype, device=sample.weights.device)
-    weights = sample.weights * factor
+def boost_clip_scales(sample: PreparedSample, boost: Optional[Sequence[float]],
+                      first_frame: Optional[Sequence[float]] = None) -> PreparedSample:
+    """The sample with each video-clip step's loss weight times boost[its index within the clip] and, in a sample
+    that has video clips, each first-frame step's weight times first_frame[its index] (an image sample keeps its
+    weights), renormalised to sum to 1 (`train.clip_scale_boost`, `train.first_frame_scale_boost`; None: 1)."""
+    is_video = any(st.scale.clip >= 1 for st in sample.steps)
+
+    def factor(st) -> float:
+        if st.scale.clip >= 1:
+            return 1.0 if boost is None else boost[st.scale.in_clip]
+        return first_frame[st.scale.in_clip] if first_frame is not None and is_video else 1.0
+
+    f = torch.tensor([factor(st) for st in sample.steps], dtype=sample.weights.dtype, device=sample.weights.device)
+    weights = sample.weights * f
     return replace(sample, weights=weights / weights.sum())
 
 

@@ -149,10 +149,11 @@ class Trainer(Harness):
         self.loader = SampleLoader(self.records, self.spec, order, d.num_workers)
         per_clip = cfg.pyramid.build().build(1).scales_per_clip
         self.scale_acc = ScaleAccuracy(per_clip, self.device)
-        boost = cfg.train.clip_scale_boost
-        if boost is not None and (len(boost) != per_clip or min(boost) <= 0):
-            raise ConfigError(f"train.clip_scale_boost: expected {per_clip} positive factors (one per scale of a "
-                              f"clip), got {boost}")
+        for key in ("clip_scale_boost", "first_frame_scale_boost"):
+            boost = getattr(cfg.train, key)
+            if boost is not None and (len(boost) != per_clip or min(boost) <= 0):
+                raise ConfigError(f"train.{key}: expected {per_clip} positive factors (one per scale of a "
+                                  f"clip), got {boost}")
 
         # --- state: seeded per rank, then the checkpoint (if any) restores it ---------------------------
         self.text_cut = 0
@@ -195,8 +196,8 @@ class Trainer(Harness):
             else:
                 samples.append(prepare_sample(z, raw.pyramid.build(raw.num_frames), raw.captions,
                                               raw.caption_of_clip, gen, **common))
-        if t.clip_scale_boost is not None:
-            samples = [boost_clip_scales(s, t.clip_scale_boost) for s in samples]
+        if t.clip_scale_boost is not None or t.first_frame_scale_boost is not None:
+            samples = [boost_clip_scales(s, t.clip_scale_boost, t.first_frame_scale_boost) for s in samples]
         prompts = [c for s in samples for c in s.captions]
         text_tokens = None
         if self.text_trainable:   # encoded inside the module, with gradients
