@@ -41,3 +41,21 @@ def test_items_are_seeded_and_cover_heldout_pairs():
     assert any(x.spec.is_heldout for x in t2v) and not all(x.spec.is_heldout for x in t2v)
     cont = build_items("continuation", 5, seed=0)
     assert all(x.condition.shape == (17, 64, 64, 3) and x.num_frames == 33 for x in cont)
+
+
+def test_start_leaves_room_tells_a_cramped_start_from_a_good_one():
+    from infinitystar.shapes.evaluate import score_video
+    from infinitystar.shapes.world import Motion, ShapeSpec
+    quick = "a large red circle moving right quickly on a black background"
+    good = ShapeSpec("red", "circle", "large", "black", 16.0, 32.0, (Motion("right", "quickly"),))
+    s = score_video(render(good, 17), quick)
+    assert s.all_correct and s.extra["start_leaves_room"] == 1.0
+    # the same object moving right slowly from the middle: too little room for the quick move the prompt asks
+    cramped = dataclasses.replace(good, cx0=34.0, segments=(Motion("right", "slowly"),))
+    s = score_video(render(cramped, 17), quick)
+    assert s.extra["start_leaves_room"] == 0.0 and not s.correct["speed"]
+    still = "a large red circle standing still on a black background"
+    assert "start_leaves_room" not in score_video(render(dataclasses.replace(good, segments=(Motion("still", None),)),
+                                                         17), still).extra
+    res = evaluate(oracle, n_per_task=8, seed=0, tasks=("t2v",), progress=False)
+    assert res["by_task"]["t2v"]["overall"]["start_leaves_room"] == 1.0

@@ -13,6 +13,10 @@ Per sample (``SampleScore.correct``):
   ``CONDITION_CENTROID_TOL`` px; ``extra["condition_mae"]`` is the mean absolute pixel difference.
 - ``continued_motion`` (continuation): the motion of the new part alone (from the last given frame on)
   matches the caption.
+``extra["start_leaves_room"]`` (text-to-video, moving captions; not a criterion): 1 if the first frame's
+decoded centre leaves room on the canvas for the prompted travel (speed x (T - 1) px, within
+``START_ROOM_TOL``), else 0. Shapes World never clips an object, so a start without room forces a
+shorter, slower move; this tells such speed errors apart from motion the model did not learn.
 ``all_correct`` is the AND of them; ``consistency`` is the decoder's temporal consistency (videos).
 ``aggregate`` splits results into ``seen`` and ``heldout`` (the prompt's (color, shape) pair).
 """
@@ -32,12 +36,15 @@ from infinitystar.media import as_uint8
 
 from .decoder import decode_frame, decode_from_frames, decode_motion, segment_range
 from .world import (
-    HELD_OUT_PAIRS, SEGMENT_FRAMES, ShapeSpec, caption_image, caption_video, captions_per_segment,
-    parse_caption,
+    CANVAS, DIRECTIONS, HELD_OUT_PAIRS, SEGMENT_FRAMES, SIZES, SPEEDS, ShapeSpec, caption_image, caption_video,
+    captions_per_segment, parse_caption,
 )
 
 CONDITION_CENTROID_TOL: float = 2.0
 """Max centroid distance (px) between a conditioning frame and the generated frame at its index."""
+
+START_ROOM_TOL: float = 1.5
+"""Slack (px) when checking that a generated first frame leaves room for the prompted travel."""
 
 TASKS: tuple[str, ...] = ("t2i", "t2v", "i2v", "continuation", "long")
 STATIC: tuple[str, ...] = ("background", "color", "shape", "size")
@@ -179,6 +186,8 @@ def score_video(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndar
     if len(prompts) > 1:
         extra["segment_motion_accuracy"] = float(np.mean([s["direction_ok"] and s["speed_ok"]
                                                           for s in decoded["segments"]]))
+    if task == "t2v" and want["direction"] != "still" and decs[0].centroid is not None:
+        extra["start_leaves_room"] = float(_start_leaves_room(decs[0].centroid, want, T))
     if cond is not None:
         correct["condition"], cond_extra = _condition_check(decs, cond, video)
         extra.update(cond_extra)
@@ -191,6 +200,15 @@ def score_video(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndar
     return SampleScore(task=task, split=split_of(want), prompts=prompts, correct=correct,
                        all_correct=all(correct.values()), consistency=whole.consistency,
                        decoded=decoded, extra=extra)
+
+
+def _start_leaves_room(centre: tuple[float, float], want: dict, num_frames: int) -> bool:
+    """Whether an object of the prompted size starting at `centre` can make the prompted move inside the canvas."""
+    s = SIZES[want["size"]]
+    dx, dy = DIRECTIONS[want["direction"]]
+    travel = SPEEDS[want["speed"]] * (num_frames - 1)
+    end = (centre[0] + dx * travel, centre[1] + dy * travel)
+    return all(s - START_ROOM_TOL <= c <= CANVAS - s + START_ROOM_TOL for c in end)
 
 
 def score(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndarray | None = None,
