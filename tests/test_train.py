@@ -399,14 +399,14 @@ def test_focal_gamma_weights_each_bit_by_how_wrong_the_model_is():
 
 
 def test_clip_scale_boost_moves_loss_weight_to_the_chosen_clip_scales():
-    from infinitystar.train.targets import boost_clip_scales, prepare_sample
+    from infinitystar.train.targets import boost_scale_weights, prepare_sample
     sched = pyramid_preset("tiny").build(17)
     z = torch.randn(64, sched.num_latent_frames, *sched.full_hw, generator=torch.Generator().manual_seed(0))
     plain = prepare_sample(z, sched, ["a"], [0] * sched.num_clips, torch.Generator().manual_seed(1),
                            subset=ScaleSubsetConfig(mode="all"), bsc_strength=0.0, repetition="last")
     n = sched.scales_per_clip
     boost = [5.0] + [1.0] * (n - 1)            # the first scale of every video clip
-    got = boost_clip_scales(plain, boost)
+    got = boost_scale_weights(plain, boost)
     assert abs(float(got.weights.sum()) - 1) < 1e-6
     ratio = got.weights / plain.weights
     for st, r in zip(plain.steps, ratio.tolist()):
@@ -414,25 +414,25 @@ def test_clip_scale_boost_moves_loss_weight_to_the_chosen_clip_scales():
         # every weight rescaled by the same normaliser, the boosted ones 5x more
         assert r == pytest.approx(float(ratio[0]) * (5.0 if boosted else 1.0), rel=1e-5)
     assert any(st.scale.clip >= 1 and st.scale.in_clip == 0 for st in plain.steps)
-    assert torch.equal(boost_clip_scales(plain, [1.0] * n).weights, plain.weights / plain.weights.sum())
+    assert torch.equal(boost_scale_weights(plain, [1.0] * n).weights, plain.weights / plain.weights.sum())
 
 
 def test_first_frame_scale_boost_weights_a_videos_first_frame_and_leaves_images_alone():
-    from infinitystar.train.targets import boost_clip_scales, prepare_sample
+    from infinitystar.train.targets import boost_scale_weights, prepare_sample
     common = dict(subset=ScaleSubsetConfig(mode="all"), bsc_strength=0.0, repetition="last")
     video = pyramid_preset("tiny").build(17)
     z = torch.randn(64, video.num_latent_frames, *video.full_hw, generator=torch.Generator().manual_seed(0))
     plain = prepare_sample(z, video, ["a"], [0] * video.num_clips, torch.Generator().manual_seed(1), **common)
     n = video.scales_per_clip
     first = [4.0, 2.0] + [1.0] * (n - 2)
-    got = boost_clip_scales(plain, None, first)
+    got = boost_scale_weights(plain, None, first)
     assert abs(float(got.weights.sum()) - 1) < 1e-6
     ratio = (got.weights / plain.weights).tolist()
     for st, r in zip(plain.steps, ratio):
         want = first[st.scale.in_clip] if st.scale.clip == 0 else 1.0
         assert r == pytest.approx(ratio[-1] * want, rel=1e-5)
     # with both boosts the clip's steps take clip_scale_boost, the first frame's first_frame_scale_boost
-    both = boost_clip_scales(plain, [3.0] * n, first)
+    both = boost_scale_weights(plain, [3.0] * n, first)
     r2 = (both.weights / plain.weights).tolist()
     for st, r in zip(plain.steps, r2):
         want = first[st.scale.in_clip] if st.scale.clip == 0 else 3.0
@@ -440,7 +440,7 @@ def test_first_frame_scale_boost_weights_a_videos_first_frame_and_leaves_images_
     image = pyramid_preset("tiny").build(1)
     zi = torch.randn(64, 1, *image.full_hw, generator=torch.Generator().manual_seed(2))
     img = prepare_sample(zi, image, ["a"], [0] * image.num_clips, torch.Generator().manual_seed(3), **common)
-    assert torch.allclose(boost_clip_scales(img, None, first).weights, img.weights / img.weights.sum())
+    assert torch.allclose(boost_scale_weights(img, None, first).weights, img.weights / img.weights.sum())
 
 
 def test_clip_scale_boost_trains_and_must_give_one_positive_factor_per_clip_scale(tmp_path):

@@ -36,8 +36,8 @@ from infinitystar.media import as_uint8
 
 from .decoder import decode_frame, decode_from_frames, decode_motion, segment_range
 from .world import (
-    CANVAS, DIRECTIONS, HELD_OUT_PAIRS, SEGMENT_FRAMES, SIZES, SPEEDS, ShapeSpec, caption_image, caption_video,
-    captions_per_segment, parse_caption,
+    CANVAS, HELD_OUT_PAIRS, SEGMENT_FRAMES, Motion, ShapeSpec, caption_image, caption_video, captions_per_segment,
+    fits_canvas, parse_caption,
 )
 
 CONDITION_CENTROID_TOL: float = 2.0
@@ -203,12 +203,13 @@ def score_video(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndar
 
 
 def _start_leaves_room(centre: tuple[float, float], want: dict, num_frames: int) -> bool:
-    """Whether an object of the prompted size starting at `centre` can make the prompted move inside the canvas."""
-    s = SIZES[want["size"]]
-    dx, dy = DIRECTIONS[want["direction"]]
-    travel = SPEEDS[want["speed"]] * (num_frames - 1)
-    end = (centre[0] + dx * travel, centre[1] + dy * travel)
-    return all(s - START_ROOM_TOL <= c <= CANVAS - s + START_ROOM_TOL for c in end)
+    """Whether the prompted object and move, started at a decoded `centre`, fit the canvas (`fits_canvas`), the
+    centre first moved up to START_ROOM_TOL px toward the middle (a decoded centroid is not exact)."""
+    middle = CANVAS / 2
+    start = [round(2 * (c + float(np.clip(middle - c, -START_ROOM_TOL, START_ROOM_TOL)))) / 2 for c in centre]
+    spec = ShapeSpec(want["color"], want["shape"], want["size"], want["background"], *start,
+                     (Motion(want["direction"], want["speed"]),))
+    return fits_canvas(spec, num_frames)
 
 
 def score(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndarray | None = None,

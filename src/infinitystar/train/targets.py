@@ -112,7 +112,7 @@ def _targets(z: torch.Tensor, schedule: Schedule, scales: Sequence[int], num_cli
     return steps, inputs, bits, weights, bit_weights
 
 
-def boost_clip_scales(sample: PreparedSample, boost: Optional[Sequence[float]],
+def boost_scale_weights(sample: PreparedSample, boost: Optional[Sequence[float]],
                       first_frame: Optional[Sequence[float]] = None) -> PreparedSample:
     """The sample with each video-clip step's loss weight times boost[its index within the clip] and, in a sample
     that has video clips, each first-frame step's weight times first_frame[its index] (an image sample keeps its

@@ -33,7 +33,7 @@ from infinitystar.train.distributed import DistInfo, all_reduce_sum, init_distri
 from infinitystar.train.features import encode_pixels
 from infinitystar.train.harness import Harness, lr_at
 from infinitystar.train.metrics import ScaleAccuracy
-from infinitystar.train.targets import (PackedTrainModule, boost_clip_scales, TextRow, pack_batch, packed_loss,
+from infinitystar.train.targets import (PackedTrainModule, boost_scale_weights, TextRow, pack_batch, packed_loss,
                                         prepare_interact_samples, prepare_sample)
 
 
@@ -197,7 +197,7 @@ class Trainer(Harness):
                 samples.append(prepare_sample(z, raw.pyramid.build(raw.num_frames), raw.captions,
                                               raw.caption_of_clip, gen, **common))
         if t.clip_scale_boost is not None or t.first_frame_scale_boost is not None:
-            samples = [boost_clip_scales(s, t.clip_scale_boost, t.first_frame_scale_boost) for s in samples]
+            samples = [boost_scale_weights(s, t.clip_scale_boost, t.first_frame_scale_boost) for s in samples]
         prompts = [c for s in samples for c in s.captions]
         text_tokens = None
         if self.text_trainable:   # encoded inside the module, with gradients
