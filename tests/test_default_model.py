@@ -48,7 +48,7 @@ def test_text_to_video_follows_the_prompt(pipe):
     assert sum(s.correct["color"] for s in scores) >= 10          # 12 / 12
     assert sum(s.correct["size"] for s in scores) >= 10           # 12 / 12
     assert sum(s.correct["direction"] for s in scores) >= 10      # 12 / 12
-    assert sum(s.correct["shape"] for s in scores) >= 8           # 11 / 10
+    assert sum(s.correct["shape"] for s in scores) >= 8           # 12 / 12
 
 
 def test_text_to_image_and_image_to_video(pipe):
