@@ -3,8 +3,8 @@
 Quality checks are majorities over several seeds and prompts, so that a bit flipped by another CPU's arithmetic
 cannot fail them. The pipeline runs in its default precision ("auto": bf16 on a CPU with native bf16, fp32 on
 others); the counts noted as measured are for fp32 / bf16. They assert what this model does reliably (background,
-colour, size, direction, shape in most samples, keeping a given first frame) with a margin of two or more samples;
-the full accuracies are measured by `infinitystar eval shapes` (docs/default_model.md).
+colour, size, direction, speed and shape in most samples, keeping a given first frame) with a margin of two or more
+samples; the full accuracies are measured by `infinitystar eval shapes` (docs/default_model.md).
 """
 import json
 
@@ -49,6 +49,7 @@ def test_text_to_video_follows_the_prompt(pipe):
     assert sum(s.correct["size"] for s in scores) >= 10           # 12 / 12
     assert sum(s.correct["direction"] for s in scores) >= 10      # 12 / 12
     assert sum(s.correct["shape"] for s in scores) >= 8           # 12 / 12
+    assert sum(s.correct["speed"] for s in scores) >= 8           # 10 / 10 (one prompt is "quickly")
 
 
 def test_text_to_image_and_image_to_video(pipe):
