@@ -113,7 +113,7 @@ def _targets(z: torch.Tensor, schedule: Schedule, scales: Sequence[int], num_cli
 
 
 def boost_scale_weights(sample: PreparedSample, boost: Optional[Sequence[float]],
-                      first_frame: Optional[Sequence[float]] = None) -> PreparedSample:
+                        first_frame: Optional[Sequence[float]] = None) -> PreparedSample:
     """The sample with each video-clip step's loss weight times boost[its index within the clip] and, in a sample
     that has video clips, each first-frame step's weight times first_frame[its index] (an image sample keeps its
     weights), renormalised to sum to 1 (`train.clip_scale_boost`, `train.first_frame_scale_boost`; None: 1)."""
