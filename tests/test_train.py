@@ -185,6 +185,20 @@ def test_lr_schedule():
     assert abs(lr_at(14, o, 14) - 0.1) < 1e-12
     assert lr_at(9, OptimConfig(lr=2.0, decay="linear"), 10) == pytest.approx(0.2)
     assert lr_at(9, OptimConfig(lr=2.0), 10) == 2.0
+    # a restart at step 100 is the same schedule shifted by 100 steps
+    r = OptimConfig(lr=1.0, warmup_steps=4, decay="cosine", min_lr_ratio=0.1, start_step=100)
+    assert [lr_at(100 + s, r, 114) for s in range(15)] == [lr_at(s, o, 14) for s in range(15)]
+
+
+def test_lr_restart_must_leave_steps_to_decay_over():
+    from infinitystar.train.config import OptimConfig, check_run
+    cfg = load_config(REPO / "configs" / "tiny_generator.yaml")
+    cfg.optim = OptimConfig(warmup_steps=5, start_step=cfg.train.max_steps - 5)
+    with pytest.raises(ConfigError, match=r"optim.start_step \+ optim.warmup_steps .* must be below train.max_steps"):
+        check_run(cfg)
+    cfg.optim = OptimConfig(start_step=-1)
+    with pytest.raises(ConfigError, match="optim.start_step must be >= 0"):
+        check_run(cfg)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ class OptimConfig:
     warmup_steps: int = 0                # linear warm-up from 0
     decay: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.0            # lr at max_steps / lr for cosine and linear decay
+    # the step where warm-up and decay begin: > 0 restarts the schedule of a resumed run there (a new stage with
+    # its own warm-up and decay to max_steps), 0 = from the first step
+    start_step: int = 0
     grad_clip: float = 5.0               # global gradient norm; 0 disables clipping
 
 
@@ -552,8 +555,11 @@ def check_run(cfg) -> None:
     check_ranges(positive={"train.max_steps": t.max_steps, "optim.lr": o.lr, "log.every": cfg.log.every},
                  non_negative={"optim.warmup_steps": o.warmup_steps, "optim.grad_clip": o.grad_clip,
                                "optim.weight_decay": o.weight_decay, "checkpoint.every": cfg.checkpoint.every,
-                               "checkpoint.keep_last": cfg.checkpoint.keep_last},
+                               "checkpoint.keep_last": cfg.checkpoint.keep_last, "optim.start_step": o.start_step},
                  unit={"optim.min_lr_ratio": o.min_lr_ratio})
+    if o.start_step + o.warmup_steps >= t.max_steps:
+        raise ConfigError(f"optim.start_step + optim.warmup_steps ({o.start_step} + {o.warmup_steps}) must be below "
+                          f"train.max_steps ({t.max_steps})")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     if t.threads is not None and t.threads < 1:

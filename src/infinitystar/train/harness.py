@@ -45,7 +45,10 @@ from infinitystar.train.metrics import MetricsLogger
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant / cosine / linear decay
-    to lr * min_lr_ratio at max_steps. A pure function of the step, so resuming needs no scheduler state."""
+    to lr * min_lr_ratio at max_steps, all counted from `optim.start_step` (earlier steps: as at that step). A pure
+    function of the step, so resuming needs no scheduler state."""
+    step = max(0, step - optim.start_step)
+    max_steps -= optim.start_step
     if optim.warmup_steps and step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.decay == "constant":
