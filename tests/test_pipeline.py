@@ -42,6 +42,25 @@ def test_tasks_shapes_and_seeds(pipe):
     assert story.frames[0].shape == (33, 64, 64, 3)
 
 
+def test_first_frame_all_prompts_lets_the_first_frame_read_later_segments(pipe):
+    """Off (the official layout), a video's first frame reads only the first segment's prompt; with the model's
+    `first_frame_all_prompts` default it reads every segment's (where it starts must fit the whole path)."""
+    first, *later = ("a red circle moving right slowly on a black background",
+                     "a red circle moving up slowly on a black background",
+                     "a red circle moving left quickly on a black background")
+    def frame0(second):
+        return pipe([[first, second]], num_frames=33, generator=g(3), output_type="uint8").frames[0][0]
+    assert np.array_equal(frame0(later[0]), frame0(later[1]))
+    old = pipe.defaults
+    pipe.defaults = dataclasses.replace(old, first_frame_all_prompts=True)
+    try:
+        assert not np.array_equal(frame0(later[0]), frame0(later[1]))
+    finally:
+        pipe.defaults = old
+    with pytest.raises(ValueError, match="first_frame_all_prompts must be true or false"):
+        dataclasses.replace(old, first_frame_all_prompts="yes")
+
+
 def test_output_types(pipe):
     kw = dict(num_frames=5, generator=None)
     outs = {t: pipe(PROMPT, output_type=t, **{**kw, "generator": g(2)})

@@ -193,8 +193,8 @@ def test_lr_schedule():
 def test_lr_restart_must_leave_steps_to_decay_over():
     from infinitystar.train.config import OptimConfig, check_run
     cfg = load_config(REPO / "configs" / "tiny_generator.yaml")
-    cfg.optim = OptimConfig(warmup_steps=5, start_step=cfg.train.max_steps - 5)
-    with pytest.raises(ConfigError, match=r"optim.start_step \+ optim.warmup_steps .* must be below train.max_steps"):
+    cfg.optim = OptimConfig(start_step=cfg.train.max_steps)
+    with pytest.raises(ConfigError, match=r"optim.start_step \(\d+\) must be below train.max_steps"):
         check_run(cfg)
     cfg.optim = OptimConfig(start_step=-1)
     with pytest.raises(ConfigError, match="optim.start_step must be >= 0"):
@@ -252,6 +252,9 @@ def test_durations_buckets_and_captions():
     rec = MediaRecord("m:1", "video", "/x.npy", ("first",), 0, 49, 16.0, ("a", "b", "c", "d"))
     caps, of_clip = sample_captions(rec, 3, random.Random(0), 0.0, None)
     assert caps == ["a", "b"] and of_clip == [0, 0, 1]
+    # first_frame_all_captions: the first frame reads every segment's caption, the cut-off ones too
+    caps, of_clip = sample_captions(rec, 3, random.Random(0), 0.0, None, first_frame_all=True)
+    assert caps == ["a", "b", "c", "d"] and of_clip == [(0, 1, 2, 3), 0, 1]
     caps, _ = sample_captions(rec, 1, random.Random(0), 0.0, 2.0)
     assert caps == ["<<<t=2s>>> first"]
     cut = {truncate_sentences("One. Two. Three.", random.Random(s)) for s in range(30)}
@@ -335,10 +338,13 @@ def test_scale_subsets_stay_in_range_and_keep_references():
     # a prepared sample always packs (pack_sequence raises if a reference scale is missing)
     z = torch.randn(64, 13, 8, 8)
     for seed in range(5):
-        p = prepare_sample(z, long, ["a", "b"], [0, 0, 1, 1], torch.Generator().manual_seed(seed), subset=cfg,
-                           text_dropout=0.5)
-        assert abs(float(p.weights.sum()) - 1) < 1e-6 and len(p.bits) == len(p.steps)
-        pack_sequence([PackSample(p.schedule, p.steps, [3] * len(p.captions), p.caption_of_clip)], 64, 64)
+        for captions, of_clip in ((["a", "b"], [0, 0, 1, 1]), (["a", "b", "c"], [(0, 1, 2), 0, 1, 2])):
+            p = prepare_sample(z, long, captions, of_clip, torch.Generator().manual_seed(seed), subset=cfg,
+                               text_dropout=0.5)
+            assert abs(float(p.weights.sum()) - 1) < 1e-6 and len(p.bits) == len(p.steps)
+            pack_sequence([PackSample(p.schedule, p.steps, [3] * len(p.captions), p.caption_of_clip)], 64, 64)
+            if isinstance(of_clip[0], tuple):   # the first frame keeps every caption, cut clips or not
+                assert p.captions == captions and p.caption_of_clip == of_clip
 
 
 def test_text_dropout_uses_the_null_text_of_the_same_length():
@@ -455,6 +461,25 @@ def test_first_frame_scale_boost_weights_a_videos_first_frame_and_leaves_images_
     zi = torch.randn(64, 1, *image.full_hw, generator=torch.Generator().manual_seed(2))
     img = prepare_sample(zi, image, ["a"], [0] * image.num_clips, torch.Generator().manual_seed(3), **common)
     assert torch.allclose(boost_scale_weights(img, None, first).weights, img.weights / img.weights.sum())
+
+
+def test_first_frame_all_captions_trains_a_long_video_whose_first_frame_reads_every_segment(tmp_path):
+    from infinitystar.train.data import SampleLoader, SampleSpec, ShardedOrder, read_manifests
+    v = np.random.default_rng(0).integers(0, 256, (49, 64, 64, 3)).astype(np.uint8)
+    np.save(tmp_path / "long.npy", v)
+    extra = [{"video_path": str(tmp_path / "long.npy"), "begin_frame_id": 0, "end_frame_id": 49, "fps": 16,
+              "caption": "one", "captions_per_segment": ["one", "two", "three"]}]
+    manifest = write_dataset(tmp_path / "d", n_videos=0, n_images=1, extra=extra)
+    recs = [r for r in read_manifests([manifest]) if r.kind == "video"]
+    spec = SampleSpec(pyramid_preset("tiny"), pixels_per_latent=8, max_frames=33, unit=16,
+                      first_frame_all_captions=True)
+    loader = SampleLoader(recs, spec, ShardedOrder(1, 0, shuffle=False), num_workers=0)
+    s = loader.next()
+    loader.close()
+    assert s.num_frames == 33 and s.captions == ["one", "two", "three"] and s.caption_of_clip[0] == (0, 1, 2)
+    out = run_training(tiny_config(tmp_path / "run", manifest, data={"max_frames": 33,
+                                                                    "first_frame_all_captions": True}))
+    assert out.step == 4 and math.isfinite(out.loss)
 
 
 def test_clip_scale_boost_trains_and_must_give_one_positive_factor_per_clip_scale(tmp_path):

@@ -49,6 +49,33 @@ def test_kv_cached_generation_equals_packed_teacher_forced_forward(attention):
         assert torch.allclose(lg, out.logits[st.index]["cond"][0], atol=2e-5), st
 
 
+def test_a_first_frame_reading_every_caption_is_the_same_in_training_and_generation():
+    """caption_of_clip [(0, 1), 0, 1] (`first_frame_all_captions`): the first frame reads both captions, in the
+    packed training forward as in KV-cached generation; the second caption then changes the first frame's logits,
+    which it cannot do with [0, 0, 1]."""
+    model = _model()
+    schedule = _pyramid().build(17)
+    z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
+    targets = encode_targets(z, schedule)
+    g = torch.Generator().manual_seed(2)
+    texts = [torch.randn(5, 16, generator=g), torch.randn(3, 16, generator=g)]
+    of_clip = [(0, 1), 0, 1]
+    out = generate(model, schedule, [Caption(t[None]) for t in texts], caption_of_clip=of_clip,
+                   prefix_bits=targets.bits, record_logits=True)
+    steps = select_steps(schedule, repetition="last")
+    packed = pack_sequence([PackSample(schedule, steps, [5, 3], of_clip)], TINY.text_maxlen, pad_multiple=32)
+    logits = model.forward_packed(torch.cat([targets.inputs[st.index][0] for st in steps]), texts, packed)
+    for st, lg in zip(steps, logits):
+        assert torch.allclose(lg, out.logits[st.index]["cond"][0], atol=2e-5), st
+    first = lambda of, second: generate(model, schedule, [Caption(texts[0][None]), Caption(second[None])],
+                                        caption_of_clip=of, prefix_bits=targets.bits, record_logits=True).logits[0]
+    other = torch.randn(3, 16, generator=g)
+    assert not torch.allclose(first(of_clip, texts[1])["cond"], first(of_clip, other)["cond"])
+    assert torch.equal(first([0, 0, 1], texts[1])["cond"], first([0, 0, 1], other)["cond"])
+    with pytest.raises(ValueError, match=r"must name one \(or a tuple\) of 2 captions"):
+        generate(model, schedule, [Caption(t[None]) for t in texts], caption_of_clip=[(0, 2), 0, 1])
+
+
 def test_random_repetition_of_a_reference_scale_changes_the_context():
     # the official training path packs a random repetition of the referenced scale; inference uses the last one
     model = _model()
@@ -119,7 +146,7 @@ def test_grouped_attention_equals_the_dense_mask_forward_and_backward(attention)
     for frames, scales, cap_lens in [(17, None, [5, 3]), (9, [0, 1, 2, 4], [2]), (1, [0, 2], [7]), (1, [0, 2], [7])]:
         schedule = pyr.build(frames)
         steps = select_steps(schedule, scales and reference_closure(schedule, scales), generator=g)
-        of_clip = [0, 0, 1] if len(cap_lens) == 2 else None
+        of_clip = [(0, 1), 0, 1] if len(cap_lens) == 2 else None   # the first frame reads both captions
         samples.append(PackSample(schedule, steps, cap_lens, of_clip))
         x += [torch.randn(st.scale.tokens, 64, generator=g) for st in steps]
         texts += [torch.randn(n, 16, generator=g) for n in cap_lens]

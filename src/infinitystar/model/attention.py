@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
+from typing import Hashable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,21 @@ from infinitystar.runtime import fp32_region
 from infinitystar.schedules.pyramid import Schedule
 
 
+# what one clip reads of a sample's captions: one caption's index, or several (e.g. a long video's first frame
+# reading every segment's caption, `first_frame_all_captions`)
+ClipCaptions = Union[int, tuple[int, ...]]
+
+
+def captions_of(entry: ClipCaptions) -> tuple[int, ...]:
+    """The caption indices of one `caption_of_clip` entry."""
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (int(entry),)
+
+
 def visible_context(schedule: Schedule, scale_index: int,
-                    caption_of_clip: Sequence[int]) -> tuple[list[int], int, list[str]]:
-    """(earlier scales, caption index, condition block names) that the tokens of a scale may attend to, besides
+                    caption_of_clip: Sequence[ClipCaptions]) -> tuple[list[int], tuple[int, ...], list[str]]:
+    """(earlier scales, caption indices, condition block names) that the tokens of a scale may attend to, besides
     their own scale. Captions and condition blocks see only themselves."""
-    return (schedule.refs(scale_index), caption_of_clip[schedule.scales[scale_index].clip],
+    return (schedule.refs(scale_index), captions_of(caption_of_clip[schedule.scales[scale_index].clip]),
             [c.name for c in schedule.conditions])
 
 

@@ -8,8 +8,8 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from infinitystar.model.attention import (AttentionContext, SegmentGroups, dense_mask, flex_block_mask,
-                                          resolve_backend, segment_groups, visible_context)
+from infinitystar.model.attention import (AttentionContext, ClipCaptions, SegmentGroups, dense_mask,
+                                          flex_block_mask, resolve_backend, segment_groups, visible_context)
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.schedules.pyramid import ConditionBlock, Schedule, Step
 
@@ -36,9 +36,9 @@ class PackSample:
     schedule: Schedule
     steps: list[Step]
     caption_lengths: list[int]
-    caption_of_clip: Optional[list[int]] = None   # default: every clip uses caption 0
+    caption_of_clip: Optional[list[ClipCaptions]] = None   # default: every clip uses caption 0
 
-    def caption_index(self) -> list[int]:
+    def caption_index(self) -> list[ClipCaptions]:
         if self.caption_of_clip is None:
             return [0] * self.schedule.num_clips
         if len(self.caption_of_clip) < self.schedule.num_clips:
@@ -107,11 +107,12 @@ def pack_sequence(samples: Sequence[PackSample], text_maxlen: int, pad_multiple:
     n_seg = len(lengths) + 1
     table = torch.zeros(n_seg, n_seg, dtype=torch.bool)
     for i, (b, st) in enumerate(vis):
-        refs, caption, conditions = visible_context(samples[b].schedule, st.scale.index, samples[b].caption_index())
+        refs, captions, conditions = visible_context(samples[b].schedule, st.scale.index, samples[b].caption_index())
         table[i, i] = True
-        if (b, caption) not in seg_of_text:
-            raise ValueError(f"sample {b}: clip {st.scale.clip} uses caption {caption}, which is not given")
-        table[i, seg_of_text[(b, caption)]] = True
+        for caption in captions:
+            if (b, caption) not in seg_of_text:
+                raise ValueError(f"sample {b}: clip {st.scale.clip} uses caption {caption}, which is not given")
+            table[i, seg_of_text[(b, caption)]] = True
         for name in conditions:
             table[i, seg_of_cond[(b, name)]] = True
         for r in refs:

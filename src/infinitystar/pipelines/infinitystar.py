@@ -47,6 +47,9 @@ class GenerationDefaults(GuidanceDefaults):
     tau_image: float = 1.0                # temperature of the image pyramid's scales
     tau_video: float = 0.4                # temperature of video clips' scales
     fps: int = 16                         # frame rate of written videos
+    # a video with a prompt per segment: its first frame reads every segment's prompt, so it starts where the whole
+    # prompted path fits (a model trained with data.first_frame_all_captions); each clip reads its own
+    first_frame_all_prompts: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,6 +59,8 @@ class GenerationDefaults(GuidanceDefaults):
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not (isinstance(self.fps, int) and self.fps > 0):
             raise ValueError(f"fps must be a positive integer, got {self.fps!r}")
+        if not isinstance(self.first_frame_all_prompts, bool):
+            raise ValueError(f"first_frame_all_prompts must be true or false, got {self.first_frame_all_prompts!r}")
 
     @classmethod
     def interact(cls) -> "GenerationDefaults":
@@ -295,6 +300,8 @@ class InfinityStarPipeline(Pipeline):
             if negatives is not None:
                 negative_captions = [Caption(*self.text_encoder.encode(negatives, self.device))] * len(captions)
         caption_of_clip = [0] + [min(c - 1, len(captions) - 1) for c in range(1, schedule.num_clips)]
+        if d.first_frame_all_prompts and len(captions) > 1:
+            caption_of_clip[0] = tuple(range(len(captions)))
         t1 = time.perf_counter()
         self.transformer.set_token_chunk(mem.token_chunk)
         tiles = {} if mem.vae_tile is None else {"tile": mem.vae_tile, "tile_overlap": mem.vae_tile_overlap}

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from infinitystar.model.attention import AttentionContext, KVCache, visible_context
+from infinitystar.model.attention import AttentionContext, ClipCaptions, KVCache, captions_of, visible_context
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.layers import PackedWeights
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
@@ -152,7 +152,7 @@ class GenerationState:
                                                              self.device), ctx)
         self._note_memory()
 
-    def run_clip(self, schedule: Schedule, clip: int, caption_of_clip: Sequence[int], tau: Sequence[float],
+    def run_clip(self, schedule: Schedule, clip: int, caption_of_clip: Sequence[ClipCaptions], tau: Sequence[float],
                  options: SamplingOptions, out: "GenerationOutput", prefix_bits: Sequence[torch.Tensor] = (),
                  keep_for: Optional[Schedule] = None) -> torch.Tensor:
         """Generate clip `clip` of `schedule`; returns its code map (B, C, t, H, W) and appends its bits (and
@@ -204,12 +204,12 @@ class GenerationState:
         out.peak_cache_bytes = max(out.peak_cache_bytes, self.peak_cache_bytes)
         return acc.F
 
-    def _forward(self, schedule: Schedule, step: Step, acc: CodeAccumulator, caption_of_clip: Sequence[int],
-                 keep_kv: bool) -> torch.Tensor:
+    def _forward(self, schedule: Schedule, step: Step, acc: CodeAccumulator,
+                 caption_of_clip: Sequence[ClipCaptions], keep_kv: bool) -> torch.Tensor:
         scale = step.scale
         code_in = acc.inputs(scale.shape).to(self.dtype)
-        refs, cap, conditions = visible_context(schedule, scale.index, caption_of_clip)
-        read = [*refs, ("text", cap), *(("condition", c) for c in conditions)]
+        refs, caps, conditions = visible_context(schedule, scale.index, caption_of_clip)
+        read = [*refs, *(("text", c) for c in caps), *(("condition", c) for c in conditions)]
         ctx = AttentionContext(cache=self.cache, read=read, write=scale.index if keep_kv else None)
         with autocast(self.device, self.precision):
             x = self.model.word_embed(code_in)
@@ -237,7 +237,7 @@ def generate(
     schedule: Schedule,
     captions: Union[Caption, Sequence[Caption]],
     *,
-    caption_of_clip: Optional[Sequence[int]] = None,
+    caption_of_clip: Optional[Sequence[ClipCaptions]] = None,
     conditions: Optional[Mapping[str, torch.Tensor]] = None,
     guidance: Guidance = Guidance(),
     negative_captions: Optional[Sequence[Caption]] = None,
@@ -253,11 +253,12 @@ def generate(
     """Generate the latent code map of `schedule` for a batch of captions.
 
     captions: one Caption for every clip, or a list with `caption_of_clip[k]` naming clip k's caption (a long
-    video whose prompt changes). conditions: the latent map of every condition block of the schedule (an
-    interactive segment; see `infinitystar.sampling.interact`). guidance: its scale (a number or one value per
-    scale) applies where it differs from 1; the unconditional half then reads the learned null text, or
-    `negative_captions` (one per caption, same batch). tau: a number or one value per scale. generator: one, or
-    a list with one per sample. prefix_bits: teacher bits (B, t, h, w, c) of the first len(prefix_bits) steps.
+    video whose prompt changes), or a tuple of them that clip k reads together. conditions: the latent map of every
+    condition block of the schedule (an interactive segment; see `infinitystar.sampling.interact`). guidance: its
+    scale (a number or one value per scale) applies where it differs from 1; the unconditional half then reads the
+    learned null text, or `negative_captions` (one per caption, same batch). tau: a number or one value per scale.
+    generator: one, or a list with one per sample. prefix_bits: teacher bits (B, t, h, w, c) of the first
+    len(prefix_bits) steps.
     record_logits keeps, per step, the conditional/unconditional logits after temperature and the guided logits
     (for parity tests). on_step is called after every step with a `StepInfo`; when it returns True the loop
     stops and the codes so far are returned (the clips begun, each as far as it got). precision: the compute
@@ -267,9 +268,10 @@ def generate(
     if not captions:
         raise ValueError("at least one caption is needed")
     caption_of_clip = list(caption_of_clip) if caption_of_clip is not None else [0] * schedule.num_clips
-    if len(caption_of_clip) < schedule.num_clips or max(caption_of_clip) >= len(captions):
-        raise ValueError(f"caption_of_clip {caption_of_clip} must name one of {len(captions)} captions for each "
-                         f"of {schedule.num_clips} clips")
+    named = [c for entry in caption_of_clip for c in captions_of(entry)]
+    if len(caption_of_clip) < schedule.num_clips or not all(0 <= c < len(captions) for c in named):
+        raise ValueError(f"caption_of_clip {caption_of_clip} must name one (or a tuple) of {len(captions)} captions "
+                         f"for each of {schedule.num_clips} clips")
     if len(prefix_bits) > len(schedule.steps):
         raise ValueError(f"{len(prefix_bits)} teacher steps given, the schedule has {len(schedule.steps)}")
     n_scales = len(schedule.scales)

@@ -88,6 +88,9 @@ class DataConfig:
     image_caption_fields: list[str] = field(default_factory=lambda: ["text", "long_caption"])
     short_caption_prob: float = 0.0      # keep only the first k ~ U{1..n} sentences with this probability
     duration_prefix: bool = False        # prepend "<<<t={seconds}s>>> " to video captions (official option)
+    # a video with a caption per segment: its first frame reads every segment's caption (where it starts must leave
+    # room for the whole captioned path), its clips their own; off in the official layout
+    first_frame_all_captions: bool = False
     shuffle: bool = True
     num_workers: int = 2                 # decoding threads (0: decode inline)
 
@@ -557,9 +560,9 @@ def check_run(cfg) -> None:
                                "optim.weight_decay": o.weight_decay, "checkpoint.every": cfg.checkpoint.every,
                                "checkpoint.keep_last": cfg.checkpoint.keep_last, "optim.start_step": o.start_step},
                  unit={"optim.min_lr_ratio": o.min_lr_ratio})
-    if o.start_step + o.warmup_steps >= t.max_steps:
-        raise ConfigError(f"optim.start_step + optim.warmup_steps ({o.start_step} + {o.warmup_steps}) must be below "
-                          f"train.max_steps ({t.max_steps})")
+    if o.start_step >= t.max_steps:
+        raise ConfigError(f"optim.start_step ({o.start_step}) must be below train.max_steps ({t.max_steps}): a "
+                          f"restarted schedule needs steps to decay over")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     if t.threads is not None and t.threads < 1:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from infinitystar.manifest import ManifestError, manifest_lines, media_path
 from infinitystar.media import require_av
+from infinitystar.model.attention import ClipCaptions
 from infinitystar.schedules.dynamic_resolution import all_templates, nearest_template, num_scales
 from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.train.latent_cache import CacheMismatch, read_cached_latent
@@ -189,15 +190,18 @@ def duration_prefix(seconds: float) -> str:
 
 
 def sample_captions(record: MediaRecord, num_clips: int, rng: random.Random, short_prob: float,
-                    seconds: Optional[float]) -> tuple[list[str], list[int]]:
+                    seconds: Optional[float], first_frame_all: bool = False) -> tuple[list[str], list[ClipCaptions]]:
     """(captions, caption index of every clip). One caption for ordinary samples; for `captions_per_segment`,
-    clip 0 (the first frame) and clip 1 use segment 0, clip k uses segment k-1 (the last one repeats)."""
+    clip 0 (the first frame) and clip 1 use segment 0, clip k uses segment k-1 (the last one repeats). With
+    `first_frame_all` the first frame reads every segment's caption, those of segments cut off included."""
     if record.segment_captions is not None and num_clips > 1:
         segs = record.segment_captions
         used = [min(max(c - 1, 0), len(segs) - 1) for c in range(num_clips)]
-        order = sorted(set(used))
+        order = sorted(set(used) | (set(range(len(segs))) if first_frame_all else set()))
         captions = [segs[i] for i in order]
         caption_of_clip = [order.index(i) for i in used]
+        if first_frame_all and len(segs) > 1:
+            caption_of_clip[0] = tuple(range(len(segs)))
     else:
         captions = [record.captions[rng.randrange(len(record.captions))]]
         caption_of_clip = [0] * num_clips
@@ -305,6 +309,7 @@ class SampleSpec:
     duration_prefix: bool = False
     latent_cache: Optional[str] = None
     require_cache: bool = False
+    first_frame_all_captions: bool = False
 
 
 @dataclass
@@ -314,7 +319,7 @@ class RawSample:
     num_frames: int
     pyramid: PyramidConfig                        # the sample's bucket
     captions: list[str]
-    caption_of_clip: list[int]
+    caption_of_clip: list[ClipCaptions]
     pixels: Optional[torch.Tensor] = None         # (3, T, H, W) in [-1, 1], to be encoded by the tokenizer
     latent: Optional[torch.Tensor] = None         # (C, T_lat, h, w) from the cache
 
@@ -369,7 +374,8 @@ def load_sample(record: MediaRecord, seed: int, spec: SampleSpec) -> RawSample:
     seconds = None
     if spec.duration_prefix and num_frames > 1:
         seconds = (num_frames - 1) / spec.fps if spec.fps else float(num_frames - 1)
-    captions, caption_of_clip = sample_captions(record, num_clips, rng, spec.short_caption_prob, seconds)
+    captions, caption_of_clip = sample_captions(record, num_clips, rng, spec.short_caption_prob, seconds,
+                                                spec.first_frame_all_captions)
     return RawSample(record, seed, num_frames, pyramid, captions, caption_of_clip, pixels, latent)
 
 

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from infinitystar.model.attention import ClipCaptions, captions_of
 from infinitystar.model.packing import PackSample, PackedSequence, pack_sequence, select_steps
 from infinitystar.quant.interact import InteractConfig, condition_maps, segment_schedule
 from infinitystar.quant.residual import BitwiseSelfCorrection, encode_targets
@@ -62,7 +63,7 @@ class PreparedSample:
     bits: list[torch.Tensor]             # (tokens, bits) uint8 labels per step
     weights: torch.Tensor                # (steps,) normalised loss weights
     captions: list[str]
-    caption_of_clip: list[int]
+    caption_of_clip: list[ClipCaptions]
     drop_text: bool                      # captions replaced by the null text (guidance training)
     conditions: list[torch.Tensor] = field(default_factory=list)   # (tokens, C) per condition block of the
                                                                    # schedule, in its order (interactive)
@@ -80,10 +81,11 @@ def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str],
     steps, inputs, bits, weights, bit_weights = _targets(z, schedule, scales, last_clip + 1, generator, bsc_strength,
                                                          repetition, reweight_by_scale, max_reweight, bit_weighting)
     drop = text_dropout > 0 and float(torch.rand((), generator=generator)) < text_dropout
-    # keep only the captions of the packed clips (a long video cut to its first clips needs fewer captions)
-    used = sorted({caption_of_clip[c] for c in range(last_clip + 1)})
+    # keep only the captions the packed clips read (a long video cut to its first clips needs fewer captions)
+    used = sorted({i for c in range(last_clip + 1) for i in captions_of(caption_of_clip[c])})
     remap = {old: new for new, old in enumerate(used)}
-    of_clip = [remap.get(c, 0) for c in caption_of_clip]
+    of_clip = [tuple(remap.get(i, 0) for i in e) if isinstance(e, (tuple, list)) else remap.get(e, 0)
+               for e in caption_of_clip]
     return PreparedSample(schedule, steps, inputs, bits, weights, [captions[i] for i in used], of_clip, drop,
                           bit_weights=bit_weights)
 

@@ -329,7 +329,8 @@ def spec_from_config(cfg: RunConfig) -> SampleSpec:
     """The sample settings (bucket, duration, fps, captions, cache) of a run config; extraction uses the same."""
     d = cfg.data
     return SampleSpec(cfg.pyramid.build(), d.pixels_per_latent, d.fps, d.max_frames, cfg.duration_unit(),
-                      d.short_caption_prob, d.duration_prefix, d.latent_cache, d.require_cache)
+                      d.short_caption_prob, d.duration_prefix, d.latent_cache, d.require_cache,
+                      d.first_frame_all_captions)
 
 
 train = Trainer.train
