@@ -100,14 +100,15 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
   [ "$(latest_step $R/generator_x2_long)" -ge 7300 ] ||
     infinitystar train generator $C/generator_x2.yaml --resume $long --until 7300 --set "$boost4"
   [ -d $R/generator_step_7300 ] || cp -r $R/generator_x2_long/checkpoints/step_00007300 $R/generator_step_7300
-  infinitystar train generator $C/generator_x2.yaml --resume $long --set "$boost4"
-  # 7. a second cosine (warm restart) from step 8,000 to 10,000 at a third of the first peak, the loss weights of
-  # 6d: shape, decided in the last scales, kept improving through 6b-6d (t2i shape 73 % at 4,000, 83 % at 7,300).
-  # A long video's first frame now reads every segment's caption: it had only the first, so later quick segments
-  # began without room for their travel (16 of the 18 failed segments of 64 validation videos at step 7,300)
-  [ -d $R/generator_step_8000 ] || cp -r $R/generator_x2_long/checkpoints/step_00008000 $R/generator_step_8000
-  infinitystar train generator $C/generator_x2.yaml --resume $long --set "$boost4" --set train.max_steps=10000 \
-    --set optim.lr=3e-4 --set optim.start_step=8000 --set data.first_frame_all_captions=true
+  [ "$(latest_step $R/generator_x2_long)" -ge 7600 ] ||
+    infinitystar train generator $C/generator_x2.yaml --resume $long --until 7600 --set "$boost4"
+  # 7. a second cosine (warm restart) from step 7,600 to 9,600 at a third of the first peak (6d's rate was 1.05e-4
+  # there, near its 1e-4 floor), the loss weights of 6d: shape, decided in the last scales, kept improving through
+  # 6b-6d (t2i shape 73 % at 4,000, 83 % at 7,300). A long video's first frame now reads every segment's caption:
+  # with only the first one, later quick segments began without room for their travel (16 of the 18 failed
+  # segments of 64 validation videos at step 7,300)
+  infinitystar train generator $C/generator_x2.yaml --resume $long --set "$boost4" --set train.max_steps=9600 \
+    --set optim.lr=3e-4 --set optim.start_step=7600 --set data.first_frame_all_captions=true
 fi
 
 if [ "$STAGE" = all ]; then
