@@ -59,3 +59,21 @@ def test_start_leaves_room_tells_a_cramped_start_from_a_good_one():
                                                          17), still).extra
     res = evaluate(oracle, n_per_task=8, seed=0, tasks=("t2v",), progress=False)
     assert res["by_task"]["t2v"]["overall"]["start_leaves_room"] == 1.0
+
+
+def test_later_segment_start_leaves_room_tells_a_cramped_switch_from_a_good_one():
+    from infinitystar.shapes.evaluate import score_video
+    from infinitystar.shapes.world import Motion, ShapeSpec, captions_per_segment
+    # right slowly (16 px), then left quickly (32 px): from x 30 the switch happens at x 46, room for the move
+    good = ShapeSpec("red", "circle", "large", "black", 30.0, 32.0,
+                     (Motion("right", "slowly"), Motion("left", "quickly")))
+    s = score_video(render(good, 33), captions_per_segment(good))
+    assert s.all_correct and s.extra["later_segment_start_leaves_room"] == 1.0
+    # prompted right quickly, then right quickly again: the video that moves right quickly from x 16 reaches x 48
+    # by the switch, where the second 32 px no longer fit; its second segment cannot move as prompted
+    prompts = captions_per_segment(dataclasses.replace(good, segments=(Motion("right", "quickly"),) * 2))
+    drawn = dataclasses.replace(good, cx0=16.0, segments=(Motion("right", "quickly"), Motion("still", None)))
+    s = score_video(render(drawn, 33), prompts)
+    assert s.extra["later_segment_start_leaves_room"] == 0.0 and not s.correct["speed"]
+    res = evaluate(oracle, n_per_task=8, seed=0, tasks=("long",), progress=False)
+    assert res["by_task"]["long"]["overall"]["later_segment_start_leaves_room"] == 1.0

@@ -186,6 +186,12 @@ def score_video(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndar
     if len(prompts) > 1:
         extra["segment_motion_accuracy"] = float(np.mean([s["direction_ok"] and s["speed_ok"]
                                                           for s in decoded["segments"]]))
+        # where a later moving segment begins must leave room for its travel, or it cannot move as prompted
+        room = [_start_leaves_room(decs[seg["frames"][0]].centroid, p, SEGMENT_FRAMES + 1)
+                for seg, p in list(zip(decoded["segments"], parsed))[1:]
+                if p["direction"] != "still" and decs[seg["frames"][0]].centroid is not None]
+        if room:
+            extra["later_segment_start_leaves_room"] = float(np.mean(room))
     if task == "t2v" and want["direction"] != "still" and decs[0].centroid is not None:
         extra["start_leaves_room"] = float(_start_leaves_room(decs[0].centroid, want, T))
     if cond is not None:
