@@ -104,9 +104,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
     infinitystar train generator $C/generator_x2.yaml --resume $long --until 7600 --set "$boost4"
   # 7. a second cosine (warm restart) from step 7,600 to 9,600 at a third of the first peak (6d's rate was 1.05e-4
   # there, near its 1e-4 floor), the loss weights of 6d: shape, decided in the last scales, kept improving through
-  # 6b-6d (t2i shape 73 % at 4,000, 83 % at 7,300). A long video's first frame now reads every segment's caption:
-  # with only the first one, later quick segments began without room for their travel (16 of the 18 failed
-  # segments of 64 validation videos at step 7,300)
+  # 6b-6d (t2i shape 73 % at 4,000, 83 % at 7,300). A long video's first frame now reads every segment's caption,
+  # in order: with only the first one, segments began without room for their travel (23 of the 25 failed segments
+  # of 64 validation videos at step 7,300)
   infinitystar train generator $C/generator_x2.yaml --resume $long --set "$boost4" --set train.max_steps=9600 \
     --set optim.lr=3e-4 --set optim.start_step=7600 --set data.first_frame_all_captions=true
 fi

@@ -50,9 +50,9 @@ def test_kv_cached_generation_equals_packed_teacher_forced_forward(attention):
 
 
 def test_a_first_frame_reading_every_caption_is_the_same_in_training_and_generation():
-    """caption_of_clip [(0, 1), 0, 1] (`first_frame_all_captions`): the first frame reads both captions, in the
-    packed training forward as in KV-cached generation; the second caption then changes the first frame's logits,
-    which it cannot do with [0, 0, 1]."""
+    """caption_of_clip [(0, 1), 0, 1] (`first_frame_all_captions`): the first frame reads both captions, in their
+    order (`ordered_captions`), in the packed training forward as in KV-cached generation; the second caption then
+    changes the first frame's logits, which it cannot do with [0, 0, 1]."""
     model = _model()
     schedule = _pyramid().build(17)
     z = torch.randn(1, 64, schedule.num_latent_frames, 3, 4, generator=torch.Generator().manual_seed(1))
@@ -72,6 +72,10 @@ def test_a_first_frame_reading_every_caption_is_the_same_in_training_and_generat
     other = torch.randn(3, 16, generator=g)
     assert not torch.allclose(first(of_clip, texts[1])["cond"], first(of_clip, other)["cond"])
     assert torch.equal(first([0, 0, 1], texts[1])["cond"], first([0, 0, 1], other)["cond"])
+    # the order counts: the same two captions the other way round give the first frame other logits
+    swapped = generate(model, schedule, [Caption(texts[1][None]), Caption(texts[0][None])], caption_of_clip=of_clip,
+                       prefix_bits=targets.bits, record_logits=True).logits[0]
+    assert (swapped["cond"] - out.logits[0]["cond"]).abs().max() > 1e-3
     with pytest.raises(ValueError, match=r"must name one \(or a tuple\) of 2 captions"):
         generate(model, schedule, [Caption(t[None]) for t in texts], caption_of_clip=[(0, 2), 0, 1])
 

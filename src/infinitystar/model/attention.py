@@ -36,6 +36,13 @@ def captions_of(entry: ClipCaptions) -> tuple[int, ...]:
     return tuple(entry) if isinstance(entry, (tuple, list)) else (int(entry),)
 
 
+def ordered_captions(caption_of_clip: Sequence[ClipCaptions]) -> bool:
+    """Whether a sample's captions carry their order: when a clip reads several captions, caption k sits at frame
+    position k (`text_positions`), or that clip could not tell which comes first (the segments' order decides where
+    a video can start); otherwise every caption sits at 0, the official layout."""
+    return any(isinstance(e, (tuple, list)) for e in caption_of_clip)
+
+
 def visible_context(schedule: Schedule, scale_index: int,
                     caption_of_clip: Sequence[ClipCaptions]) -> tuple[list[int], tuple[int, ...], list[str]]:
     """(earlier scales, caption indices, condition block names) that the tokens of a scale may attend to, besides

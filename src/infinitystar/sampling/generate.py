@@ -17,7 +17,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from infinitystar.model.attention import AttentionContext, ClipCaptions, KVCache, captions_of, visible_context
+from infinitystar.model.attention import (AttentionContext, ClipCaptions, KVCache, captions_of, ordered_captions,
+                                          visible_context)
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.layers import PackedWeights
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
@@ -96,9 +97,10 @@ class GenerationState:
     def _note_memory(self) -> None:
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache.nbytes())
 
-    def add_caption(self, key: int, caption: Caption, negative: Optional[Caption] = None) -> None:
+    def add_caption(self, key: int, caption: Caption, negative: Optional[Caption] = None, order: int = 0) -> None:
         """Run a caption through the blocks and cache it as ("text", key); when guided, its unconditional half
-        is the learned null text, or the `negative` caption (a negative prompt)."""
+        is the learned null text, or the `negative` caption (a negative prompt). order: its frame position
+        (`text_positions`)."""
         feats, mask = caption.features.to(device=self.device, dtype=self.dtype), caption.mask
         if feats.shape[0] != self.batch:
             raise ValueError(f"caption batch {feats.shape[0]} differs from the generation batch {self.batch}")
@@ -106,7 +108,7 @@ class GenerationState:
             feats, mask = self._with_unconditional(feats, mask, negative)
         ctx = AttentionContext(cache=self.cache, write=("text", key), self_mask=mask)
         with autocast(self.device, self.precision), self._packed():
-            self.model.run_blocks(self.model.text_proj(feats), text_positions(feats.shape[1], self.device), ctx)
+            self.model.run_blocks(self.model.text_proj(feats), text_positions(feats.shape[1], self.device, order), ctx)
         self._note_memory()
 
     def _with_unconditional(self, feats: torch.Tensor, mask: Optional[torch.Tensor], negative: Optional[Caption]
@@ -283,8 +285,9 @@ def generate(
     options = SamplingOptions(guidance, generator, greedy, record_logits, on_step)
     state = GenerationState(model, batch, captions[0].features.device,
                             use_cfg=guidance.active(n_scales), precision=precision, pack_weights=pack_weights)
+    ordered = ordered_captions(caption_of_clip)
     for ci, cap in enumerate(captions):
-        state.add_caption(ci, cap, None if negative_captions is None else negative_captions[ci])
+        state.add_caption(ci, cap, None if negative_captions is None else negative_captions[ci], ci if ordered else 0)
     if schedule.conditions or conditions:
         state.add_conditions(schedule, conditions or {})
     out = GenerationOutput(codes=torch.empty(0), bits=[])
