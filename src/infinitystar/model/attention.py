@@ -31,16 +31,38 @@ from infinitystar.schedules.pyramid import Schedule
 ClipCaptions = Union[int, tuple[int, ...]]
 
 
+def _several(entry: ClipCaptions) -> bool:
+    return isinstance(entry, (tuple, list))
+
+
 def captions_of(entry: ClipCaptions) -> tuple[int, ...]:
     """The caption indices of one `caption_of_clip` entry."""
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (int(entry),)
+    return tuple(entry) if _several(entry) else (int(entry),)
+
+
+def segment_captions(num_clips: int, num_captions: int, first_frame_all: bool = False) -> list[ClipCaptions]:
+    """Which caption each clip of a video with a caption per segment reads: clip 0 (the first frame) and clip 1 the
+    first segment's, clip k segment k-1's (the last one repeats). `first_frame_all`: the first frame reads every
+    segment's caption (`data.first_frame_all_captions`, the `first_frame_all_prompts` default)."""
+    out: list[ClipCaptions] = [min(max(c - 1, 0), num_captions - 1) for c in range(num_clips)]
+    if first_frame_all and num_captions > 1:
+        out[0] = tuple(range(num_captions))
+    return out
+
+
+def read_captions(caption_of_clip: Sequence[ClipCaptions], clips: int) -> tuple[list[int], list[ClipCaptions]]:
+    """(the captions that clips 0..clips-1 read, in order; every entry renumbered into that list, a caption
+    outside it as 0): what a sample keeps when fewer clips than its captions cover are used."""
+    used = sorted({i for e in caption_of_clip[:clips] for i in captions_of(e)})
+    new = {old: k for k, old in enumerate(used)}
+    return used, [tuple(new.get(i, 0) for i in e) if _several(e) else new.get(e, 0) for e in caption_of_clip]
 
 
 def ordered_captions(caption_of_clip: Sequence[ClipCaptions]) -> bool:
     """Whether a sample's captions carry their order: when a clip reads several captions, caption k sits at frame
     position k (`text_positions`), or that clip could not tell which comes first (the segments' order decides where
     a video can start); otherwise every caption sits at 0, the official layout."""
-    return any(isinstance(e, (tuple, list)) for e in caption_of_clip)
+    return any(_several(e) for e in caption_of_clip)
 
 
 def visible_context(schedule: Schedule, scale_index: int,

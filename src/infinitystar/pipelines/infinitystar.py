@@ -23,6 +23,7 @@ from PIL import Image
 
 from infinitystar.media import as_uint8, load_image, load_video
 from infinitystar.memory import MemoryOptions, text_encoder_running
+from infinitystar.model.attention import segment_captions
 from infinitystar.model.infinitystar import InfinityStarTransformer, TransformerConfig
 from infinitystar.pipelines import stream as streaming
 from infinitystar.pipelines.base import (DEFAULT_MODEL_DIR, Callback, GuidanceDefaults, ModelCard, ModelIndex,
@@ -299,9 +300,7 @@ class InfinityStarPipeline(Pipeline):
             negative_captions = None
             if negatives is not None:
                 negative_captions = [Caption(*self.text_encoder.encode(negatives, self.device))] * len(captions)
-        caption_of_clip = [0] + [min(c - 1, len(captions) - 1) for c in range(1, schedule.num_clips)]
-        if d.first_frame_all_prompts and len(captions) > 1:
-            caption_of_clip[0] = tuple(range(len(captions)))
+        caption_of_clip = segment_captions(schedule.num_clips, len(captions), d.first_frame_all_prompts)
         t1 = time.perf_counter()
         self.transformer.set_token_chunk(mem.token_chunk)
         tiles = {} if mem.vae_tile is None else {"tile": mem.vae_tile, "tile_overlap": mem.vae_tile_overlap}

@@ -30,7 +30,7 @@ from PIL import Image
 
 from infinitystar.manifest import ManifestError, manifest_lines, media_path
 from infinitystar.media import require_av
-from infinitystar.model.attention import ClipCaptions
+from infinitystar.model.attention import ClipCaptions, read_captions, segment_captions
 from infinitystar.schedules.dynamic_resolution import all_templates, nearest_template, num_scales
 from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.train.latent_cache import CacheMismatch, read_cached_latent
@@ -191,17 +191,13 @@ def duration_prefix(seconds: float) -> str:
 
 def sample_captions(record: MediaRecord, num_clips: int, rng: random.Random, short_prob: float,
                     seconds: Optional[float], first_frame_all: bool = False) -> tuple[list[str], list[ClipCaptions]]:
-    """(captions, caption index of every clip). One caption for ordinary samples; for `captions_per_segment`,
-    clip 0 (the first frame) and clip 1 use segment 0, clip k uses segment k-1 (the last one repeats). With
-    `first_frame_all` the first frame reads every segment's caption, those of segments cut off included."""
+    """(captions, caption index of every clip). One caption for ordinary samples; for `captions_per_segment`, the
+    segments' captions the clips read (`segment_captions`: with `first_frame_all` the first frame reads every
+    segment's, those of segments cut off included)."""
     if record.segment_captions is not None and num_clips > 1:
         segs = record.segment_captions
-        used = [min(max(c - 1, 0), len(segs) - 1) for c in range(num_clips)]
-        order = sorted(set(used) | (set(range(len(segs))) if first_frame_all else set()))
-        captions = [segs[i] for i in order]
-        caption_of_clip = [order.index(i) for i in used]
-        if first_frame_all and len(segs) > 1:
-            caption_of_clip[0] = tuple(range(len(segs)))
+        used, caption_of_clip = read_captions(segment_captions(num_clips, len(segs), first_frame_all), num_clips)
+        captions = [segs[i] for i in used]
     else:
         captions = [record.captions[rng.randrange(len(record.captions))]]
         caption_of_clip = [0] * num_clips

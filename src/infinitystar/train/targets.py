@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from infinitystar.model.attention import ClipCaptions, captions_of
+from infinitystar.model.attention import ClipCaptions, read_captions
 from infinitystar.model.packing import PackSample, PackedSequence, pack_sequence, select_steps
 from infinitystar.quant.interact import InteractConfig, condition_maps, segment_schedule
 from infinitystar.quant.residual import BitwiseSelfCorrection, encode_targets
@@ -70,7 +70,8 @@ class PreparedSample:
     bit_weights: Optional[list[torch.Tensor]] = None   # (tokens, bits) per step, mean 1 ("residual" weighting)
 
 
-def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str], caption_of_clip: Sequence[int],
+def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str],
+                   caption_of_clip: Sequence[ClipCaptions],
                    generator: torch.Generator, *, subset: ScaleSubsetConfig, bsc_strength: float = 0.3,
                    repetition: str = "random", text_dropout: float = 0.0, reweight_by_scale: float = 4.0,
                    max_reweight: float = 40.0, bit_weighting: str = "uniform") -> PreparedSample:
@@ -82,10 +83,7 @@ def prepare_sample(z: torch.Tensor, schedule: Schedule, captions: Sequence[str],
                                                          repetition, reweight_by_scale, max_reweight, bit_weighting)
     drop = text_dropout > 0 and float(torch.rand((), generator=generator)) < text_dropout
     # keep only the captions the packed clips read (a long video cut to its first clips needs fewer captions)
-    used = sorted({i for c in range(last_clip + 1) for i in captions_of(caption_of_clip[c])})
-    remap = {old: new for new, old in enumerate(used)}
-    of_clip = [tuple(remap.get(i, 0) for i in e) if isinstance(e, (tuple, list)) else remap.get(e, 0)
-               for e in caption_of_clip]
+    used, of_clip = read_captions(caption_of_clip, last_clip + 1)
     return PreparedSample(schedule, steps, inputs, bits, weights, [captions[i] for i in used], of_clip, drop,
                           bit_weights=bit_weights)
 
