@@ -4,7 +4,8 @@
 # from their last checkpoint. Runs go to runs/default_v2 and data to data/default_v2 (make them links to folders
 # outside the checkout to keep it small). THREADS (default 1) sets the torch threads of each training; the
 # tokenizer's decoder stage and the generator are independent once the frozen encoder exists, so run the script
-# twice with STAGE=decoder and STAGE=generator on two cores to overlap them (default: everything, in order).
+# twice with STAGE=decoder and STAGE=generator on two cores to overlap them (default: everything, in order);
+# STAGE=shipped runs only stage 7 from the model that ships in the package (7s below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${THREADS:-1}"
@@ -18,6 +19,8 @@ resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
 # the step a run's latest checkpoint holds (0 when it has none)
 latest_step() { [ -f "$1/checkpoints/latest" ] && sed 's/^step_0*//; s/^$/0/' "$1/checkpoints/latest" || echo 0; }
 tok() { infinitystar train tokenizer "$@" --set train.threads="$THREADS"; }
+# the first frame's coarse steps weighted as in stages 6d and 7
+boost4="train.first_frame_scale_boost=[32, 32, 32, 16, 8, 1, 1, 1]"
 
 if [ "$STAGE" = all ] || [ "$STAGE" = tokenizer ]; then
   # 1a. continuous video VAE from scratch, to step 2,200 of its 3,000-step cosine
@@ -96,7 +99,6 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
   # (room for the travel in 14 of 40 "quickly" videos at 7,000, from 5 at 6,000)
   # The shipped weights are step 7,300's raw weights (the EMA, a ~1,000-step average, still held 6c's starts), kept
   # aside since the run keeps only its last two checkpoints
-  boost4="train.first_frame_scale_boost=[32, 32, 32, 16, 8, 1, 1, 1]"
   [ "$(latest_step $R/generator_x2_long)" -ge 7300 ] ||
     infinitystar train generator $C/generator_x2.yaml --resume $long --until 7300 --set "$boost4"
   [ -d $R/generator_step_7300 ] || cp -r $R/generator_x2_long/checkpoints/step_00007300 $R/generator_step_7300
@@ -109,6 +111,22 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
   # of 64 validation videos at step 7,300)
   infinitystar train generator $C/generator_x2.yaml --resume $long --set "$boost4" --set train.max_steps=9600 \
     --set optim.lr=3e-4 --set optim.start_step=7600 --set data.first_frame_all_captions=true
+fi
+
+if [ "$STAGE" = shipped ]; then
+  # 7s. stage 7 from the weights that ship in the package, for a machine without the runs of 1-6 (a new machine:
+  # rebuilding them is ~20 h of two cores). The shipped transformer and text encoder are step 7,300's raw weights;
+  # the optimizer starts fresh (a 50-step warm-up). The shipped tokenizer's encoder side is the frozen encoder
+  # (2d trained only the decoder), so its latents are the ones the generator learned from; samples not in the latent
+  # cache are encoded as they are drawn
+  S=src/infinitystar/weights/default
+  [ -f $D/long_videos.jsonl ] ||
+    python -m infinitystar.shapes.data $D --n-images 10000 --n-videos 10000 --n-long 2000 --video-format npy
+  infinitystar train generator $C/generator_x2.yaml $(resume_flag $R/generator_stage7s) \
+    --set output_dir=$R/generator_stage7s --set "model={init_from: $S/transformer}" \
+    --set text_encoder.path=$S/text_encoder --set tokenizer.path=$S/tokenizer --set data.max_frames=33 \
+    --set "$boost4" --set train.max_steps=2000 \
+    --set optim.lr=3e-4 --set data.first_frame_all_captions=true
 fi
 
 if [ "$STAGE" = all ]; then

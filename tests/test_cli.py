@@ -1,4 +1,6 @@
 """The `infinitystar` command as a whole: every command group registered, user errors as one line + status 2."""
+import json
+
 import pytest
 
 from infinitystar.cli import build_parser, main
@@ -55,3 +57,13 @@ def test_unknown_kind_and_missing_config(capsys):
         capsys.readouterr().err
     assert main(["train", "tokenizer"]) == 2
     assert "give the run's config file: infinitystar train tokenizer CONFIG" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # one long video from the built-in model
+def test_eval_shapes_prints_accuracies_and_the_long_segments(tmp_path, capsys):
+    assert main(["eval", "shapes", "--n", "1", "--tasks", "long", "--seed", "3", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert set(json.loads(out[0])["long"]) == {"overall", "seen", "heldout"}
+    saved = json.loads((tmp_path / "results.json").read_text())["by_task"]["long"]["segments"]
+    lines = [line for line in out if line.startswith("long, ")]
+    assert len(lines) == len(saved) and sum(g["n"] for g in saved.values()) == 2

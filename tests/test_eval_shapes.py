@@ -77,3 +77,24 @@ def test_later_segment_start_leaves_room_tells_a_cramped_switch_from_a_good_one(
     assert s.extra["later_segment_start_leaves_room"] == 0.0 and not s.correct["speed"]
     res = evaluate(oracle, n_per_task=8, seed=0, tasks=("long",), progress=False)
     assert res["by_task"]["long"]["overall"]["later_segment_start_leaves_room"] == 1.0
+
+
+def test_segment_breakdown_groups_segments_by_place_motion_and_room():
+    from infinitystar.shapes.evaluate import score_video, segment_breakdown
+    from infinitystar.shapes.world import Motion, ShapeSpec, captions_per_segment
+    good = ShapeSpec("red", "circle", "large", "black", 30.0, 32.0,
+                     (Motion("right", "slowly"), Motion("left", "quickly")))
+    ok = score_video(render(good, 33), captions_per_segment(good))
+    # prompted right quickly twice, drawn right quickly then still: the second start (x 48) leaves no room
+    prompts = captions_per_segment(dataclasses.replace(good, segments=(Motion("right", "quickly"),) * 2))
+    drawn = dataclasses.replace(good, cx0=16.0, segments=(Motion("right", "quickly"), Motion("still", None)))
+    cramped = score_video(render(drawn, 33), prompts)
+    still = dataclasses.replace(good, segments=(Motion("still", None), Motion("left", "slowly")))
+    held = score_video(render(still, 33), captions_per_segment(still))
+    assert segment_breakdown([ok, cramped, held]) == {
+        "first quickly, room": {"n": 1, "moved": 1}, "first slowly, room": {"n": 1, "moved": 1},
+        "first still": {"n": 1, "moved": 1}, "later quickly, no room": {"n": 1, "moved": 0},
+        "later quickly, room": {"n": 1, "moved": 1}, "later slowly, room": {"n": 1, "moved": 1}}
+    res = evaluate(oracle, n_per_task=8, seed=0, tasks=("long",), progress=False)
+    groups = res["by_task"]["long"]["segments"]
+    assert sum(g["n"] for g in groups.values()) == 16 and all(g["moved"] == g["n"] for g in groups.values())

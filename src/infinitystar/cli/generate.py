@@ -154,7 +154,10 @@ def _cmd_eval(args) -> int:
         gen, tasks = pipeline_generator(pipe, args.cfg), args.tasks
     res = evaluate(gen, n_per_task=args.n, seed=args.seed, tasks=tasks, batch_size=args.batch_size,
                    out_dir=Path(args.out_dir), grid_per_task=args.grid)
-    print(json.dumps({t: {k: v.get("all_correct") for k, v in r.items()} for t, r in res["by_task"].items()}))
+    print(json.dumps({t: {k: r[k].get("all_correct") for k in ("overall", "seen", "heldout")}
+                      for t, r in res["by_task"].items()}))
+    for group, g in res["by_task"].get("long", {}).get("segments", {}).items():
+        print(f"long, {group}: {g['moved']} of {g['n']} segments moved as captioned")
     print(f"wrote {Path(args.out_dir) / 'results.json'} and {Path(args.out_dir) / 'grid.png'}")
     return 0
 

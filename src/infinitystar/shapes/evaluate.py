@@ -176,9 +176,14 @@ def score_video(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndar
         for k, p in enumerate(parsed):
             a, b = segment_range(k, T)
             m = decode_motion(decs[a:b])
+            # where a moving segment begins must leave room for its travel, or it cannot move as prompted
+            start = decs[a].centroid
+            room = (None if p["direction"] == "still" or start is None
+                    else _start_leaves_room(start, p, SEGMENT_FRAMES + 1))
             segs.append({"frames": [a, b - 1], "direction": m.direction, "speed": m.speed,
                          "slope_x": m.slope_x, "slope_y": m.slope_y,
-                         "direction_ok": m.direction == p["direction"], "speed_ok": m.speed == p["speed"]})
+                         "direction_ok": m.direction == p["direction"], "speed_ok": m.speed == p["speed"],
+                         "prompted": "still" if p["direction"] == "still" else p["speed"], "room": room})
         decoded["segments"] = segs
         correct["direction"] = all(s["direction_ok"] for s in segs)
         correct["speed"] = all(s["speed_ok"] for s in segs)
@@ -186,10 +191,7 @@ def score_video(frames: np.ndarray, prompt: Prompt, *, condition_frames: np.ndar
     if len(prompts) > 1:
         extra["segment_motion_accuracy"] = float(np.mean([s["direction_ok"] and s["speed_ok"]
                                                           for s in decoded["segments"]]))
-        # where a later moving segment begins must leave room for its travel, or it cannot move as prompted
-        room = [_start_leaves_room(decs[seg["frames"][0]].centroid, p, SEGMENT_FRAMES + 1)
-                for seg, p in list(zip(decoded["segments"], parsed))[1:]
-                if p["direction"] != "still" and decs[seg["frames"][0]].centroid is not None]
+        room = [seg["room"] for seg in decoded["segments"][1:] if seg["room"] is not None]
         if room:
             extra["later_segment_start_leaves_room"] = float(np.mean(room))
     if task == "t2v" and want["direction"] != "still" and decs[0].centroid is not None:
@@ -245,6 +247,22 @@ def _summary(scores: list[SampleScore]) -> dict:
     return out
 
 
+def segment_breakdown(scores: Sequence[SampleScore]) -> dict:
+    """Segments of long videos, grouped by place (``first`` / ``later``), prompted motion (``quickly``, ``slowly``,
+    ``still``) and, for moving ones, whether their start left room for the travel: ``{group: {"n": segments,
+    "moved": segments that moved as captioned}}``, e.g. ``"later quickly, no room"``."""
+    groups: dict[str, dict[str, int]] = {}
+    for s in scores:
+        for k, seg in enumerate(s.decoded.get("segments", ())):
+            name = f"{'first' if k == 0 else 'later'} {seg['prompted']}"
+            if seg["room"] is not None:
+                name += ", room" if seg["room"] else ", no room"
+            g = groups.setdefault(name, {"n": 0, "moved": 0})
+            g["n"] += 1
+            g["moved"] += int(seg["direction_ok"] and seg["speed_ok"])
+    return dict(sorted(groups.items()))
+
+
 def aggregate(scores: Sequence[SampleScore]) -> dict:
     """Mean accuracies: ``overall``, ``seen``, ``heldout`` and ``by_task`` (each also split by seen/heldout)."""
     scores = list(scores)
@@ -262,6 +280,8 @@ def aggregate(scores: Sequence[SampleScore]) -> dict:
                 "seen": _summary([s for s in sub if s.split == "seen"]),
                 "heldout": _summary([s for s in sub if s.split == "heldout"]),
             }
+            if task == "long":
+                result["by_task"][task]["segments"] = segment_breakdown(sub)
     return result
 
 
