@@ -516,7 +516,6 @@ def test_ema_warms_up_instead_of_keeping_the_initialisation():
 
 def test_extract_features_sharded_resumable_no_collisions(tmp_path):
     from infinitystar.train.features import extract_features
-    from infinitystar.train.latent_cache import cache_path
     from infinitystar.train.data import SampleSpec, read_manifests
     a, b = tmp_path / "a", tmp_path / "b"
     ma = write_dataset(a, n_videos=3, n_images=1, seed=0)
@@ -554,6 +553,27 @@ def test_training_from_cache_equals_online_encoding(tmp_path, dataset):
     assert losses(tmp_path / "online") == losses(tmp_path / "cached")
     from infinitystar.train.metrics import read_metrics
     assert read_metrics(tmp_path / "cached" / "metrics.jsonl")[-1]["cache_hits"] == 4
+
+
+def test_training_fills_the_latent_cache_as_it_encodes(tmp_path, dataset):
+    from infinitystar.train.metrics import read_metrics
+    cache = tmp_path / "cache"
+    raw = tiny_config(tmp_path / "filling", dataset, train={"max_steps": 2}, checkpoint={"every": 0},
+                      data={"latent_cache": str(cache)})
+    run_training(raw)
+    assert read_metrics(tmp_path / "filling" / "metrics.jsonl")[-1]["encoded"] == 4
+    assert len(list(cache.rglob("*.safetensors"))) == 4
+    # what it wrote is what extract_features would: a run that may only read the cache trains identically
+    raw2 = tiny_config(tmp_path / "reading", dataset, train={"max_steps": 2}, checkpoint={"every": 0},
+                       data={"latent_cache": str(cache), "require_cache": True})
+    run_training(raw2, tokenizer=None)
+    assert losses(tmp_path / "filling") == losses(tmp_path / "reading")
+    assert read_metrics(tmp_path / "reading" / "metrics.jsonl")[-1]["cache_hits"] == 4
+    # cache_write false leaves the folder as it is
+    raw3 = tiny_config(tmp_path / "off", dataset, train={"max_steps": 2}, checkpoint={"every": 0},
+                       data={"latent_cache": str(tmp_path / "untouched"), "cache_write": False})
+    run_training(raw3)
+    assert not (tmp_path / "untouched").exists()
 
 
 # --------------------------------------------------------------------------------------------------

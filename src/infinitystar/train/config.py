@@ -79,6 +79,8 @@ class DataConfig:
     manifests: list[str] = field(default_factory=list)   # JSONL files or folders of them (searched recursively)
     latent_cache: Optional[str] = None   # folder written by `extract_features`; read first when set
     require_cache: bool = False          # True: a sample without a cached latent is skipped, never encoded
+    cache_write: bool = True             # a sample encoded in training is written to latent_cache (when no file of
+                                         # it is there), so a run without `extract_features` fills the cache as it goes
     pixels_per_latent: int = 16          # tokenizer spatial stride (16 official VAE; 8 for 64x64 -> 8x8 tests)
     fps: Optional[float] = 16.0          # resample videos to this rate (None: take the source frames one by one)
     max_frames: int = 81                 # longest video fed to training, 1 + k * temporal_compression

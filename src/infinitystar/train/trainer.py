@@ -32,6 +32,7 @@ from infinitystar.train.data import SKIP_REASONS, SampleLoader, SampleSpec, Shar
 from infinitystar.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown, wrap_model
 from infinitystar.train.features import encode_pixels
 from infinitystar.train.harness import Harness, lr_at
+from infinitystar.train.latent_cache import cache_meta, cache_path, write_latent
 from infinitystar.train.metrics import ScaleAccuracy
 from infinitystar.train.targets import (PackedTrainModule, boost_scale_weights, TextRow, pack_batch, packed_loss,
                                         prepare_interact_samples, prepare_sample)
@@ -175,8 +176,13 @@ class Trainer(Harness):
             self.loader.stats.cache_hits += 1
             return raw.latent.to(self.device)
         self.loader.stats.encoded += 1
-        return encode_pixels(self.tokenizer, raw.pixels, self.device, self.spec.pixels_per_latent,
-                             self.spec.pyramid.temporal_compression)
+        z = encode_pixels(self.tokenizer, raw.pixels, self.device, self.spec.pixels_per_latent,
+                          self.spec.pyramid.temporal_compression)
+        if self.spec.latent_cache is not None and self.config.data.cache_write:
+            path = cache_path(self.spec.latent_cache, raw.record)
+            if not path.exists():   # a file made for other settings is another run's: left as it is
+                write_latent(path, z, cache_meta(raw.record, self.spec, raw.num_frames))
+        return z
 
     def micro_step(self, scale: float) -> tuple[torch.Tensor, int, int]:
         """Forward and backward of one micro-batch; returns (detached loss, real tokens, samples)."""
