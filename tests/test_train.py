@@ -516,6 +516,7 @@ def test_ema_warms_up_instead_of_keeping_the_initialisation():
 
 def test_extract_features_sharded_resumable_no_collisions(tmp_path):
     from infinitystar.train.features import extract_features
+    from infinitystar.train.latent_cache import cache_path
     from infinitystar.train.data import SampleSpec, read_manifests
     a, b = tmp_path / "a", tmp_path / "b"
     ma = write_dataset(a, n_videos=3, n_images=1, seed=0)
