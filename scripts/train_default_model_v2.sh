@@ -118,7 +118,7 @@ if [ "$STAGE" = shipped ]; then
   # rebuilding them is ~20 h of two cores). The shipped transformer and text encoder are step 7,300's raw weights;
   # the optimizer starts fresh (a 50-step warm-up). The shipped tokenizer's encoder side is the frozen encoder
   # (2d trained only the decoder), so its latents are the ones the generator learned from; samples not in the latent
-  # cache are encoded as they are drawn (~15 % of a step) and written to it
+  # cache are encoded as they are drawn (~30 % of a step) and written to it
   S=src/infinitystar/weights/default
   [ -f $D/long_videos.jsonl ] ||
     python -m infinitystar.shapes.data $D --n-images 10000 --n-videos 10000 --n-long 2000 --video-format npy
