@@ -19,6 +19,11 @@ resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
 # the step a run's latest checkpoint holds (0 when it has none)
 latest_step() { [ -f "$1/checkpoints/latest" ] && sed 's/^step_0*//; s/^$/0/' "$1/checkpoints/latest" || echo 0; }
 tok() { infinitystar train tokenizer "$@" --set train.threads="$THREADS"; }
+# the generator's data: images, 17-frame videos, 33-65-frame videos with a caption per 16-frame segment
+make_data() {
+  [ -f $D/long_videos.jsonl ] ||
+    python -m infinitystar.shapes.data $D --n-images 10000 --n-videos 10000 --n-long 2000 --video-format npy
+}
 # the first frame's coarse steps weighted as in stages 6d and 7
 boost4="train.first_frame_scale_boost=[32, 32, 32, 16, 8, 1, 1, 1]"
 
@@ -63,9 +68,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = decoder ]; then
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
-  # 3. the generator's data: images, 17-frame videos, 33-65-frame videos with a caption per 16-frame segment
-  [ -f $D/long_videos.jsonl ] ||
-    python -m infinitystar.shapes.data $D --n-images 10000 --n-videos 10000 --n-long 2000 --video-format npy
+  # 3. the generator's data
+  make_data
   # 4. the built-in text encoder's initial weights (trained with the generator)
   [ -f $R/text_encoder_init/config.json ] || python -m infinitystar.text.builtin $R/text_encoder_init
   # 5. latents through the frozen encoder at twice the resolution (16x16 per frame), once (resumable)
@@ -120,8 +124,7 @@ if [ "$STAGE" = shipped ]; then
   # (2d trained only the decoder), so its latents are the ones the generator learned from; samples not in the latent
   # cache are encoded as they are drawn (~30 % of a step) and written to it
   S=src/infinitystar/weights/default
-  [ -f $D/long_videos.jsonl ] ||
-    python -m infinitystar.shapes.data $D --n-images 10000 --n-videos 10000 --n-long 2000 --video-format npy
+  make_data
   infinitystar train generator $C/generator_x2.yaml $(resume_flag $R/generator_stage7s) \
     --set output_dir=$R/generator_stage7s --set "model={init_from: $S/transformer}" \
     --set text_encoder.path=$S/text_encoder --set tokenizer.path=$S/tokenizer --set data.max_frames=33 \

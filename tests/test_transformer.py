@@ -51,7 +51,7 @@ def test_kv_cached_generation_equals_packed_teacher_forced_forward(attention):
 
 def test_a_first_frame_reading_every_caption_is_the_same_in_training_and_generation():
     """caption_of_clip [(0, 1), 0, 1] (`first_frame_all_captions`): the first frame reads both captions, in their
-    order (`ordered_captions`), in the packed training forward as in KV-cached generation; the second caption then
+    order (`caption_orders`), in the packed training forward as in KV-cached generation; the second caption then
     changes the first frame's logits, which it cannot do with [0, 0, 1]."""
     model = _model()
     schedule = _pyramid().build(17)

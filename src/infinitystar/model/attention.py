@@ -58,11 +58,12 @@ def read_captions(caption_of_clip: Sequence[ClipCaptions], clips: int) -> tuple[
     return used, [tuple(new.get(i, 0) for i in e) if _several(e) else new.get(e, 0) for e in caption_of_clip]
 
 
-def ordered_captions(caption_of_clip: Sequence[ClipCaptions]) -> bool:
-    """Whether a sample's captions carry their order: when a clip reads several captions, caption k sits at frame
-    position k (`text_positions`), or that clip could not tell which comes first (the segments' order decides where
-    a video can start); otherwise every caption sits at 0, the official layout."""
-    return any(_several(e) for e in caption_of_clip)
+def caption_orders(caption_of_clip: Sequence[ClipCaptions], num_captions: int) -> list[int]:
+    """The frame position (`text_positions`) of each of a sample's captions. When a clip reads several captions,
+    caption k sits at k, or that clip could not tell which comes first (the segments' order decides where a video
+    can start); otherwise every caption sits at 0, the official layout."""
+    ordered = any(_several(e) for e in caption_of_clip)
+    return list(range(num_captions)) if ordered else [0] * num_captions
 
 
 def visible_context(schedule: Schedule, scale_index: int,

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from infinitystar.model.attention import (AttentionContext, ClipCaptions, SegmentGroups, dense_mask,
-                                          flex_block_mask, ordered_captions, resolve_backend, segment_groups,
+                                          flex_block_mask, caption_orders, resolve_backend, segment_groups,
                                           visible_context)
 from infinitystar.model.rope import condition_positions, text_positions, visual_positions
 from infinitystar.schedules.pyramid import ConditionBlock, Schedule, Step
@@ -126,8 +126,8 @@ def pack_sequence(samples: Sequence[PackSample], text_maxlen: int, pad_multiple:
     document_id = torch.repeat_interleave(torch.arange(n_seg), torch.tensor(lengths + [pad]))
     pos = [visual_positions(st, samples[b].schedule.full_hw, text_maxlen) for b, st in vis]
     pos += [condition_positions(c, samples[b].schedule.full_hw, text_maxlen) for b, c in cond]
-    ordered = [ordered_captions(s.caption_index()) for s in samples]
-    pos += [text_positions(samples[b].caption_lengths[c], order=c if ordered[b] else 0) for b, c in txt]
+    orders = [caption_orders(s.caption_index(), len(s.caption_lengths)) for s in samples]
+    pos += [text_positions(samples[b].caption_lengths[c], order=orders[b][c]) for b, c in txt]
     pos.append(torch.zeros(pad, 4, dtype=torch.long))
     n_vis, n_cond = len(vis), len(cond)
     return PackedSequence(list(samples), lengths + [pad], vis, cond, txt, document_id, table, torch.cat(pos),

@@ -20,7 +20,7 @@ from infinitystar.schedules.pyramid import ConditionBlock, Step
 
 def text_positions(length: int, device=None, order: int = 0) -> torch.Tensor:
     """(length, 4) positions of a caption's tokens: 0..length-1 on the first axis, `order` on the frame axis (its
-    place among captions a clip reads together, `ordered_captions`; 0 in the official layout)."""
+    place among captions a clip reads together, `caption_orders`; 0 in the official layout)."""
     pos = torch.zeros(length, 4, dtype=torch.long, device=device)
     pos[:, 0] = torch.arange(length, device=device)
     pos[:, 1] = order

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from infinitystar.model.attention import (AttentionContext, ClipCaptions, KVCache, captions_of, ordered_captions,
+from infinitystar.model.attention import (AttentionContext, ClipCaptions, KVCache, caption_orders, captions_of,
                                           visible_context)
 from infinitystar.model.infinitystar import InfinityStarTransformer
 from infinitystar.model.layers import PackedWeights
@@ -285,9 +285,9 @@ def generate(
     options = SamplingOptions(guidance, generator, greedy, record_logits, on_step)
     state = GenerationState(model, batch, captions[0].features.device,
                             use_cfg=guidance.active(n_scales), precision=precision, pack_weights=pack_weights)
-    ordered = ordered_captions(caption_of_clip)
+    orders = caption_orders(caption_of_clip, len(captions))
     for ci, cap in enumerate(captions):
-        state.add_caption(ci, cap, None if negative_captions is None else negative_captions[ci], ci if ordered else 0)
+        state.add_caption(ci, cap, None if negative_captions is None else negative_captions[ci], orders[ci])
     if schedule.conditions or conditions:
         state.add_conditions(schedule, conditions or {})
     out = GenerationOutput(codes=torch.empty(0), bits=[])
