@@ -1,5 +1,5 @@
 """`infinitystar train {generator,tokenizer,infinity,infinity-tokenizer} CONFIG`, `infinitystar extract-features`,
-`infinitystar export`, and `python -m infinitystar.train [generator] CONFIG` (what torchrun runs).
+`infinitystar export`, `infinitystar grow`, and `python -m infinitystar.train [generator] CONFIG` (what torchrun runs).
 
 Every training command prints one JSON summary line (`TrainResult.summary`). The older spellings
 (`infinitystar train CONFIG`, `infinitystar tokenizer train MODE`, `infinitystar infinity train[-tokenizer]`) are
@@ -23,6 +23,7 @@ from infinitystar.train import infinity, infinity_tokenizer, tokenizer, trainer
 from infinitystar.train.config import ConfigError, RunConfig, load_config
 from infinitystar.train.export import export_model
 from infinitystar.train.features import extract_features
+from infinitystar.train.grow import grow_folder
 from infinitystar.train.trainer import load_tokenizer, spec_from_config
 
 # kind -> train(config, *, resume, overrides, until) of that trainer
@@ -142,8 +143,17 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_grow(args) -> int:
+    try:
+        out = grow_folder(args.src, args.out, args.depth)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"grew {args.src} to depth {args.depth} -> {out}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
-    """Register `train`, `extract-features` and `export` on the `infinitystar` command's subparsers."""
+    """Register `train`, `extract-features`, `export` and `grow` on the `infinitystar` command's subparsers."""
     p = subparsers.add_parser("train", help="train the generator, a tokenizer or the Infinity model from a config "
                                             "file (torchrun: python -m infinitystar.train CONFIG)",
                               description="infinitystar train {generator,tokenizer,infinity,infinity-tokenizer} CONFIG "
@@ -170,6 +180,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--text-encoder", help="text encoder folder (default: the run's text_encoder.path)")
     p.add_argument("--defaults", help="generation defaults as JSON, e.g. '{\"guidance_scale\": 3}'")
     p.set_defaults(func=_cmd_export)
+    p = subparsers.add_parser("grow", help="write a deeper copy of a transformer folder that gives the same outputs "
+                                           "(new blocks start as the identity); train it with model.init_from")
+    p.add_argument("src", help="transformer folder (config.json + model.safetensors), e.g. a model folder's "
+                               "transformer/")
+    p.add_argument("out", help="folder to write (must not exist)")
+    p.add_argument("--depth", type=positive_int, required=True, help="number of blocks of the grown transformer")
+    p.set_defaults(func=_cmd_grow)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
