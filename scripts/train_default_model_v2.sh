@@ -149,7 +149,7 @@ if [ "$STAGE" = grown ]; then
   # prompts) from step 7,300 through 7s's steps 300 and 800, while long videos gained. The transformer of 7s's
   # step 1,000 grown from 4 blocks to 6 (`infinitystar grow`: the new blocks start as the identity, so training
   # starts from that checkpoint's loss), trained with 7s's settings and a fresh optimizer on a 2,000-step cosine;
-  # compared with 7s at equal steps
+  # judged against 7s's steps 800 and 1,000 on the validation prompts (docs/default_model.md, stage 8g)
   G=$R/stage7s_step1000_model
   [ -d $G ] || infinitystar export --raw $R/generator_stage7s_step1000 $G --tokenizer $S/tokenizer
   [ -d $R/transformer_depth6_init ] || infinitystar grow $G/transformer $R/transformer_depth6_init --depth 6
