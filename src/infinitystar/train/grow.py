@@ -40,14 +40,11 @@ def growth_plan(old_depth: int, new_depth: int) -> list[tuple[int, bool]]:
 def grow_transformer(model: InfinityStarTransformer, depth: int) -> InfinityStarTransformer:
     """`model` deepened to `depth` blocks by `growth_plan` (float32, on the CPU, in eval mode)."""
     plan = growth_plan(model.config.depth, depth)
-    old = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    state = {k: v.clone() for k, v in old.items() if not k.startswith("blocks.")}
+    state = {k: v.float().cpu() for k, v in model.state_dict().items() if not k.startswith("blocks.")}
     for j, (i, fresh) in enumerate(plan):
-        prefix = f"blocks.{i}."
-        for k, v in old.items():
-            if k.startswith(prefix):
-                name = k[len(prefix):]
-                state[f"blocks.{j}.{name}"] = torch.zeros_like(v) if fresh and name in RESIDUAL_OUTPUTS else v.clone()
+        for name, v in model.blocks[i].state_dict().items():
+            v = v.float().cpu()
+            state[f"blocks.{j}.{name}"] = torch.zeros_like(v) if fresh and name in RESIDUAL_OUTPUTS else v.clone()
     grown = InfinityStarTransformer(dataclasses.replace(model.config, depth=depth))
     load_strict(grown, state, f"the depth-{depth} growth of a depth-{model.config.depth} transformer")
     return grown.eval()
