@@ -25,6 +25,11 @@ def test_oracle_scores_perfectly_and_writes_outputs(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["by_task"].keys() == set(TASK_FRAMES)
     assert (tmp_path / "grid.png").stat().st_size > 1000
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 * len(TASK_FRAMES)
+    t2i = [s for s in samples if s["task"] == "t2i"]
+    assert all(s["all_correct"] and s["decoded"]["shape"] in s["prompts"][0] for s in t2i)
+    assert all(len(s["decoded"]["segments"]) == 2 for s in samples if s["task"] == "long")
 
 
 def test_wrong_colour_is_caught():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -95,11 +95,17 @@ def infinity_generator(pipe, guidance_scale: Optional[float] = None, temperature
     return run
 
 
+def _json_scalar(x):
+    """numpy scalars and arrays in decoded records -> plain JSON values."""
+    return x.tolist() if hasattr(x, "tolist") else str(x)
+
+
 def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, tasks: Sequence[str] = TASKS,
              batch_size: int = 25, out_dir: Optional[Path] = None, progress: bool = True,
              grid_per_task: int = 6) -> dict:
-    """Generate and score every task; write `results.json` and `grid.png` (the first `grid_per_task` samples of
-    each task) to out_dir when given."""
+    """Generate and score every task; write `results.json`, `samples.jsonl` (one judged sample per line: prompts,
+    what the decoder read, which attributes were right) and `grid.png` (the first `grid_per_task` samples of each
+    task) to out_dir when given."""
     all_scores, grid, grid_caps, timings = [], [], [], {}
     for task in tasks:
         items = build_items(task, n_per_task, seed)
@@ -125,6 +131,9 @@ def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, ta
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        with open(out_dir / "samples.jsonl", "w") as f:
+            for s in all_scores:
+                f.write(json.dumps(asdict(s), default=_json_scalar) + "\n")
         # images side by side; a video is a strip of frames, two per row
         save_grid(out_dir / "grid.png", grid, [c for _, c in grid_caps],
                   columns=8 if all(len(g) == 1 for g in grid) else 2)
