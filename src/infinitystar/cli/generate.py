@@ -158,7 +158,8 @@ def _cmd_eval(args) -> int:
                       for t, r in res["by_task"].items()}))
     for group, g in res["by_task"].get("long", {}).get("segments", {}).items():
         print(f"long, {group}: {g['moved']} of {g['n']} segments moved as captioned")
-    print(f"wrote {Path(args.out_dir) / 'results.json'} and {Path(args.out_dir) / 'grid.png'}")
+    out = Path(args.out_dir)
+    print(f"wrote {out / 'results.json'}, {out / 'samples.jsonl'} and {out / 'grid.png'}")
     return 0
 
 
