@@ -44,7 +44,7 @@ def grow_transformer(model: InfinityStarTransformer, depth: int) -> InfinityStar
     for j, (i, fresh) in enumerate(plan):
         for name, v in model.blocks[i].state_dict().items():
             v = v.float().cpu()
-            state[f"blocks.{j}.{name}"] = torch.zeros_like(v) if fresh and name in RESIDUAL_OUTPUTS else v.clone()
+            state[f"blocks.{j}.{name}"] = torch.zeros_like(v) if fresh and name in RESIDUAL_OUTPUTS else v
     grown = InfinityStarTransformer(dataclasses.replace(model.config, depth=depth))
     load_strict(grown, state, f"the depth-{depth} growth of a depth-{model.config.depth} transformer")
     return grown.eval()
