@@ -67,3 +67,12 @@ def test_eval_shapes_prints_accuracies_and_the_long_segments(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())["by_task"]["long"]["segments"]
     lines = [line for line in out if line.startswith("long, ")]
     assert len(lines) == len(saved) and sum(g["n"] for g in saved.values()) == 2
+
+
+def test_eval_shapes_samples_every_prompt_several_times(tmp_path, capsys):
+    argv = ["eval", "shapes", "--n", "2", "--tasks", "t2i", "--samples-per-prompt", "2", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["samples_per_prompt"] == 2 and len(saved["by_task"]["t2i"]["all_correct_per_round"]) == 2
+    assert any(line.startswith("t2i: all-correct per sampling round") for line in capsys.readouterr().out.splitlines())
+    assert main(["eval", "shapes", "--samples-per-prompt", "0"]) == 2

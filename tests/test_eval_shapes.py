@@ -2,7 +2,9 @@
 import dataclasses
 import json
 
-from infinitystar.shapes.benchmark import TASK_FRAMES, build_items, evaluate
+import pytest
+
+from infinitystar.shapes.benchmark import ROUND_SEED_STRIDE, TASK_FRAMES, build_items, evaluate
 from infinitystar.shapes.world import render
 
 
@@ -103,3 +105,27 @@ def test_segment_breakdown_groups_segments_by_place_motion_and_room():
     res = evaluate(oracle, n_per_task=8, seed=0, tasks=("long",), progress=False)
     groups = res["by_task"]["long"]["segments"]
     assert sum(g["n"] for g in groups.values()) == 16 and all(g["moved"] == g["n"] for g in groups.values())
+
+
+def test_several_samples_per_prompt_average_every_round(tmp_path):
+    # right in round 0, wrong colour in round 1: the mean is one half, and every prompt has a right sample
+    def alternate(items, seed):
+        return (oracle if seed < ROUND_SEED_STRIDE else recolour)(items, seed)
+
+    seeds = []
+    res = evaluate(lambda items, seed: seeds.append(seed) or alternate(items, seed), n_per_task=6, seed=2,
+                   tasks=("t2i",), batch_size=4, out_dir=tmp_path, progress=False, samples_per_prompt=2)
+    t2i = res["by_task"]["t2i"]
+    assert t2i["overall"]["all_correct"] == 0.5
+    assert t2i["all_correct_per_round"] == [1.0, 0.0]
+    assert t2i["prompts_with_a_correct_sample"] == 1.0
+    assert res["samples_per_prompt"] == 2 and res["timings"]["t2i"]["samples"] == 12
+    # round 0 keeps the single-sample seeds, so one sample per prompt is unchanged by the option
+    single = []
+    evaluate(lambda items, seed: single.append(seed) or oracle(items, seed), n_per_task=6, seed=2, tasks=("t2i",),
+             batch_size=4, progress=False)
+    assert seeds[:2] == single and len(set(seeds)) == 4
+    lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [0] * 6 + [1] * 6
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        evaluate(oracle, n_per_task=2, tasks=("t2i",), progress=False, samples_per_prompt=0)

@@ -153,9 +153,13 @@ def _cmd_eval(args) -> int:
     else:
         gen, tasks = pipeline_generator(pipe, args.cfg), args.tasks
     res = evaluate(gen, n_per_task=args.n, seed=args.seed, tasks=tasks, batch_size=args.batch_size,
-                   out_dir=Path(args.out_dir), grid_per_task=args.grid)
+                   out_dir=Path(args.out_dir), grid_per_task=args.grid, samples_per_prompt=args.samples_per_prompt)
     print(json.dumps({t: {k: r[k].get("all_correct") for k in ("overall", "seen", "heldout")}
                       for t, r in res["by_task"].items()}))
+    for t, r in res["by_task"].items():
+        if "all_correct_per_round" in r:
+            print(f"{t}: all-correct per sampling round {r['all_correct_per_round']}; prompts with an all-correct "
+                  f"sample {r['prompts_with_a_correct_sample']:.3f}")
     for group, g in res["by_task"].get("long", {}).get("segments", {}).items():
         print(f"long, {group}: {g['moved']} of {g['n']} segments moved as captioned")
     out = Path(args.out_dir)
@@ -228,4 +232,7 @@ def add_cli(subparsers) -> None:
                          "documented numbers were measured in fp32); bf16")
     ep.add_argument("--out-dir", default="eval_shapes")
     ep.add_argument("--grid", type=int, default=6, help="samples per task in grid.png")
+    ep.add_argument("--samples-per-prompt", type=positive_int, default=1,
+                    help="sample every prompt this many times (other seeds) and average: one sample per prompt "
+                         "varies by several points between seeds; default 1")
     ep.set_defaults(func=_cmd_eval)

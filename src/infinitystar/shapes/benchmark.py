@@ -100,40 +100,61 @@ def _json_scalar(x):
     return x.tolist() if hasattr(x, "tolist") else str(x)
 
 
+# sampling rounds of one prompt set draw from seeds this far apart (batch offsets stay below it)
+ROUND_SEED_STRIDE = 1_000_000_007
+
+
 def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, tasks: Sequence[str] = TASKS,
              batch_size: int = 25, out_dir: Optional[Path] = None, progress: bool = True,
-             grid_per_task: int = 6) -> dict:
+             grid_per_task: int = 6, samples_per_prompt: int = 1) -> dict:
     """Generate and score every task; write `results.json`, `samples.jsonl` (one judged sample per line: prompts,
-    what the decoder read, which attributes were right) and `grid.png` (the first `grid_per_task` samples of each
-    task) to out_dir when given."""
-    all_scores, grid, grid_caps, timings = [], [], [], {}
+    what the decoder read, which attributes were right, the sampling round) and `grid.png` (the first
+    `grid_per_task` samples of each task) to out_dir when given.
+
+    samples_per_prompt > 1 samples every prompt that many times (round r adds r * ROUND_SEED_STRIDE to the sampling
+    seeds; round 0 is the single-sample evaluation) and averages over all of them: one sample per prompt varies by
+    several points between sampling seeds. Each task then also reports every round's all-correct rate and the
+    share of prompts with at least one all-correct sample."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    all_scores, rounds, grid, grid_caps, timings, per_round = [], [], [], [], {}, {}
     for task in tasks:
         items = build_items(task, n_per_task, seed)
         t0 = time.perf_counter()
-        bar = tqdm(total=len(items), desc=f"eval {task}", disable=not progress, leave=False)
-        for b in range(0, len(items), batch_size):
-            batch = items[b:b + batch_size]
-            frames = generate_batch(batch, seed * 100003 + TASKS.index(task) * 1009 + b)
-            for it, fr in zip(batch, frames):
-                if task == "t2i":
-                    s = score_image(fr[0], it.prompts)
-                else:
-                    s = score_video(fr, it.prompts, condition_frames=it.condition, task=task)
-                all_scores.append(s)
-                if len([c for c in grid_caps if c[0] == task]) < grid_per_task:
-                    grid.append(fr)
-                    grid_caps.append((task, f"{task}: " + " | ".join(it.prompts)))
-            bar.update(len(batch))
+        bar = tqdm(total=len(items) * samples_per_prompt, desc=f"eval {task}", disable=not progress, leave=False)
+        correct = np.zeros((samples_per_prompt, len(items)), bool)
+        for r in range(samples_per_prompt):
+            for b in range(0, len(items), batch_size):
+                batch = items[b:b + batch_size]
+                frames = generate_batch(batch, seed * 100003 + TASKS.index(task) * 1009 + b + r * ROUND_SEED_STRIDE)
+                for i, (it, fr) in enumerate(zip(batch, frames)):
+                    if task == "t2i":
+                        s = score_image(fr[0], it.prompts)
+                    else:
+                        s = score_video(fr, it.prompts, condition_frames=it.condition, task=task)
+                    all_scores.append(s)
+                    rounds.append(r)
+                    correct[r, b + i] = s.all_correct
+                    if r == 0 and len([c for c in grid_caps if c[0] == task]) < grid_per_task:
+                        grid.append(fr)
+                        grid_caps.append((task, f"{task}: " + " | ".join(it.prompts)))
+                bar.update(len(batch))
         bar.close()
-        timings[task] = {"seconds": time.perf_counter() - t0, "samples": len(items)}
-    result = {"n_per_task": n_per_task, "seed": seed, "timings": timings, **aggregate(all_scores)}
+        timings[task] = {"seconds": time.perf_counter() - t0, "samples": len(items) * samples_per_prompt}
+        per_round[task] = {"all_correct_per_round": correct.mean(1).round(4).tolist(),
+                           "prompts_with_a_correct_sample": float(correct.any(0).mean())}
+    result = {"n_per_task": n_per_task, "seed": seed, "samples_per_prompt": samples_per_prompt, "timings": timings,
+              **aggregate(all_scores)}
+    if samples_per_prompt > 1:
+        for task, extra in per_round.items():
+            result["by_task"][task].update(extra)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
         with open(out_dir / "samples.jsonl", "w") as f:
-            for s in all_scores:
-                f.write(json.dumps(asdict(s), default=_json_scalar) + "\n")
+            for s, r in zip(all_scores, rounds):
+                f.write(json.dumps({**asdict(s), "round": r}, default=_json_scalar) + "\n")
         # images side by side; a video is a strip of frames, two per row
         save_grid(out_dir / "grid.png", grid, [c for _, c in grid_caps],
                   columns=8 if all(len(g) == 1 for g in grid) else 2)
