@@ -117,37 +117,35 @@ def evaluate(generate_batch: Generator, n_per_task: int = 200, seed: int = 0, ta
     share of prompts with at least one all-correct sample."""
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    all_scores, rounds, grid, grid_caps, timings, per_round = [], [], [], [], {}, {}
+    all_scores, rounds, grid, grid_caps, timings = [], [], [], [], {}
     for task in tasks:
         items = build_items(task, n_per_task, seed)
         t0 = time.perf_counter()
         bar = tqdm(total=len(items) * samples_per_prompt, desc=f"eval {task}", disable=not progress, leave=False)
-        correct = np.zeros((samples_per_prompt, len(items)), bool)
         for r in range(samples_per_prompt):
             for b in range(0, len(items), batch_size):
                 batch = items[b:b + batch_size]
                 frames = generate_batch(batch, seed * 100003 + TASKS.index(task) * 1009 + b + r * ROUND_SEED_STRIDE)
-                for i, (it, fr) in enumerate(zip(batch, frames)):
+                for it, fr in zip(batch, frames):
                     if task == "t2i":
                         s = score_image(fr[0], it.prompts)
                     else:
                         s = score_video(fr, it.prompts, condition_frames=it.condition, task=task)
                     all_scores.append(s)
                     rounds.append(r)
-                    correct[r, b + i] = s.all_correct
                     if r == 0 and len([c for c in grid_caps if c[0] == task]) < grid_per_task:
                         grid.append(fr)
                         grid_caps.append((task, f"{task}: " + " | ".join(it.prompts)))
                 bar.update(len(batch))
         bar.close()
         timings[task] = {"seconds": time.perf_counter() - t0, "samples": len(items) * samples_per_prompt}
-        per_round[task] = {"all_correct_per_round": correct.mean(1).round(4).tolist(),
-                           "prompts_with_a_correct_sample": float(correct.any(0).mean())}
     result = {"n_per_task": n_per_task, "seed": seed, "samples_per_prompt": samples_per_prompt, "timings": timings,
               **aggregate(all_scores)}
     if samples_per_prompt > 1:
-        for task, extra in per_round.items():
-            result["by_task"][task].update(extra)
+        for task in tasks:   # a task's scores run round by round, prompts in order within a round
+            ok = np.array([s.all_correct for s in all_scores if s.task == task]).reshape(samples_per_prompt, -1)
+            result["by_task"][task].update(all_correct_per_round=ok.mean(1).round(4).tolist(),
+                                           prompts_with_a_correct_sample=float(ok.any(0).mean()))
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
