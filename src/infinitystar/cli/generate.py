@@ -228,8 +228,8 @@ def add_cli(subparsers) -> None:
     ep.add_argument("--tau", type=positive_float, default=None, help="Infinity models: sampling temperature")
     ep.add_argument("--device", default="cpu")
     ep.add_argument("--precision", choices=PRECISIONS, default="auto",
-                    help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, else fp32; fp32 (the "
-                         "documented numbers were measured in fp32); bf16")
+                    help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16, else fp32; fp32; "
+                         "bf16 (docs/default_model.md's numbers: auto on a CPU with native bf16)")
     ep.add_argument("--out-dir", default="eval_shapes")
     ep.add_argument("--grid", type=int, default=6, help="samples per task in grid.png")
     ep.add_argument("--samples-per-prompt", type=positive_int, default=1,

@@ -1,5 +1,6 @@
 """`infinitystar train {generator,tokenizer,infinity,infinity-tokenizer} CONFIG`, `infinitystar extract-features`,
-`infinitystar export`, `infinitystar grow`, and `python -m infinitystar.train [generator] CONFIG` (what torchrun runs).
+`infinitystar export`, `infinitystar grow`, `infinitystar average`, and `python -m infinitystar.train [generator]
+CONFIG` (what torchrun runs).
 
 Every training command prints one JSON summary line (`TrainResult.summary`). The older spellings
 (`infinitystar train CONFIG`, `infinitystar tokenizer train MODE`, `infinitystar infinity train[-tokenizer]`) are
@@ -21,6 +22,7 @@ from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.runtime import PRECISIONS, UserError, resolve_device
 from infinitystar.train import infinity, infinity_tokenizer, tokenizer, trainer
 from infinitystar.train.config import ConfigError, RunConfig, load_config
+from infinitystar.train.average import average_models
 from infinitystar.train.export import export_model
 from infinitystar.train.features import extract_features
 from infinitystar.train.grow import grow_folder
@@ -152,8 +154,25 @@ def _cmd_grow(args) -> int:
     return 0
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _cmd_average(args) -> int:
+    try:
+        out = average_models(args.models, args.out, args.weights)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"averaged {len(args.models)} models -> {out}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
-    """Register `train`, `extract-features`, `export` and `grow` on the `infinitystar` command's subparsers."""
+    """Register `train`, `extract-features`, `export`, `grow` and `average` on the `infinitystar` command's
+    subparsers."""
     p = subparsers.add_parser("train", help="train the generator, a tokenizer or the Infinity model from a config "
                                             "file (torchrun: python -m infinitystar.train CONFIG)",
                               description="infinitystar train {generator,tokenizer,infinity,infinity-tokenizer} CONFIG "
@@ -187,6 +206,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("out", help="folder to write (must not exist)")
     p.add_argument("--depth", type=positive_int, required=True, help="number of blocks of the grown transformer")
     p.set_defaults(func=_cmd_grow)
+    p = subparsers.add_parser("average", help="write a model folder whose transformer and text encoder are the "
+                                              "weighted mean of those of model folders sharing a tokenizer")
+    p.add_argument("models", nargs="+", help="model folders (two or more; the first gives the pyramid and defaults)")
+    p.add_argument("--out", required=True, help="model folder to write (must not exist)")
+    p.add_argument("--weights", type=_weights, default=None,
+                   help="one weight per model, comma-separated, scaled to sum to 1 (default: equal)")
+    p.set_defaults(func=_cmd_average)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
