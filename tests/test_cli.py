@@ -10,8 +10,8 @@ from infinitystar.train.config import ConfigError
 def test_every_command_group_is_registered():
     p = build_parser()
     sub = next(a for a in p._actions if a.dest == "command")
-    assert set(sub.choices) >= {"parity", "generate", "eval", "bench", "train", "extract-features", "export", "grow", "average",
-                                "tokenizer", "convert", "infinity", "demo"}
+    assert set(sub.choices) >= {"parity", "generate", "eval", "bench", "train", "extract-features", "export", "grow",
+                                "average", "tokenizer", "convert", "infinity", "demo"}
 
 
 def test_a_user_error_is_one_line_and_status_2(tmp_path, capsys, monkeypatch):
