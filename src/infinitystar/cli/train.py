@@ -21,8 +21,8 @@ from infinitystar.cli.errors import run_command
 from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.runtime import PRECISIONS, UserError, resolve_device
 from infinitystar.train import infinity, infinity_tokenizer, tokenizer, trainer
-from infinitystar.train.config import ConfigError, RunConfig, load_config
 from infinitystar.train.average import average_models
+from infinitystar.train.config import ConfigError, RunConfig, load_config
 from infinitystar.train.export import export_model
 from infinitystar.train.features import extract_features
 from infinitystar.train.grow import grow_folder
