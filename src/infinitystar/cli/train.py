@@ -162,10 +162,7 @@ def _weights(text: str) -> list[float]:
 
 
 def _cmd_average(args) -> int:
-    try:
-        out = average_models(args.models, args.out, args.weights)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    out = average_models(args.models, args.out, args.weights)   # its errors are UserError / CheckpointError
     print(f"averaged {len(args.models)} models -> {out}")
     return 0
 

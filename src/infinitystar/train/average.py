@@ -17,6 +17,7 @@ import torch
 
 from infinitystar.checkpoint_io import check_state_dict, load_strict
 from infinitystar.pipelines import load
+from infinitystar.runtime import UserError
 
 PathLike = Union[str, Path]
 AVERAGED = ("transformer", "text_encoder")
@@ -25,14 +26,14 @@ AVERAGED = ("transformer", "text_encoder")
 def normalized_weights(weights: Optional[Sequence[float]], n: int) -> list[float]:
     """`weights` scaled to sum to 1 (equal weights when None); one per model, each finite and positive."""
     if n < 2:
-        raise ValueError(f"averaging needs at least two model folders, got {n}")
+        raise UserError(f"averaging needs at least two model folders, got {n}")
     if weights is None:
         return [1.0 / n] * n
     weights = [float(w) for w in weights]
     if len(weights) != n:
-        raise ValueError(f"{len(weights)} weights for {n} model folders: give one per folder")
+        raise UserError(f"{len(weights)} weights for {n} model folders: give one per folder")
     if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise ValueError(f"weights must be finite and positive, got {weights}")
+        raise UserError(f"weights must be finite and positive, got {weights}")
     total = sum(weights)
     return [w / total for w in weights]
 
@@ -52,7 +53,7 @@ def average_state_dicts(states: Sequence[dict], weights: Sequence[float], names:
         if not first.is_floating_point():
             other = next((n for s, n in zip(states[1:], names[1:]) if not torch.equal(s[key], first)), None)
             if other is not None:
-                raise ValueError(f"{other}: non-float tensor {key} differs from {names[0]}'s; it cannot be averaged")
+                raise UserError(f"{other}: non-float tensor {key} differs from {names[0]}'s; it cannot be averaged")
             out[key] = first.clone()
             continue
         acc = sum(w * s[key].double() for s, w in zip(states, weights))
@@ -66,19 +67,22 @@ def average_models(sources: Sequence[PathLike], out: PathLike, weights: Optional
     out = Path(out)
     weights = normalized_weights(weights, len(sources))
     if out.exists():
-        raise FileExistsError(f"{out} exists: give a new folder")
-    pipes = [load(s, torch_dtype=torch.float32, device="cpu") for s in sources]
+        raise UserError(f"{out} exists: give a new folder")
+    try:
+        pipes = [load(s, torch_dtype=torch.float32, device="cpu") for s in sources]
+    except (FileNotFoundError, ValueError) as e:     # not a model folder, or an unreadable one: the user's input
+        raise UserError(str(e)) from None
     names = [str(s) for s in sources]
     first = pipes[0]
     for pipe, name in zip(pipes[1:], names[1:]):
         if pipe.family != first.family or pipe._index_fields() != first._index_fields():
-            raise ValueError(f"{name}: its model_index.json (family, pyramid, size) differs from {names[0]}'s; "
+            raise UserError(f"{name}: its model_index.json (family, pyramid, size) differs from {names[0]}'s; "
                              f"only models of the same architecture can be averaged")
         a, b = first.tokenizer.state_dict(), pipe.tokenizer.state_dict()
         check_state_dict(a, b, f"{name} tokenizer")
         key = _first_difference(a, b)
         if key is not None:
-            raise ValueError(f"{name}: its tokenizer differs from {names[0]}'s (first at {key}); average only models "
+            raise UserError(f"{name}: its tokenizer differs from {names[0]}'s (first at {key}); average only models "
                              f"that share a tokenizer, since the generator's bits are its codes")
     for part in AVERAGED:
         modules = [getattr(p, part) for p in pipes]
