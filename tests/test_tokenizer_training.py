@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infinitystar.quant.residual import encode_targets, quantize_multiscale
-from infinitystar.runtime import precision_name, resolve_precision
+from infinitystar.runtime import UserError, precision_name, resolve_precision
 from infinitystar.schedules.pyramid import PyramidConfig, Schedule
 from infinitystar.train.tokenizer import DEFAULT_PYRAMID, TokenizerTrainer, config_from_dict, train
 from infinitystar.train.tokenizer_loss import (LossConfig, calibrate_scale, content_weights, edge_loss,
@@ -339,17 +339,17 @@ def test_reconstruct_writes_a_video_and_prints_psnr_ssim(tmp_path, continuous_di
 def test_reconstruct_errors_are_clear(tmp_path, continuous_dir):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
-    with pytest.raises(SystemExit, match="cannot read video"):
+    with pytest.raises(UserError, match="cannot read video"):
         _run_cli(["tokenizer", "reconstruct", str(bad), str(tmp_path / "o.npy"), "--model", str(continuous_dir)])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         _run_cli(["tokenizer", "reconstruct", str(tmp_path / "nope.mp4"), str(tmp_path / "o.npy"), "--model",
                   str(continuous_dir)])
     np.save(tmp_path / "ok.npy", np.zeros((5, 64, 64, 3), np.uint8))   # the input is read first, then the model
-    with pytest.raises(SystemExit, match="not a tokenizer folder"):
+    with pytest.raises(UserError, match="not a tokenizer folder"):
         _run_cli(["tokenizer", "reconstruct", str(tmp_path / "ok.npy"), str(tmp_path / "o.npy"), "--model",
                   str(tmp_path)])
     np.save(tmp_path / "odd.npy", np.zeros((5, 60, 64, 3), np.uint8))
-    with pytest.raises(SystemExit, match="multiples of the tokenizer's spatial stride"):
+    with pytest.raises(UserError, match="multiples of the tokenizer's spatial stride"):
         _run_cli(["tokenizer", "reconstruct", str(tmp_path / "odd.npy"), str(tmp_path / "o.npy"), "--model",
                   str(continuous_dir)])
 

@@ -19,7 +19,7 @@ def _cmd_convert(args) -> int:
         res = convert(args.src, args.dst, args.kind, text_maxlen=args.text_maxlen, preset=args.preset,
                       dtype=None if args.dtype == "keep" else args.dtype, overwrite=args.force)
     except (CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     print(f"converted {res.src} ({res.kind}, {res.num_params / 1e6:.2f} M parameters, "
           f"{str(res.dtype).replace('torch.', '')}) -> {res.dst}")
     return 0

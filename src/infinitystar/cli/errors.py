@@ -28,10 +28,3 @@ def run_command(func: Callable[..., int], args) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except SystemExit as e:
-        # the older convention `raise SystemExit("error: ...")` (which Python would end with status 1)
-        if not (isinstance(e.code, str) and e.code.startswith("error: ")) or debug_requested(
-                getattr(args, "debug", False)):
-            raise
-        print(e.code, file=sys.stderr)
-        return EXIT_USER_ERROR

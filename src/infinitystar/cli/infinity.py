@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from infinitystar.cli.train import add_legacy_flags, deprecated, legacy_overrides, run_training
+from infinitystar.runtime import UserError
 from infinitystar.train import infinity as infinity_train
 
 
@@ -21,7 +22,7 @@ def _cmd_swap_tokenizer(args) -> int:
     try:
         out = infinity_train.replace_tokenizer(args.model, args.tokenizer, args.out)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     print(json.dumps({"model": str(out), "tokenizer": args.tokenizer}))
     return 0
 

@@ -14,7 +14,7 @@ from infinitystar.cli.args import check_output_file, positive_int
 from infinitystar.cli.train import add_legacy_flags, deprecated, legacy_overrides, run_training
 from infinitystar.checkpoint_io import CheckpointError
 from infinitystar.media import MediaError, export_to_video, load_image, load_video, save_image
-from infinitystar.runtime import PRECISIONS, precision_name, resolve_device, resolve_precision
+from infinitystar.runtime import PRECISIONS, UserError, precision_name, resolve_device, resolve_precision
 from infinitystar.schedules.pyramid import PyramidConfig
 from infinitystar.tokenizer.training_eval import (frames_to_video, psnr, psnr_per_frame, reconstruct, ssim,
                                                   ssim_per_frame, video_to_frames)
@@ -51,15 +51,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 def read_input(path: Path):
     """uint8 frames (T, H, W, 3) of a video (.mp4 and anything PyAV reads, .npy/.npz) or an image."""
     if not path.exists():
-        raise SystemExit(f"error: input {path} does not exist")
+        raise UserError(f"input {path} does not exist")
     try:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return load_image(path)[None]
         return load_video(path)
     except MediaError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     except (OSError, ValueError) as e:   # e.g. a .npy that is not an array of frames
-        raise SystemExit(f"error: cannot read {path}: {e}")
+        raise UserError(f"cannot read {path}: {e}")
 
 
 def trim_frames(frames, temporal_stride: int, warn=None):
@@ -77,14 +77,14 @@ def load_tokenizer_folder(model: Optional[str], device):
     if not (folder / "config.json").is_file():
         hint = ("this version ships no built-in tokenizer; pass --model DIR (a folder written by "
                 "`infinitystar tokenizer train`)" if model is None else "not a tokenizer folder (no config.json)")
-        raise SystemExit(f"error: {folder}: {hint}")
+        raise UserError(f"{folder}: {hint}")
     try:
         vae = VideoVAE.from_pretrained(folder, device=device)
         pfile = folder / PYRAMID_FILE
         pyramid = (PyramidConfig.from_dict(json.loads(pfile.read_text())) if pfile.is_file()
                    else PyramidConfig(pn=None, temporal_compression=vae.config.temporal_stride, **DEFAULT_PYRAMID))
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:   # FileNotFoundError: a missing part
-        raise SystemExit(f"error: {folder}: {e}")
+        raise UserError(f"{folder}: {e}")
     return vae, pyramid, folder
 
 
@@ -92,15 +92,15 @@ def write_output(frames, out: Path, fps: int, lossless: bool) -> None:
     try:
         if out.suffix.lower() in IMAGE_SUFFIXES:
             if len(frames) != 1:
-                raise SystemExit(f"error: {out} is an image but the reconstruction has {len(frames)} frames; "
-                                 f"use .mp4 or .npy")
+                raise UserError(f"{out} is an image but the reconstruction has {len(frames)} frames; "
+                                f"use .mp4 or .npy")
             save_image(frames[0], out)
         else:
             export_to_video(frames, out, fps=fps, lossless=lossless)
     except MediaError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     except OSError as e:   # disk full, quota: the write is atomic, an existing file is intact
-        raise SystemExit(f"error: {out}: cannot write ({e.strerror or e})")
+        raise UserError(f"{out}: cannot write ({e.strerror or e})")
 
 
 def cmd_reconstruct(args) -> int:
@@ -108,9 +108,9 @@ def cmd_reconstruct(args) -> int:
     src, out = Path(args.input), Path(args.output)
     check_output_file(out, "output")
     if out.suffix.lower() not in (".mp4", ".npy", *IMAGE_SUFFIXES):
-        raise SystemExit(f"error: output must end in .mp4, .npy or an image suffix, got {out.name}")
+        raise UserError(f"output must end in .mp4, .npy or an image suffix, got {out.name}")
     if args.scales is not None and args.continuous:
-        raise SystemExit("error: --scales and --continuous exclude each other")
+        raise UserError("--scales and --continuous exclude each other")
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     frames = read_input(src)
@@ -120,7 +120,7 @@ def cmd_reconstruct(args) -> int:
         video = frames_to_video(frames, device)
         recon = reconstruct(vae, video, None if args.continuous else pyramid, args.scales, precision=dtype)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     rec = video_to_frames(recon)[0]
     write_output(rec, out, args.fps, args.lossless)
     per_psnr, per_ssim = psnr_per_frame(frames, rec), ssim_per_frame(frames, rec)
@@ -156,7 +156,7 @@ def cmd_derive(args) -> int:
     vae, pyramid, src = load_tokenizer_folder(args.source, "cpu")
     out = Path(args.output)
     if out.resolve() == src.resolve():
-        raise SystemExit("error: the output folder must differ from the source folder")
+        raise UserError("the output folder must differ from the source folder")
     config = vae.config.to_dict()
     if args.pixel_repeat is not None:
         config["pixel_repeat"] = args.pixel_repeat
@@ -169,7 +169,7 @@ def cmd_derive(args) -> int:
         pyramid = PyramidConfig.from_dict(pyr)
         pyramid.build(1)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     derived.load_state_dict(vae.state_dict())
     save_tokenizer_folder(derived, pyramid, out)
     print(json.dumps({"output": str(out), "pixel_repeat": derived.config.pixel_repeat,

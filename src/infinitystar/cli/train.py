@@ -124,7 +124,7 @@ def _cmd_extract(args) -> int:
                                  video_caption_fields=cfg.data.video_caption_fields,
                                  image_caption_fields=cfg.data.image_caption_fields, progress=not args.json)
     except (ConfigError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     summary = {"rank": rank, "world_size": world, "out": str(out), **stats.to_dict()}
     print(json.dumps(summary) if args.json else
           f"rank {rank}/{world}: wrote {stats.written}, already cached {stats.existing}, skipped {stats.skipped} "
@@ -140,7 +140,7 @@ def _cmd_export(args) -> int:
         ckpt = export_model(args.checkpoint, args.out, ema=not args.raw, tokenizer=args.tokenizer,
                             text_encoder=args.text_encoder, defaults=defaults)
     except (CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     print(f"exported {ckpt} -> {args.out}")
     return 0
 
@@ -149,7 +149,7 @@ def _cmd_grow(args) -> int:
     try:
         out = grow_folder(args.src, args.out, args.depth)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from e
     print(f"grew {args.src} to depth {args.depth} -> {out}")
     return 0
 
