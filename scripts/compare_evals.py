@@ -46,11 +46,13 @@ def prompt_scores(path: Path) -> dict[str, list[tuple[tuple[str, ...], str, floa
     --samples-per-prompt repeat the same prompts in the same order."""
     rows = defaultdict(list)
     for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            try:
-                rows[(r := json.loads(line))["task"]].append(r)
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CompareError(f"{path}, line {i + 1}: not a sample of `eval shapes` ({e})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[row["task"]].append(row)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CompareError(f"{path}, line {i + 1}: not a sample of `eval shapes` ({e})") from None
     out = {}
     for task, task_rows in rows.items():
         per_round = defaultdict(list)

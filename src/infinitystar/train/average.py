@@ -77,13 +77,13 @@ def average_models(sources: Sequence[PathLike], out: PathLike, weights: Optional
     for pipe, name in zip(pipes[1:], names[1:]):
         if pipe.family != first.family or pipe._index_fields() != first._index_fields():
             raise UserError(f"{name}: its model_index.json (family, pyramid, size) differs from {names[0]}'s; "
-                             f"only models of the same architecture can be averaged")
+                            f"only models of the same architecture can be averaged")
         a, b = first.tokenizer.state_dict(), pipe.tokenizer.state_dict()
         check_state_dict(a, b, f"{name} tokenizer")
         key = _first_difference(a, b)
         if key is not None:
             raise UserError(f"{name}: its tokenizer differs from {names[0]}'s (first at {key}); average only models "
-                             f"that share a tokenizer, since the generator's bits are its codes")
+                            f"that share a tokenizer, since the generator's bits are its codes")
     for part in AVERAGED:
         modules = [getattr(p, part) for p in pipes]
         state = average_state_dicts([m.state_dict() for m in modules], weights,
