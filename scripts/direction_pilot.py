@@ -1,5 +1,5 @@
 """Can the generator learn the direction (or shape) word? Data and judge of the motion and shape pilots
-(docs/default_model.md).
+(docs/default_model_log.md).
 
     python scripts/direction_pilot.py data OUT [--vary [--vary-only color,...]] [--n 1000] [--seed 5]
         17-frame videos moving `quickly` in each of the four directions or standing still (one fifth each), as a

@@ -8,7 +8,7 @@ with the same decoder. This is the ceiling the generator can reach with that tok
 
 `--scales K` measures what the coarse scales carry on their own: a generator's last scales are its hardest to
 predict, so a tokenizer whose coarse prefix already shows the object's colour, size and place is easier to
-generate with (docs/default_model.md).
+generate with (docs/default_model_log.md).
 """
 from __future__ import annotations
 

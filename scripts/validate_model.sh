@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The validation measures a candidate built-in model is chosen on (docs/default_model.md, "The release rule"):
+# The validation measures a candidate built-in model is chosen on (docs/default_model.md, "Reproducing and extending"):
 # text-to-image with 4 samples per prompt on prompt seeds 3 and 4, every other task once per prompt on seed 3,
 # 200 prompts each. The evaluation's own seed 0 is kept for the report. Compare two models' folders with
 # scripts/compare_evals.py.

@@ -1,4 +1,4 @@
-"""Gate 1 of the built-in model at a tiny scale (scripts/overfit_check.py; docs/default_model.md): a generator that
+"""Gate 1 of the built-in model at a tiny scale (scripts/overfit_check.py; docs/default_model_log.md): a generator that
 has memorised one captioned image and one video gives them back when sampled through the pipeline."""
 import pytest
 import torch
@@ -20,6 +20,6 @@ def test_memorised_samples_come_back_through_the_pipeline(tmp_path, load_script)
         # sampling without guidance gives the memorised samples back
         assert result["no_cfg"]["all_correct"] >= 0.95, (weights, result["no_cfg"]["samples"])
         # and so does guidance on bit probabilities: nearly every summed-code value equals the training target's
-        # (logit CFG at scale 5 is not asserted: it flips bits both branches are sure of, docs/default_model.md)
+        # (logit CFG at scale 5 is not asserted: it flips bits both branches are sure of, docs/default_model_log.md)
         assert result["cfg_prob"]["code_agreement"] > 0.9, (weights, result["cfg_prob"]["samples"])
         assert result["no_cfg"]["code_agreement"] > 0.9, (weights, result["no_cfg"]["samples"])

@@ -85,7 +85,7 @@ class VideoVAEConfig(ArchConfig):
     pixel_repeat: each frame is enlarged by this factor (pixel copies) before the encoder, and the decoder's output
         is averaged back down by it, so the tokenizer works at k times the resolution it is given and one latent
         cell covers spatial_stride = (its stride) / k pixels. 1 in every official file. Used by the built-in model:
-        its 8x tokenizer with k = 2 keeps small shapes that its 8x latents blur (docs/default_model.md).
+        its 8x tokenizer with k = 2 keeps small shapes that its 8x latents blur (docs/default_model_log.md).
     """
     in_channels: int = 3
     out_channels: int = 3
