@@ -37,7 +37,7 @@ def test_average_is_the_weighted_mean_and_keeps_the_tokenizer(folders, tmp_path)
     for k, v in avg.tokenizer.state_dict().items():
         assert torch.equal(v, pa.tokenizer.state_dict()[k]), k
     assert avg.card.source == f"weight average: 0.75 x {a}, 0.25 x {b}"
-    assert avg._index_fields() == pa._index_fields()
+    assert avg.index_fields() == pa.index_fields()
 
 
 def test_averaging_a_model_with_itself_changes_nothing(folders, tmp_path):

@@ -234,7 +234,7 @@ def postprocess(pixels: torch.Tensor, output_type: str, truncate: bool = False):
 # --- the pipeline ----------------------------------------------------------------------------------------------------
 class Pipeline:
     """The base of `InfinityStarPipeline` and `InfinityPipeline`. A subclass names its family, component classes
-    and output type, reads its own index fields (`_from_index`) and writes them (`_index_fields`)."""
+    and output type, reads its own index fields (`_read_index`) and writes them (`index_fields`)."""
 
     family: ClassVar[str]
     transformer_class: ClassVar[type]
@@ -368,7 +368,9 @@ class Pipeline:
         """The constructor arguments the pipeline's own model_index.json fields give (validated)."""
         raise NotImplementedError
 
-    def _index_fields(self) -> dict:
+    def index_fields(self) -> dict:
+        """The family's own model_index.json fields (its architecture: pyramid, size, ...); two models with equal
+        fields and family differ only in their weights."""
         raise NotImplementedError
 
     def save_pretrained(self, save_directory: Union[str, Path]) -> Path:
@@ -377,7 +379,7 @@ class Pipeline:
         d.mkdir(parents=True, exist_ok=True)
         for name, module in self.components.items():
             module.save_pretrained(d / name)
-        write_json(d / INDEX_FILE, index_data(self.family, self._index_fields(), self.defaults, self.card))
+        write_json(d / INDEX_FILE, index_data(self.family, self.index_fields(), self.defaults, self.card))
         write_text(d / CARD_FILE, self.model_card())
         return d
 

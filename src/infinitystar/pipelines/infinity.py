@@ -138,7 +138,7 @@ class InfinityPipeline(Pipeline):
         where = f"{index.path / 'model_index.json'} defaults"
         return dict(defaults=InfinityDefaults.from_dict(index.field("defaults", dict, {}), where))
 
-    def _index_fields(self) -> dict:
+    def index_fields(self) -> dict:
         return {}
 
     @classmethod

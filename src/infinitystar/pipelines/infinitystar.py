@@ -129,7 +129,7 @@ class InfinityStarPipeline(Pipeline):
         defaults = GenerationDefaults.from_dict({**base, **index.field("defaults", dict, {})}, f"{where} defaults")
         return dict(pyramid=pyramid, height=height, width=width, defaults=defaults, interact=interact)
 
-    def _index_fields(self) -> dict:
+    def index_fields(self) -> dict:
         fields = {"pyramid": self.pyramid.to_dict(), "height": self.height, "width": self.width,
                   "inference": self.inference}
         if self.interact is not None:

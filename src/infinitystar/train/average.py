@@ -75,7 +75,7 @@ def average_models(sources: Sequence[PathLike], out: PathLike, weights: Optional
     names = [str(s) for s in sources]
     first = pipes[0]
     for pipe, name in zip(pipes[1:], names[1:]):
-        if pipe.family != first.family or pipe._index_fields() != first._index_fields():
+        if pipe.family != first.family or pipe.index_fields() != first.index_fields():
             raise UserError(f"{name}: its model_index.json (family, pyramid, size) differs from {names[0]}'s; "
                             f"only models of the same architecture can be averaged")
         a, b = first.tokenizer.state_dict(), pipe.tokenizer.state_dict()
