@@ -64,7 +64,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = decoder ]; then
   [ -f $R/tokenizer_decoder/model/model.safetensors ] ||
     tok $C/tokenizer_decoder.yaml $(resume_flag $R/tokenizer_decoder)
   # 2e. the same weights used at twice the resolution (16x16 latents). No fine-tuning there: it raised PSNR but lost
-  # shapes (docs/default_model.md)
+  # shapes (docs/default_model_log.md)
   [ -f $R/tokenizer_x2/config.json ] ||
     infinitystar tokenizer derive $R/tokenizer_decoder/model $R/tokenizer_x2 --pixel-repeat 2 --scales 1,2,3,4,6,8,12,16
 fi
@@ -81,7 +81,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
   # at 33 frames, what stage 6b reads (6a cuts the cached latents to 17)
   infinitystar extract-features --config $C/generator_x2.yaml --set data.max_frames=33
   # 6a. the generator (and the text encoder) on 17-frame clips (one moving clip per video), to step 4,000. The
-  # config weights the moving clip's coarse steps up (clip_scale_boost: they decide the motion; docs/default_model.md)
+  # config weights the moving clip's coarse steps up (clip_scale_boost: they decide the motion; docs/default_model_log.md)
   if [ ! -d $R/generator_x2_long/checkpoints ]; then
     [ "$(latest_step $R/generator_x2)" -ge 4000 ] ||
       infinitystar train generator $C/generator_x2.yaml --until 4000 $(resume_flag $R/generator_x2)
@@ -97,7 +97,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = generator ]; then
     infinitystar train generator $C/generator_x2.yaml --resume $long --until 6000
   # 6c. from step 6,000 the first frame's coarse steps of a video weigh as much as the clip's: the model had placed
   # a video's first frame where the prompted travel does not fit (35 of 40 "quickly" videos), so quick moves came
-  # out slow (docs/default_model.md)
+  # out slow (docs/default_model_log.md)
   [ "$(latest_step $R/generator_x2_long)" -ge 7000 ] ||
     infinitystar train generator $C/generator_x2.yaml --resume $long --until 7000 \
       --set "train.first_frame_scale_boost=[8, 8, 8, 4, 2, 1, 1, 1]"
@@ -150,7 +150,7 @@ if [ "$STAGE" = grown ]; then
   # prompts) from step 7,300 through 7s's steps 300 and 800, while long videos gained. The transformer of 7s's
   # step 1,000 grown from 4 blocks to 6 (`infinitystar grow`: the new blocks start as the identity, so training
   # starts from that checkpoint's loss), trained with 7s's settings and a fresh optimizer on a 2,000-step cosine;
-  # judged against 7s's steps 800 and 1,000 on the validation prompts (docs/default_model.md, stage 8g)
+  # judged against 7s's steps 800 and 1,000 on the validation prompts (docs/default_model_log.md, stage 8g)
   G=$R/stage7s_step1000_model
   [ -d $G ] || infinitystar export --raw $R/generator_stage7s_step1000 $G --tokenizer $S/tokenizer
   [ -d $R/transformer_depth6_init ] || infinitystar grow $G/transformer $R/transformer_depth6_init --depth 6
@@ -165,7 +165,7 @@ if [ "$STAGE" = mixed ]; then
   # ran to step 500 of a 1,500-step cosine, which was then shortened to 1,000 steps to fit a sitting; this repeats
   # both parts. Its videos gained (text-to-video speed 89 -> 95-98 %, prompt switching) and its text-to-image lost at
   # seed 0, so it did not ship; the half-and-half weight average with the shipped model, written last, is the
-  # candidate to measure (docs/default_model.md, stage 7m)
+  # candidate to measure (docs/default_model_log.md, stage 7m)
   make_data
   mixed=(infinitystar train generator $C/generator_x2.yaml --set output_dir=$R/generator_stage7m
          --set "model={init_from: $S/transformer}" --set text_encoder.path=$S/text_encoder "${stage7s[@]}"
