@@ -1,5 +1,5 @@
-"""Is a candidate model better than the base? The release rule of the built-in model (docs/default_model_log.md,
-"The release rule"), on `infinitystar eval shapes` output folders of the two models made with the same prompts.
+"""Is a candidate model better than the base? The release rule of the built-in model (docs/default_model.md,
+"Reproducing and extending"), on `infinitystar eval shapes` output folders of the two models made with the same prompts.
 
     python scripts/compare_evals.py BASE CANDIDATE [--sd 2]
 

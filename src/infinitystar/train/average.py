@@ -76,8 +76,8 @@ def average_models(sources: Sequence[PathLike], out: PathLike, weights: Optional
     first = pipes[0]
     for pipe, name in zip(pipes[1:], names[1:]):
         if pipe.family != first.family or pipe.index_fields() != first.index_fields():
-            raise UserError(f"{name}: its model_index.json (family, pyramid, size) differs from {names[0]}'s; "
-                            f"only models of the same architecture can be averaged")
+            raise UserError(f"{name}: its model_index.json (family, pyramid, size, inference mode) differs from "
+                            f"{names[0]}'s; only models of the same architecture can be averaged")
         a, b = first.tokenizer.state_dict(), pipe.tokenizer.state_dict()
         check_state_dict(a, b, f"{name} tokenizer")
         key = _first_difference(a, b)
